@@ -1,0 +1,204 @@
+//! Installed apps: importing a definition (plan, check, apply, new version) and loading them.
+//!
+//! An import compiles the new definition, computes the plan against the installed version and
+//! applies it in one transaction together with the new `apps` / `app_versions` rows, so a failed
+//! step leaves both the tables and the definition as they were.
+
+use crate::compile::{compile, parse};
+use crate::db::{Db, Sql, Value};
+use crate::def::AppDef;
+use crate::error::{FormError, Problem, Result};
+use crate::model::{App, ColKind};
+use crate::plan::{plan, Plan};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+/// How to import.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportOptions {
+    /// Apply destructive steps (drop fields, change types …).
+    pub allow_destructive: bool,
+    /// Compute and check the plan, but change nothing.
+    pub dry_run: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Serialize)]
+pub struct ImportOutcome {
+    /// App key.
+    pub app: String,
+    /// The version now installed (unchanged on a dry run or when nothing changed).
+    pub version: i64,
+    /// Whether anything was written.
+    pub applied: bool,
+    /// The migration plan.
+    pub plan: Plan,
+}
+
+/// Compute the plan for importing `def` (no writes).
+pub async fn plan_import(db: &Db, def: &Json) -> Result<(App, Option<App>, Plan)> {
+    let def = parse(def)?;
+    let current = load(db, &def.key).await?;
+    let version = current.as_ref().map(|a| a.version + 1).unwrap_or(1);
+    let new = compile(def, version)?;
+    let p = plan(db.backend(), current.as_ref(), &new);
+    Ok((new, current, p))
+}
+
+/// Import a definition: plan, refuse destructive steps unless allowed, apply, record a version.
+pub async fn import(db: &Db, def: &Json, opts: ImportOptions, actor: Option<Uuid>, now: DateTime<Utc>) -> Result<ImportOutcome> {
+    let (new, current, p) = plan_import(db, def).await?;
+    if p.is_destructive() && !opts.allow_destructive {
+        let problems = p
+            .steps
+            .iter()
+            .filter(|s| s.destructive)
+            .map(|s| Problem::new(format!("/entities/{}", s.entity), "destructive", s.description.clone()))
+            .collect();
+        return Err(FormError::Destructive(problems));
+    }
+    let unchanged = current.as_ref().is_some_and(|c| c.def == new.def);
+    if opts.dry_run || unchanged {
+        let version = current.as_ref().map(|c| c.version).unwrap_or(0);
+        // A dry run still checks tightening steps against the data.
+        if opts.dry_run {
+            let mut tx = db.begin().await?;
+            run_checks(&mut tx, &p).await?;
+        }
+        return Ok(ImportOutcome { app: new.key.clone(), version, applied: false, plan: p });
+    }
+    let mut tx = db.begin().await?;
+    run_checks(&mut tx, &p).await?;
+    for step in &p.steps {
+        for sql in &step.sql {
+            match tx.execute(sql).await {
+                Err(FormError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                    return Err(FormError::MigrationConflict(vec![Problem::new(
+                        format!("/entities/{}", step.entity),
+                        "duplicates",
+                        format!("cannot {}: existing records share a value", step.description),
+                    )]));
+                }
+                other => {
+                    other?;
+                }
+            }
+        }
+    }
+    let def_json = serde_json::to_value(&new.def).expect("definition serializes");
+    let plan_json = serde_json::to_value(&p).expect("plan serializes");
+    let mut sql = if current.is_some() {
+        let mut s = Sql::new("UPDATE \"apps\" SET \"version\" = ");
+        s.bind(Value::Int(new.version));
+        s.push(", \"definition\" = ").bind(Value::Json(def_json.clone()));
+        s.push(", \"updated_at\" = ").bind(Value::DateTime(now));
+        s.push(" WHERE \"key\" = ").bind(Value::Text(new.key.clone()));
+        s
+    } else {
+        let mut s = Sql::new("INSERT INTO \"apps\" (\"key\", \"version\", \"definition\", \"updated_at\") VALUES (");
+        s.bind(Value::Text(new.key.clone())).push(", ");
+        s.bind(Value::Int(new.version)).push(", ");
+        s.bind(Value::Json(def_json.clone())).push(", ");
+        s.bind(Value::DateTime(now)).push(")");
+        s
+    };
+    tx.execute(&sql).await?;
+    sql = Sql::new("INSERT INTO \"app_versions\" (\"app\", \"version\", \"definition\", \"plan\", \"created_at\", \"created_by\") VALUES (");
+    sql.bind(Value::Text(new.key.clone())).push(", ");
+    sql.bind(Value::Int(new.version)).push(", ");
+    sql.bind(Value::Json(def_json)).push(", ");
+    sql.bind(Value::Json(plan_json)).push(", ");
+    sql.bind(Value::DateTime(now)).push(", ");
+    sql.bind(Value::opt_uuid(actor)).push(")");
+    tx.execute(&sql).await?;
+    tx.commit().await?;
+    Ok(ImportOutcome { app: new.key.clone(), version: new.version, applied: true, plan: p })
+}
+
+async fn run_checks(tx: &mut crate::db::Tx, p: &Plan) -> Result<()> {
+    let mut problems = vec![];
+    for step in &p.steps {
+        for (sql, msg) in &step.checks {
+            let n = match tx.fetch_optional(sql, &[ColKind::Int]).await?.map(|r| r[0].clone()) {
+                Some(Value::Int(n)) => n,
+                _ => 0,
+            };
+            if n > 0 {
+                problems.push(Problem::new(format!("/entities/{}", step.entity), "data_conflict", format!("{msg} ({n} record(s))")));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(FormError::MigrationConflict(problems))
+    }
+}
+
+/// Load the installed version of app `key`.
+pub async fn load(db: &Db, key: &str) -> Result<Option<App>> {
+    let mut sql = Sql::new("SELECT \"version\", \"definition\" FROM \"apps\" WHERE \"key\" = ");
+    sql.bind(Value::Text(key.into()));
+    match db.fetch_optional(&sql, &[ColKind::Int, ColKind::Json]).await? {
+        None => Ok(None),
+        Some(row) => Ok(Some(from_row(row)?)),
+    }
+}
+
+/// Load every installed app.
+pub async fn load_all(db: &Db) -> Result<Vec<App>> {
+    let sql = Sql::new("SELECT \"version\", \"definition\" FROM \"apps\" ORDER BY \"key\"");
+    db.fetch_all(&sql, &[ColKind::Int, ColKind::Json]).await?.into_iter().map(from_row).collect()
+}
+
+fn from_row(row: Vec<Value>) -> Result<App> {
+    let (Value::Int(version), Value::Json(def)) = (&row[0], &row[1]) else {
+        return Err(FormError::Database(sqlx::Error::Decode("bad apps row".into())));
+    };
+    let def: AppDef = serde_json::from_value(def.clone()).map_err(|e| FormError::Database(sqlx::Error::Decode(e.into())))?;
+    compile(def, *version)
+}
+
+/// One stored version of an app.
+#[derive(Debug, Serialize)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: i64,
+    /// When it was imported.
+    pub created_at: Json,
+    /// By whom.
+    pub created_by: Option<Uuid>,
+    /// The plan that was applied.
+    pub plan: Json,
+}
+
+/// Every version of an app, newest first.
+pub async fn versions(db: &Db, key: &str) -> Result<Vec<VersionInfo>> {
+    let mut sql = Sql::new("SELECT \"version\", \"created_at\", \"created_by\", \"plan\" FROM \"app_versions\" WHERE \"app\" = ");
+    sql.bind(Value::Text(key.into())).push(" ORDER BY \"version\" DESC");
+    let rows = db.fetch_all(&sql, &[ColKind::Int, ColKind::DateTime, ColKind::Uuid, ColKind::Json]).await?;
+    if rows.is_empty() {
+        return Err(FormError::AppNotFound(key.into()));
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| VersionInfo {
+            version: if let Value::Int(v) = r[0] { v } else { 0 },
+            created_at: crate::values::scalar_json(&r[1], 0),
+            created_by: if let Value::Uuid(u) = r[2] { Some(u) } else { None },
+            plan: crate::values::scalar_json(&r[3], 0),
+        })
+        .collect())
+}
+
+/// The definition of one stored version.
+pub async fn version_definition(db: &Db, key: &str, version: i64) -> Result<Json> {
+    let mut sql = Sql::new("SELECT \"definition\" FROM \"app_versions\" WHERE \"app\" = ");
+    sql.bind(Value::Text(key.into())).push(" AND \"version\" = ").bind(Value::Int(version));
+    match db.fetch_optional(&sql, &[ColKind::Json]).await? {
+        Some(r) => Ok(crate::values::scalar_json(&r[0], 0)),
+        None => Err(FormError::NotFound("app version")),
+    }
+}

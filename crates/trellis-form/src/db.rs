@@ -1,0 +1,482 @@
+//! The database boundary: one enum over the two backends, chosen once at start.
+//!
+//! Every query the engines run is plain SQL text with `$1, $2, …` placeholders (both SQLite and
+//! PostgreSQL accept them) and a list of typed [`Value`]s. The few places where the backends
+//! differ — column types, binding of dates and UUIDs, case-insensitive matching — are answered by
+//! [`Backend`], so the store code is written once. Identifiers are quoted in one function,
+//! [`quote`], which also refuses anything that is not a plain key.
+//!
+//! SQLite is configured explicitly (see [`SqliteSettings`]): WAL, `synchronous=NORMAL` by default
+//! (an acknowledged write survives a killed process; a power loss can lose the last few
+//! transactions, never corrupt the file; `FULL` closes that gap at some write cost), foreign keys
+//! on, a busy timeout, and every write transaction opened with `BEGIN IMMEDIATE` on a
+//! single-connection write pool, so two writers never fail with "database is locked".
+
+use crate::error::Result;
+use crate::model::ColKind;
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Postgres, Row, Sqlite, Transaction, ValueRef};
+use std::str::FromStr;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Which SQL dialect a database speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// The SQL column type of a column kind.
+    pub fn column_type(self, kind: ColKind) -> &'static str {
+        match (self, kind) {
+            (Backend::Sqlite, ColKind::Bool) => "INTEGER",
+            (Backend::Sqlite, ColKind::Int) => "INTEGER",
+            (Backend::Sqlite, ColKind::Decimal) => "REAL",
+            (Backend::Sqlite, _) => "TEXT",
+            (Backend::Postgres, ColKind::Bool) => "BOOLEAN",
+            (Backend::Postgres, ColKind::Int) => "BIGINT",
+            (Backend::Postgres, ColKind::Decimal) => "NUMERIC",
+            (Backend::Postgres, ColKind::Text) => "TEXT",
+            (Backend::Postgres, ColKind::Uuid) => "UUID",
+            (Backend::Postgres, ColKind::Date) => "DATE",
+            (Backend::Postgres, ColKind::DateTime) => "TIMESTAMPTZ",
+            (Backend::Postgres, ColKind::Json) => "JSONB",
+        }
+    }
+
+    /// The case-insensitive LIKE operator.
+    pub fn ilike(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "LIKE",
+            Backend::Postgres => "ILIKE",
+        }
+    }
+
+    /// SQL that is true when the JSON array in `col` contains the text bound at `param`.
+    pub fn json_array_contains(self, col: &str, param: &str) -> String {
+        match self {
+            Backend::Sqlite => {
+                format!("EXISTS (SELECT 1 FROM json_each({col}) WHERE json_each.value = {param})")
+            }
+            Backend::Postgres => format!("{col} @> jsonb_build_array(CAST({param} AS TEXT))"),
+        }
+    }
+}
+
+/// Quote an identifier. Identifiers come from checked definitions; this refuses anything else so
+/// that no unchecked text can ever reach SQL.
+pub fn quote(ident: &str) -> String {
+    assert!(
+        !ident.is_empty()
+            && ident
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "identifier {ident:?} was not checked"
+    );
+    format!("\"{ident}\"")
+}
+
+/// A value bound to a query parameter or read from a column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// SQL NULL of a column kind (PostgreSQL needs the type of a null parameter).
+    Null(ColKind),
+    /// Boolean.
+    Bool(bool),
+    /// Integer.
+    Int(i64),
+    /// Exact decimal.
+    Decimal(Decimal),
+    /// Text.
+    Text(String),
+    /// UUID.
+    Uuid(Uuid),
+    /// Date.
+    Date(NaiveDate),
+    /// UTC instant.
+    DateTime(DateTime<Utc>),
+    /// JSON.
+    Json(serde_json::Value),
+}
+
+impl Value {
+    /// Whether this is NULL.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null(_))
+    }
+
+    /// Nullable UUID.
+    pub fn opt_uuid(u: Option<Uuid>) -> Value {
+        u.map(Value::Uuid).unwrap_or(Value::Null(ColKind::Uuid))
+    }
+}
+
+/// The fixed-width UTC text form of an instant on SQLite: sorts lexically in time order.
+pub fn sqlite_datetime(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// SQL text with its bound values, built piece by piece.
+#[derive(Debug, Default, Clone)]
+pub struct Sql {
+    /// The text, with `$n` placeholders.
+    pub text: String,
+    /// The values, in placeholder order.
+    pub params: Vec<Value>,
+}
+
+impl Sql {
+    /// Start with some text.
+    pub fn new(text: impl Into<String>) -> Self {
+        Sql {
+            text: text.into(),
+            params: vec![],
+        }
+    }
+
+    /// Append text.
+    pub fn push(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(s);
+        self
+    }
+
+    /// Append a quoted identifier.
+    pub fn ident(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(&quote(s));
+        self
+    }
+
+    /// Append a placeholder bound to `v`.
+    pub fn bind(&mut self, v: Value) -> &mut Self {
+        self.params.push(v);
+        self.text.push('$');
+        self.text.push_str(&self.params.len().to_string());
+        self
+    }
+
+    /// A placeholder for `v`, returned as text so it can be used twice in a fragment.
+    pub fn param(&mut self, v: Value) -> String {
+        self.params.push(v);
+        format!("${}", self.params.len())
+    }
+}
+
+impl serde::Serialize for Sql {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// How SQLite is set up.
+#[derive(Debug, Clone)]
+pub struct SqliteSettings {
+    /// `NORMAL` (default) or `FULL`; see the module docs for the trade-off.
+    pub synchronous_full: bool,
+    /// Connections of the read pool.
+    pub readers: u32,
+}
+
+impl Default for SqliteSettings {
+    fn default() -> Self {
+        SqliteSettings {
+            synchronous_full: false,
+            readers: 4,
+        }
+    }
+}
+
+/// A connection pool to one of the two backends.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// SQLite: readers run in parallel; writes go through one connection.
+    Sqlite {
+        /// Read pool.
+        read: SqlitePool,
+        /// Write pool (one connection).
+        write: SqlitePool,
+    },
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+impl Db {
+    /// Connect to `url` (`sqlite://…` / a file path, or `postgres://…`), without migrating.
+    pub async fn connect(url: &str, sqlite: &SqliteSettings) -> Result<Db> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            return Ok(Db::Postgres(pool));
+        }
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        let path = path.strip_prefix("sqlite:").unwrap_or(path);
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if sqlite.synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(sqlite.readers.max(1))
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(Db::Sqlite { read, write })
+    }
+
+    /// Bring the system tables up to date (append-only migrations in `migrations/<backend>`).
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Db::Sqlite { write, .. } => SQLITE_MIGRATOR.run(write).await?,
+            Db::Postgres(p) => POSTGRES_MIGRATOR.run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// The dialect.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Db::Sqlite { .. } => Backend::Sqlite,
+            Db::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Begin a write transaction (`BEGIN IMMEDIATE` on SQLite).
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(match self {
+            Db::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Postgres(p) => Tx::Postgres(p.begin().await?),
+        })
+    }
+
+    /// Run a read query; each row decoded by `kinds`.
+    pub async fn fetch_all(&self, sql: &Sql, kinds: &[ColKind]) -> Result<Vec<Vec<Value>>> {
+        Ok(match self {
+            Db::Sqlite { read, .. } => sqlite_query(sql)
+                .fetch_all(read)
+                .await?
+                .iter()
+                .map(|r| decode_sqlite(r, kinds))
+                .collect::<Result<_>>()?,
+            Db::Postgres(p) => pg_query(sql)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| decode_pg(r, kinds))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Run a read query expecting at most one row.
+    pub async fn fetch_optional(&self, sql: &Sql, kinds: &[ColKind]) -> Result<Option<Vec<Value>>> {
+        Ok(self.fetch_all(sql, kinds).await?.into_iter().next())
+    }
+
+    /// Close the pools.
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Db::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+/// A write transaction on either backend.
+#[derive(Debug)]
+pub enum Tx {
+    /// SQLite.
+    Sqlite(Transaction<'static, Sqlite>),
+    /// PostgreSQL.
+    Postgres(Transaction<'static, Postgres>),
+}
+
+impl Tx {
+    /// The dialect.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Tx::Sqlite(_) => Backend::Sqlite,
+            Tx::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Execute a statement; rows affected.
+    pub async fn execute(&mut self, sql: &Sql) -> Result<u64> {
+        Ok(match self {
+            Tx::Sqlite(t) => sqlite_query(sql).execute(&mut **t).await?.rows_affected(),
+            Tx::Postgres(t) => pg_query(sql).execute(&mut **t).await?.rows_affected(),
+        })
+    }
+
+    /// Run a query inside the transaction.
+    pub async fn fetch_all(&mut self, sql: &Sql, kinds: &[ColKind]) -> Result<Vec<Vec<Value>>> {
+        Ok(match self {
+            Tx::Sqlite(t) => sqlite_query(sql)
+                .fetch_all(&mut **t)
+                .await?
+                .iter()
+                .map(|r| decode_sqlite(r, kinds))
+                .collect::<Result<_>>()?,
+            Tx::Postgres(t) => pg_query(sql)
+                .fetch_all(&mut **t)
+                .await?
+                .iter()
+                .map(|r| decode_pg(r, kinds))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Run a query expecting at most one row.
+    pub async fn fetch_optional(&mut self, sql: &Sql, kinds: &[ColKind]) -> Result<Option<Vec<Value>>> {
+        Ok(self.fetch_all(sql, kinds).await?.into_iter().next())
+    }
+
+    /// Commit.
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            Tx::Sqlite(t) => t.commit().await?,
+            Tx::Postgres(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+fn sqlite_query(sql: &Sql) -> SqliteQuery<'_> {
+    let mut q = sqlx::query(&sql.text);
+    for v in &sql.params {
+        q = match v {
+            Value::Null(_) => q.bind(None::<String>),
+            Value::Bool(b) => q.bind(*b),
+            Value::Int(i) => q.bind(*i),
+            Value::Decimal(d) => q.bind(d.to_f64()),
+            Value::Text(s) => q.bind(s.as_str()),
+            Value::Uuid(u) => q.bind(u.to_string()),
+            Value::Date(d) => q.bind(d.format("%Y-%m-%d").to_string()),
+            Value::DateTime(t) => q.bind(sqlite_datetime(t)),
+            Value::Json(j) => q.bind(j.to_string()),
+        };
+    }
+    q
+}
+
+fn pg_query(sql: &Sql) -> PgQuery<'_> {
+    let mut q = sqlx::query(&sql.text);
+    for v in &sql.params {
+        q = match v {
+            Value::Null(k) => match k {
+                ColKind::Bool => q.bind(None::<bool>),
+                ColKind::Int => q.bind(None::<i64>),
+                ColKind::Decimal => q.bind(None::<Decimal>),
+                ColKind::Text => q.bind(None::<String>),
+                ColKind::Uuid => q.bind(None::<Uuid>),
+                ColKind::Date => q.bind(None::<NaiveDate>),
+                ColKind::DateTime => q.bind(None::<DateTime<Utc>>),
+                ColKind::Json => q.bind(None::<sqlx::types::Json<serde_json::Value>>),
+            },
+            Value::Bool(b) => q.bind(*b),
+            Value::Int(i) => q.bind(*i),
+            Value::Decimal(d) => q.bind(*d),
+            Value::Text(s) => q.bind(s.as_str()),
+            Value::Uuid(u) => q.bind(*u),
+            Value::Date(d) => q.bind(*d),
+            Value::DateTime(t) => q.bind(*t),
+            Value::Json(j) => q.bind(sqlx::types::Json(j)),
+        };
+    }
+    q
+}
+
+fn corrupt(col: usize, what: &str) -> sqlx::Error {
+    sqlx::Error::Decode(format!("column {col}: {what}").into())
+}
+
+fn decode_sqlite(row: &SqliteRow, kinds: &[ColKind]) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(kinds.len());
+    for (i, k) in kinds.iter().enumerate() {
+        if row.try_get_raw(i)?.is_null() {
+            out.push(Value::Null(*k));
+            continue;
+        }
+        let v = match k {
+            ColKind::Bool => Value::Bool(row.try_get_unchecked::<i64, _>(i)? != 0),
+            ColKind::Int => Value::Int(row.try_get_unchecked::<i64, _>(i)?),
+            ColKind::Decimal => {
+                let f: f64 = row.try_get_unchecked(i)?;
+                Value::Decimal(Decimal::try_from(f).map_err(|_| corrupt(i, "not a decimal"))?)
+            }
+            ColKind::Text => Value::Text(row.try_get_unchecked(i)?),
+            ColKind::Uuid => {
+                let s: String = row.try_get_unchecked(i)?;
+                Value::Uuid(Uuid::parse_str(&s).map_err(|_| corrupt(i, "not a uuid"))?)
+            }
+            ColKind::Date => {
+                let s: String = row.try_get_unchecked(i)?;
+                Value::Date(NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| corrupt(i, "not a date"))?)
+            }
+            ColKind::DateTime => {
+                let s: String = row.try_get_unchecked(i)?;
+                Value::DateTime(
+                    DateTime::parse_from_rfc3339(&s)
+                        .map_err(|_| corrupt(i, "not a datetime"))?
+                        .with_timezone(&Utc),
+                )
+            }
+            ColKind::Json => {
+                let s: String = row.try_get_unchecked(i)?;
+                Value::Json(serde_json::from_str(&s).map_err(|_| corrupt(i, "not json"))?)
+            }
+        };
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn decode_pg(row: &PgRow, kinds: &[ColKind]) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(kinds.len());
+    for (i, k) in kinds.iter().enumerate() {
+        if row.try_get_raw(i)?.is_null() {
+            out.push(Value::Null(*k));
+            continue;
+        }
+        let v = match k {
+            ColKind::Bool => Value::Bool(row.try_get(i)?),
+            ColKind::Int => Value::Int(row.try_get(i)?),
+            ColKind::Decimal => Value::Decimal(row.try_get(i)?),
+            ColKind::Text => Value::Text(row.try_get(i)?),
+            ColKind::Uuid => Value::Uuid(row.try_get(i)?),
+            ColKind::Date => Value::Date(row.try_get(i)?),
+            ColKind::DateTime => Value::DateTime(row.try_get(i)?),
+            ColKind::Json => Value::Json(row.try_get::<sqlx::types::Json<serde_json::Value>, _>(i)?.0),
+        };
+        out.push(v);
+    }
+    Ok(out)
+}

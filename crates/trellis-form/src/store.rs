@@ -1,0 +1,673 @@
+//! Records: create, read, update, delete, batch import — each one SQL transaction that writes the
+//! entity row, its field-history rows and one outbox event together.
+//!
+//! Every path that writes a record goes through [`prepare`], so the API, batch import, file
+//! import and workflow actions all see the same validation: the entity's JSON Schema, then the
+//! checks JSON Schema cannot express (decimal digits, stage entry criteria, references that must
+//! exist, unique values). All problems are collected before anything is written.
+
+use crate::db::{quote, Sql, Tx, Value};
+use crate::def::FieldType;
+use crate::error::{pointer_segment, FormError, Problem, Result};
+use crate::model::{stage_changed_column, stage_entered_column, App, ColKind, Entity, SYSTEM_COLUMNS};
+use crate::{schema, values};
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value as Json};
+use uuid::Uuid;
+
+/// Who writes, when, and with which privileges.
+#[derive(Debug, Clone)]
+pub struct WriteCtx {
+    /// The acting user (recorded as `created_by` and in history and events).
+    pub actor: Option<Uuid>,
+    /// The time of the write, from the caller's clock.
+    pub now: DateTime<Utc>,
+    /// Owner of records created without one (the app's default owner).
+    pub default_owner: Option<Uuid>,
+    /// Allow historical `created_at` and `stage_history` (admin batch import of old data).
+    pub import: bool,
+}
+
+/// The system part of a stored record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meta {
+    /// Record id (UUID v7).
+    pub id: Uuid,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Creator.
+    pub created_by: Option<Uuid>,
+    /// Owner.
+    pub owner: Option<Uuid>,
+    /// Optimistic-concurrency version, 1 after create.
+    pub version: i64,
+}
+
+/// A record as read from its table.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// System columns.
+    pub meta: Meta,
+    /// Field values in their JSON form, every field present (null when empty).
+    pub fields: Map<String, Json>,
+    /// Stage times (`stage__changed_at`, `stage__entered_<key>`), JSON form.
+    pub stage_times: Map<String, Json>,
+}
+
+impl Record {
+    /// The flat JSON form: system fields beside the field values.
+    pub fn to_json(&self) -> Json {
+        let m = &self.meta;
+        let mut out = Map::new();
+        out.insert("id".into(), json!(m.id));
+        out.insert("created_at".into(), values::datetime_json(&m.created_at));
+        out.insert("updated_at".into(), values::datetime_json(&m.updated_at));
+        out.insert("created_by".into(), json!(m.created_by));
+        out.insert("owner".into(), json!(m.owner));
+        out.insert("version".into(), json!(m.version));
+        out.extend(self.fields.clone());
+        out.extend(self.stage_times.clone());
+        Json::Object(out)
+    }
+}
+
+/// Keys a caller may send beside the fields.
+const SETTABLE_SYSTEM: [&str; 2] = ["owner", "version"];
+
+/// Column list and kinds of a full record select.
+pub(crate) fn select_list(e: &Entity) -> (String, Vec<ColKind>) {
+    let mut names: Vec<String> = SYSTEM_COLUMNS.iter().map(|c| quote(c)).collect();
+    let mut kinds = vec![ColKind::Uuid, ColKind::DateTime, ColKind::DateTime, ColKind::Uuid, ColKind::Uuid, ColKind::Int];
+    for c in e.columns() {
+        names.push(quote(&c.name));
+        kinds.push(c.kind);
+    }
+    (names.join(", "), kinds)
+}
+
+pub(crate) fn decode(e: &Entity, row: Vec<Value>) -> Record {
+    let uuid = |v: &Value| match v {
+        Value::Uuid(u) => Some(*u),
+        _ => None,
+    };
+    let time = |v: &Value| match v {
+        Value::DateTime(t) => *t,
+        _ => DateTime::<Utc>::MIN_UTC,
+    };
+    let meta = Meta {
+        id: uuid(&row[0]).unwrap_or_default(),
+        created_at: time(&row[1]),
+        updated_at: time(&row[2]),
+        created_by: uuid(&row[3]),
+        owner: uuid(&row[4]),
+        version: match row[5] {
+            Value::Int(i) => i,
+            _ => 0,
+        },
+    };
+    let mut fields = Map::new();
+    let mut stage_times = Map::new();
+    let mut i = SYSTEM_COLUMNS.len();
+    for f in &e.fields {
+        let n = f.columns().len();
+        let cols = &row[i..i + n];
+        let main = if f.ty == FieldType::Money { 2 } else { 1 };
+        fields.insert(f.key.clone(), values::to_json(f, &cols[..main]));
+        if f.ty == FieldType::Stage {
+            for (c, v) in f.columns()[1..].iter().zip(&cols[1..]) {
+                stage_times.insert(c.name.clone(), values::scalar_json(v, 0));
+            }
+        }
+        i += n;
+    }
+    Record { meta, fields, stage_times }
+}
+
+/// Read one record.
+pub async fn get(db: &crate::db::Db, e: &Entity, id: Uuid) -> Result<Record> {
+    let (cols, kinds) = select_list(e);
+    let mut sql = Sql::new(format!("SELECT {cols} FROM {} WHERE \"id\" = ", quote(&e.table)));
+    sql.bind(Value::Uuid(id));
+    let row = db.fetch_optional(&sql, &kinds).await?.ok_or(FormError::RecordNotFound)?;
+    Ok(decode(e, row))
+}
+
+async fn get_in(tx: &mut Tx, e: &Entity, id: Uuid) -> Result<Record> {
+    let (cols, kinds) = select_list(e);
+    let mut sql = Sql::new(format!("SELECT {cols} FROM {} WHERE \"id\" = ", quote(&e.table)));
+    sql.bind(Value::Uuid(id));
+    let row = tx.fetch_optional(&sql, &kinds).await?.ok_or(FormError::RecordNotFound)?;
+    Ok(decode(e, row))
+}
+
+/// A validated write, ready for SQL.
+struct Prepared {
+    /// Normalized JSON of every field.
+    fields: Map<String, Json>,
+    /// Column values of every field (stage times excluded).
+    columns: Vec<(String, Value)>,
+    owner: Option<Uuid>,
+    expected_version: Option<i64>,
+    created_at: Option<DateTime<Utc>>,
+    stage_history: Vec<(String, DateTime<Utc>)>,
+}
+
+/// Validate `input` (a create if `old` is None, else a partial update of `old`).
+async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&Record>, ctx: &WriteCtx) -> Result<Prepared> {
+    let Some(obj) = input.as_object() else {
+        return Err(FormError::Invalid(vec![Problem::new("", "not_an_object", "A record must be a JSON object.")]));
+    };
+    let mut problems = vec![];
+    let mut candidate = match old {
+        Some(r) => r.fields.clone(),
+        None => Map::new(),
+    };
+    let mut owner = old.and_then(|r| r.meta.owner);
+    let mut expected_version = None;
+    let mut created_at = None;
+    let mut stage_history = vec![];
+    for (k, v) in obj {
+        let path = format!("/{}", pointer_segment(k));
+        if e.field(k).is_some() {
+            candidate.insert(k.clone(), v.clone());
+        } else if k == "owner" {
+            match v {
+                Json::Null => owner = None,
+                Json::String(s) => match Uuid::parse_str(s) {
+                    Ok(u) => owner = Some(u),
+                    Err(_) => problems.push(Problem::new(path, "format", "Owner must be a user id (UUID).")),
+                },
+                _ => problems.push(Problem::new(path, "format", "Owner must be a user id (UUID).")),
+            }
+        } else if k == "version" {
+            match v.as_i64() {
+                Some(n) => expected_version = Some(n),
+                None => problems.push(Problem::new(path, "wrong_type", "Version must be a whole number.")),
+            }
+        } else if ctx.import && old.is_none() && k == "created_at" {
+            match values::datetime(v) {
+                Some(t) => created_at = Some(t),
+                None => problems.push(Problem::new(path, "format", "created_at must be a date and time such as 2026-03-31T09:30:00Z.")),
+            }
+        } else if ctx.import && old.is_none() && k == "stage_history" {
+            stage_history = parse_stage_history(e, v, &mut problems);
+        } else if SYSTEM_COLUMNS.contains(&k.as_str()) || k == "stage_history" || k.contains("__") {
+            let why = if k == "created_at" || k == "stage_history" { " (only an admin batch import may set it)" } else { "" };
+            problems.push(Problem::new(path, "read_only", format!("`{k}` is set by the system and cannot be written{why}.")));
+        } else {
+            problems.push(Problem::new(path, "unknown_field", format!("`{k}` is not a field of {}.", e.label)));
+        }
+    }
+    debug_assert!(SETTABLE_SYSTEM.iter().all(|s| SYSTEM_COLUMNS.contains(s)));
+    if old.is_none() {
+        for f in &e.fields {
+            if !candidate.contains_key(&f.key) {
+                if let Some(d) = &f.def.default {
+                    candidate.insert(f.key.clone(), d.clone());
+                }
+            }
+        }
+        // An imported stage history ends in the record's stage.
+        if let (Some(sf), Some((last, _))) = (e.stage(), stage_history.last()) {
+            match candidate.get(&sf.key) {
+                Some(Json::String(s)) if obj.contains_key(&sf.key) && s != last => problems.push(Problem::new(
+                    format!("/{}", sf.key),
+                    "stage_history",
+                    format!("{} is `{s}` but stage_history ends in `{last}`.", sf.label),
+                )),
+                _ => {
+                    candidate.insert(sf.key.clone(), Json::String(last.clone()));
+                }
+            }
+        }
+    }
+    let candidate = Json::Object(candidate);
+    let schema_problems = schema::validate(e, &candidate);
+    let bad_fields: Vec<String> = schema_problems
+        .iter()
+        .filter_map(|p| p.path.trim_start_matches('/').split('/').next().map(str::to_owned))
+        .collect();
+    problems.extend(schema_problems);
+    let cand = candidate.as_object().expect("object");
+    let mut fields = Map::new();
+    let mut columns = vec![];
+    for f in &e.fields {
+        let v = cand.get(&f.key).cloned().unwrap_or(Json::Null);
+        let path = format!("/{}", f.key);
+        if bad_fields.contains(&f.key) {
+            continue;
+        }
+        match values::to_sql(f, &v, &path) {
+            Ok(vals) => {
+                if f.ty == FieldType::Json && !v.is_null() {
+                    problems.extend(schema::validate_json_field(f, &v, &path));
+                }
+                fields.insert(f.key.clone(), values::to_json(f, &vals));
+                for (c, val) in f.columns().into_iter().zip(vals) {
+                    columns.push((c.name, val));
+                }
+            }
+            Err(p) => problems.push(p),
+        }
+    }
+    // Stage entry criteria: checked when a record enters a stage (on create, or when it changes).
+    if let Some(sf) = e.stage() {
+        let new_stage = fields.get(&sf.key).and_then(Json::as_str);
+        let old_stage = old.and_then(|r| r.fields.get(&sf.key)).and_then(Json::as_str);
+        if let Some(stage) = new_stage.filter(|s| Some(*s) != old_stage).and_then(|s| sf.stage(s)) {
+            let missing: Vec<&str> = stage
+                .entry_criteria
+                .iter()
+                .filter(|c| fields.get(c.as_str()).is_none_or(is_empty))
+                .filter(|c| !bad_fields.contains(c))
+                .filter_map(|c| e.field(c).map(|f| f.label.as_str()))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(Problem::new(
+                    format!("/{}", sf.key),
+                    "stage_criteria",
+                    format!("To enter the stage {}, fill in: {}.", stage.label, missing.join(", ")),
+                ));
+            }
+        }
+    }
+    // References must exist; unique values must be free.
+    let id = old.map(|r| r.meta.id);
+    for f in &e.fields {
+        let Some(v) = fields.get(&f.key).filter(|v| !v.is_null()) else { continue };
+        let changed = old.is_none_or(|r| r.fields.get(&f.key) != Some(v));
+        if !changed {
+            continue;
+        }
+        let path = format!("/{}", f.key);
+        let value = columns.iter().find(|(c, _)| c == &f.key).map(|(_, v)| v.clone()).expect("column");
+        match f.ty {
+            FieldType::Relation => {
+                let target = app.entity(f.def.entity.as_deref().unwrap_or_default())?;
+                if !exists(tx, &target.table, "id", value).await? {
+                    problems.push(Problem::new(path, "not_found", format!("{} points to a {} that does not exist.", f.label, target.label)));
+                }
+            }
+            FieldType::User => {
+                if !exists(tx, "users", "id", value).await? {
+                    problems.push(Problem::new(path, "not_found", format!("{} points to a user that does not exist.", f.label)));
+                }
+            }
+            _ if f.def.unique => {
+                let mut sql = Sql::new(format!("SELECT 1 FROM {} WHERE {} = ", quote(&e.table), quote(&f.key)));
+                sql.bind(value);
+                if let Some(id) = id {
+                    sql.push(" AND \"id\" <> ").bind(Value::Uuid(id));
+                }
+                sql.push(" LIMIT 1");
+                if tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some() {
+                    problems.push(Problem::new(path, "unique", format!("Another {} already has this {}: {v}.", e.label, f.label)));
+                }
+            }
+            _ => {}
+        }
+    }
+    if old.is_none() && owner.is_none() {
+        owner = ctx.default_owner;
+    }
+    if let Some(o) = owner.filter(|o| old.is_none_or(|r| r.meta.owner != Some(*o))) {
+        if !exists(tx, "users", "id", Value::Uuid(o)).await? {
+            problems.push(Problem::new("/owner", "not_found", "The owner is not an existing user."));
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort_by(|a, b| a.path.cmp(&b.path));
+        return Err(FormError::Invalid(problems));
+    }
+    Ok(Prepared {
+        fields,
+        columns,
+        owner,
+        expected_version,
+        created_at,
+        stage_history,
+    })
+}
+
+fn is_empty(v: &Json) -> bool {
+    match v {
+        Json::Null => true,
+        Json::String(s) => s.trim().is_empty(),
+        Json::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+fn parse_stage_history(e: &Entity, v: &Json, problems: &mut Vec<Problem>) -> Vec<(String, DateTime<Utc>)> {
+    let Some(sf) = e.stage() else {
+        problems.push(Problem::new("/stage_history", "not_allowed", format!("{} has no stage field.", e.label)));
+        return vec![];
+    };
+    let Some(items) = v.as_array() else {
+        problems.push(Problem::new("/stage_history", "wrong_type", "stage_history must be a list of {\"stage\", \"at\"} objects."));
+        return vec![];
+    };
+    let mut out: Vec<(String, DateTime<Utc>)> = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("/stage_history/{i}");
+        let stage = item.get("stage").and_then(Json::as_str);
+        let at = item.get("at").and_then(values::datetime);
+        match (stage, at) {
+            (Some(s), Some(t)) if sf.stage(s).is_some() => {
+                if out.last().is_some_and(|(_, prev)| *prev > t) {
+                    problems.push(Problem::new(format!("{path}/at"), "out_of_order", "stage_history must be in time order."));
+                }
+                out.push((s.to_owned(), t));
+            }
+            (Some(s), Some(_)) => problems.push(Problem::new(format!("{path}/stage"), "unknown_stage", format!("`{s}` is not a stage of {}.", sf.label))),
+            _ => problems.push(Problem::new(path, "wrong_type", "Each entry needs a \"stage\" key and an \"at\" date and time.")),
+        }
+    }
+    out
+}
+
+async fn exists(tx: &mut Tx, table: &str, col: &str, v: Value) -> Result<bool> {
+    let mut sql = Sql::new(format!("SELECT 1 FROM {} WHERE {} = ", quote(table), quote(col)));
+    sql.bind(v).push(" LIMIT 1");
+    Ok(tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some())
+}
+
+/// Create a record; returns it as stored.
+pub async fn create(tx: &mut Tx, app: &App, e: &Entity, input: &Json, ctx: &WriteCtx) -> Result<Record> {
+    let p = prepare(tx, app, e, input, None, ctx).await?;
+    let id = Uuid::now_v7();
+    let created_at = p.created_at.unwrap_or(ctx.now);
+    let mut cols: Vec<(String, Value)> = vec![
+        ("id".into(), Value::Uuid(id)),
+        ("created_at".into(), Value::DateTime(created_at)),
+        ("updated_at".into(), Value::DateTime(ctx.now)),
+        ("created_by".into(), Value::opt_uuid(ctx.actor)),
+        ("owner".into(), Value::opt_uuid(p.owner)),
+        ("version".into(), Value::Int(1)),
+    ];
+    cols.extend(p.columns.iter().cloned());
+    // Stage times: from the imported history, else "entered now".
+    let mut stage_rows: Vec<(Json, Json, DateTime<Utc>)> = vec![];
+    if let Some(sf) = e.stage() {
+        if let Some(stage) = p.fields.get(&sf.key).and_then(Json::as_str) {
+            let mut history = p.stage_history.clone();
+            if history.is_empty() {
+                history.push((stage.to_owned(), created_at));
+            }
+            let mut prev = Json::Null;
+            for (s, at) in &history {
+                let col = stage_entered_column(&sf.key, s);
+                if !cols.iter().any(|(c, _)| *c == col) {
+                    cols.push((col, Value::DateTime(*at)));
+                }
+                stage_rows.push((prev.clone(), json!(s), *at));
+                prev = json!(s);
+            }
+            let last = history.last().map(|(_, t)| *t).unwrap_or(created_at);
+            cols.push((stage_changed_column(&sf.key), Value::DateTime(last)));
+        }
+    }
+    let mut sql = Sql::new(format!("INSERT INTO {} (", quote(&e.table)));
+    sql.push(&cols.iter().map(|(c, _)| quote(c)).collect::<Vec<_>>().join(", "));
+    sql.push(") VALUES (");
+    for (i, (_, v)) in cols.into_iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.bind(v);
+    }
+    sql.push(")");
+    execute_write(tx, e, &sql).await?;
+    // History: every tracked field that got a value; the stage's whole imported path.
+    let stage_key = e.stage().map(|f| f.key.as_str());
+    let mut changed = vec![];
+    for f in &e.fields {
+        let v = &p.fields[&f.key];
+        if v.is_null() {
+            continue;
+        }
+        changed.push(f.key.clone());
+        if Some(f.key.as_str()) == stage_key {
+            for (old, new, at) in &stage_rows {
+                write_history(tx, &app.key, e, id, &f.key, old, new, *at, ctx.actor).await?;
+            }
+        } else if e.tracks(&f.key) {
+            write_history(tx, &app.key, e, id, &f.key, &Json::Null, v, created_at, ctx.actor).await?;
+        }
+    }
+    if p.owner.is_some() {
+        write_history(tx, &app.key, e, id, "owner", &Json::Null, &json!(p.owner), created_at, ctx.actor).await?;
+    }
+    let record = get_in(tx, e, id).await?;
+    write_event(tx, &app.key, e, id, "created", &changed, &record.to_json(), ctx).await?;
+    Ok(record)
+}
+
+/// Apply a partial update. `expected_version` (from `If-Match` or the body's `version`) must
+/// match the stored version when given.
+pub async fn update(tx: &mut Tx, app: &App, e: &Entity, id: Uuid, patch: &Json, expected_version: Option<i64>, ctx: &WriteCtx) -> Result<Record> {
+    let old = get_in(tx, e, id).await?;
+    let p = prepare(tx, app, e, patch, Some(&old), ctx).await?;
+    if let Some(expected) = expected_version.or(p.expected_version) {
+        if expected != old.meta.version {
+            return Err(FormError::VersionConflict { expected, current: old.meta.version });
+        }
+    }
+    let changed: Vec<&crate::model::Field> = e.fields.iter().filter(|f| old.fields.get(&f.key) != p.fields.get(&f.key)).collect();
+    let owner_changed = old.meta.owner != p.owner;
+    if changed.is_empty() && !owner_changed {
+        return Ok(old);
+    }
+    let mut sql = Sql::new(format!("UPDATE {} SET \"version\" = \"version\" + 1, \"updated_at\" = ", quote(&e.table)));
+    sql.bind(Value::DateTime(ctx.now));
+    if owner_changed {
+        sql.push(", \"owner\" = ").bind(Value::opt_uuid(p.owner));
+    }
+    for f in &changed {
+        for (c, v) in p.columns.iter().filter(|(c, _)| *c == f.key || *c == crate::model::currency_column(&f.key)) {
+            sql.push(", ").ident(c).push(" = ").bind(v.clone());
+        }
+        if f.ty == FieldType::Stage {
+            sql.push(", ").ident(&stage_changed_column(&f.key)).push(" = ").bind(Value::DateTime(ctx.now));
+            if let Some(s) = p.fields[&f.key].as_str() {
+                let col = stage_entered_column(&f.key, s);
+                let now = sql.param(Value::DateTime(ctx.now));
+                sql.push(&format!(", {} = COALESCE({}, {now})", quote(&col), quote(&col)));
+            }
+        }
+    }
+    sql.push(" WHERE \"id\" = ").bind(Value::Uuid(id));
+    sql.push(" AND \"version\" = ").bind(Value::Int(old.meta.version));
+    if execute_write(tx, e, &sql).await? == 0 {
+        let current = get_in(tx, e, id).await?.meta.version;
+        return Err(FormError::VersionConflict { expected: old.meta.version, current });
+    }
+    let mut names = vec![];
+    for f in &changed {
+        names.push(f.key.clone());
+        if e.tracks(&f.key) {
+            write_history(tx, &app.key, e, id, &f.key, &old.fields[&f.key], &p.fields[&f.key], ctx.now, ctx.actor).await?;
+        }
+    }
+    if owner_changed {
+        names.push("owner".into());
+        write_history(tx, &app.key, e, id, "owner", &json!(old.meta.owner), &json!(p.owner), ctx.now, ctx.actor).await?;
+    }
+    let record = get_in(tx, e, id).await?;
+    let mut event = record.to_json();
+    event["old"] = Json::Object(changed.iter().map(|f| (f.key.clone(), old.fields[&f.key].clone())).collect());
+    write_event(tx, &app.key, e, id, "updated", &names, &event, ctx).await?;
+    Ok(record)
+}
+
+/// Delete a record. Refused while records of other entities point to it.
+pub async fn delete(tx: &mut Tx, app: &App, e: &Entity, id: Uuid, expected_version: Option<i64>, ctx: &WriteCtx) -> Result<()> {
+    let old = get_in(tx, e, id).await?;
+    if let Some(expected) = expected_version {
+        if expected != old.meta.version {
+            return Err(FormError::VersionConflict { expected, current: old.meta.version });
+        }
+    }
+    let mut problems = vec![];
+    for other in &app.entities {
+        for f in other.fields.iter().filter(|f| f.ty == FieldType::Relation && f.def.entity.as_deref() == Some(e.key.as_str())) {
+            if exists(tx, &other.table, &f.key, Value::Uuid(id)).await? {
+                problems.push(Problem::new(
+                    "",
+                    "referenced",
+                    format!("This {} is still referenced by the field {} of a {}; change or delete those records first.", e.label, f.label, other.label),
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(FormError::Conflict(problems));
+    }
+    let mut sql = Sql::new(format!("DELETE FROM {} WHERE \"id\" = ", quote(&e.table)));
+    sql.bind(Value::Uuid(id));
+    tx.execute(&sql).await?;
+    write_event(tx, &app.key, e, id, "deleted", &[], &old.to_json(), ctx).await?;
+    Ok(())
+}
+
+/// Most records one batch may hold.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Create many records, all or nothing. Problems carry `/records/<index>` in their paths.
+pub async fn create_batch(tx: &mut Tx, app: &App, e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<Uuid>> {
+    if records.len() > MAX_BATCH {
+        return Err(FormError::Invalid(vec![Problem::new(
+            "/records",
+            "too_many",
+            format!("A batch holds at most {MAX_BATCH} records; this one has {}.", records.len()),
+        )]));
+    }
+    let mut problems = vec![];
+    let mut ids = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        match create(tx, app, e, r, ctx).await {
+            Ok(rec) => ids.push(rec.meta.id),
+            Err(FormError::Invalid(ps)) => problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}")))),
+            Err(other) => return Err(other),
+        }
+        if problems.len() > 1000 {
+            break;
+        }
+    }
+    if !problems.is_empty() {
+        return Err(FormError::Invalid(problems));
+    }
+    Ok(ids)
+}
+
+async fn execute_write(tx: &mut Tx, e: &Entity, sql: &Sql) -> Result<u64> {
+    match tx.execute(sql).await {
+        Err(FormError::Database(sqlx::Error::Database(db))) if db.is_unique_violation() => {
+            // A concurrent writer took the value between our check and our write.
+            let field = e.fields.iter().find(|f| {
+                f.def.unique
+                    && (db.constraint() == Some(crate::plan::index_name(&e.table, &f.key, true).as_str())
+                        || db.message().contains(&format!("{}.{}", e.table, f.key)))
+            });
+            let (path, label) = field.map(|f| (format!("/{}", f.key), f.label.clone())).unwrap_or_default();
+            Err(FormError::Conflict(vec![Problem::new(path, "unique", format!("Another {} already has this {label}.", e.label))]))
+        }
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_history(tx: &mut Tx, app: &str, e: &Entity, id: Uuid, field: &str, old: &Json, new: &Json, at: DateTime<Utc>, actor: Option<Uuid>) -> Result<()> {
+    let mut sql = Sql::new("INSERT INTO \"history\" (\"app\", \"entity\", \"record_id\", \"field\", \"old_value\", \"new_value\", \"at\", \"actor\") VALUES (");
+    sql.bind(Value::Text(app.into())).push(", ");
+    sql.bind(Value::Text(e.key.clone())).push(", ");
+    sql.bind(Value::Uuid(id)).push(", ");
+    sql.bind(Value::Text(field.into())).push(", ");
+    sql.bind(Value::Json(old.clone())).push(", ");
+    sql.bind(Value::Json(new.clone())).push(", ");
+    sql.bind(Value::DateTime(at)).push(", ");
+    sql.bind(Value::opt_uuid(actor)).push(")");
+    tx.execute(&sql).await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_event(tx: &mut Tx, app: &str, e: &Entity, id: Uuid, kind: &str, changed: &[String], record: &Json, ctx: &WriteCtx) -> Result<()> {
+    let mut sql = Sql::new("INSERT INTO \"events\" (\"app\", \"entity\", \"record_id\", \"kind\", \"changed\", \"record\", \"actor\", \"at\") VALUES (");
+    sql.bind(Value::Text(app.into())).push(", ");
+    sql.bind(Value::Text(e.key.clone())).push(", ");
+    sql.bind(Value::Uuid(id)).push(", ");
+    sql.bind(Value::Text(kind.into())).push(", ");
+    sql.bind(Value::Json(json!(changed))).push(", ");
+    sql.bind(Value::Json(record.clone())).push(", ");
+    sql.bind(Value::opt_uuid(ctx.actor)).push(", ");
+    sql.bind(Value::DateTime(ctx.now)).push(")");
+    tx.execute(&sql).await?;
+    Ok(())
+}
+
+/// One history row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryRow {
+    /// Field key (or `owner`).
+    pub field: String,
+    /// Value before.
+    pub old: Json,
+    /// Value after.
+    pub new: Json,
+    /// When.
+    pub at: Json,
+    /// Who.
+    pub actor: Option<Uuid>,
+}
+
+/// The history of one record, oldest first.
+pub async fn history(db: &crate::db::Db, app: &App, e: &Entity, id: Uuid) -> Result<Vec<HistoryRow>> {
+    let mut sql = Sql::new("SELECT \"field\", \"old_value\", \"new_value\", \"at\", \"actor\" FROM \"history\" WHERE \"app\" = ");
+    sql.bind(Value::Text(app.key.clone()));
+    sql.push(" AND \"entity\" = ").bind(Value::Text(e.key.clone()));
+    sql.push(" AND \"record_id\" = ").bind(Value::Uuid(id));
+    sql.push(" ORDER BY \"id\"");
+    let rows = db.fetch_all(&sql, &[ColKind::Text, ColKind::Json, ColKind::Json, ColKind::DateTime, ColKind::Uuid]).await?;
+    if rows.is_empty() {
+        get(db, e, id).await?;
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| HistoryRow {
+            field: match &r[0] {
+                Value::Text(s) => s.clone(),
+                _ => String::new(),
+            },
+            old: values::scalar_json(&r[1], 0),
+            new: values::scalar_json(&r[2], 0),
+            at: values::scalar_json(&r[3], 0),
+            actor: match r[4] {
+                Value::Uuid(u) => Some(u),
+                _ => None,
+            },
+        })
+        .collect())
+}
+
+/// Delete history rows past each entity's retention (stage history is always kept).
+/// Returns the number of rows removed.
+pub async fn purge_history(db: &crate::db::Db, app: &App, now: DateTime<Utc>) -> Result<u64> {
+    let mut removed = 0;
+    let mut tx = db.begin().await?;
+    for e in &app.entities {
+        let Some(days) = e.retention_days else { continue };
+        let mut sql = Sql::new("DELETE FROM \"history\" WHERE \"app\" = ");
+        sql.bind(Value::Text(app.key.clone()));
+        sql.push(" AND \"entity\" = ").bind(Value::Text(e.key.clone()));
+        sql.push(" AND \"at\" < ").bind(Value::DateTime(now - chrono::Duration::days(i64::from(days))));
+        if let Some(sf) = e.stage() {
+            sql.push(" AND \"field\" <> ").bind(Value::Text(sf.key.clone()));
+        }
+        removed += tx.execute(&sql).await?;
+    }
+    tx.commit().await?;
+    Ok(removed)
+}

@@ -1,0 +1,245 @@
+//! `/api/v1/apps/{app}/records/{entity}`: records of an entity.
+
+use super::{parse_id, Body, ProblemDoc, Q};
+use crate::auth::Actor;
+use crate::error::{ApiError, ApiResult};
+use crate::state::{AppState, Loaded};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use trellis_form::query::{Filter, ListQuery};
+use trellis_form::store::{self, Record, WriteCtx};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// Routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_records, create_record))
+        .routes(routes!(query_records))
+        .routes(routes!(get_record, update_record, delete_record))
+        .routes(routes!(record_history))
+}
+
+/// Routes that take large bodies (batch import).
+pub fn bulk_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(batch_create))
+}
+
+fn ctx(state: &AppState, loaded: &Loaded, actor: &Actor) -> WriteCtx {
+    WriteCtx {
+        actor: Some(actor.user_id),
+        now: state.clock.now(),
+        default_owner: Some(loaded.default_owner),
+        import: actor.is_admin,
+    }
+}
+
+fn record_response(status: StatusCode, app: &str, entity: &str, r: &Record) -> Response {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", r.meta.version)) {
+        headers.insert(header::ETAG, v);
+    }
+    if status == StatusCode::CREATED {
+        if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/apps/{app}/records/{entity}/{}", r.meta.id)) {
+            headers.insert(header::LOCATION, v);
+        }
+    }
+    (status, headers, Json(r.to_json())).into_response()
+}
+
+/// Query-string form of a list request.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// JSON array of `{"field", "op", "value"}` conditions, e.g.
+    /// `[{"field":"status","op":"eq","value":"new"}]`.
+    filter: Option<String>,
+    /// Sort field; prefix with `-` for descending. Default: creation order.
+    sort: Option<String>,
+    /// Page size, 1–1000 (default 50).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Also return the total number of matching records.
+    count: Option<bool>,
+}
+
+/// JSON form of a list request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListBody {
+    /// Conditions, all of which must hold.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    filters: Vec<Filter>,
+    /// Sort field; prefix with `-` for descending.
+    sort: Option<String>,
+    /// Page size, 1–1000 (default 50).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Also return the total.
+    #[serde(default)]
+    count: bool,
+}
+
+async fn run_list(state: &AppState, app: &str, entity: &str, q: ListQuery) -> ApiResult<Json<Value>> {
+    let loaded = state.app(app)?;
+    let e = loaded.app.entity(entity)?;
+    let page = trellis_form::query::list(&state.db, e, &q).await?;
+    let mut body = json!({
+        "records": page.records.iter().map(Record::to_json).collect::<Vec<_>>(),
+        "next_cursor": page.next_cursor,
+    });
+    if let Some(t) = page.total {
+        body["total"] = json!(t);
+    }
+    Ok(Json(body))
+}
+
+/// List records with filters, sort and cursor pagination.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/records/{entity}", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ListParams),
+    responses((status = 200, description = "`{records, next_cursor, total?}`", body = Object),
+              (status = 400, description = "Bad filter, sort or cursor", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 404, description = "No such app or entity", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn list_records(State(state): State<AppState>, _actor: Actor, Path((app, entity)): Path<(String, String)>, Q(p): Q<ListParams>) -> ApiResult<Json<Value>> {
+    let filters = match &p.filter {
+        None => vec![],
+        Some(f) => serde_json::from_str::<Vec<Filter>>(f).map_err(|e| {
+            ApiError::new("invalid_query", "The filter parameter must be a JSON list of {\"field\", \"op\", \"value\"} objects.")
+                .with_errors(vec![trellis_form::Problem::new("/filter", "malformed", e.to_string())])
+        })?,
+    };
+    let q = ListQuery { filters, sort: p.sort, limit: p.limit, cursor: p.cursor, count: p.count.unwrap_or(false) };
+    run_list(&state, &app, &entity, q).await
+}
+
+/// List records with the query in a JSON body (same semantics as the GET form).
+#[utoipa::path(post, path = "/api/v1/apps/{app}/records/{entity}/query", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key")),
+    request_body = ListBody,
+    responses((status = 200, description = "`{records, next_cursor, total?}`", body = Object),
+              (status = 400, description = "Bad filter, sort or cursor", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn query_records(State(state): State<AppState>, _actor: Actor, Path((app, entity)): Path<(String, String)>, Body(b): Body<ListBody>) -> ApiResult<Json<Value>> {
+    let q = ListQuery { filters: b.filters, sort: b.sort, limit: b.limit, cursor: b.cursor, count: b.count };
+    run_list(&state, &app, &entity, q).await
+}
+
+/// Create a record.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/records/{entity}", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key")),
+    request_body(content = Object, description = "A flat record: `{\"field\": value, …}`, optionally `owner`"),
+    responses((status = 201, description = "The stored record", body = Object),
+              (status = 422, description = "Validation failed: every problem with its JSON pointer", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn create_record(State(state): State<AppState>, actor: Actor, Path((app, entity)): Path<(String, String)>, Body(input): Body<Value>) -> ApiResult<Response> {
+    let loaded = state.app(&app)?;
+    let e = loaded.app.entity(&entity)?;
+    let mut c = ctx(&state, &loaded, &actor);
+    c.import = false;
+    let mut tx = state.db.begin().await?;
+    let r = store::create(&mut tx, &loaded.app, e, &input, &c).await?;
+    tx.commit().await?;
+    Ok(record_response(StatusCode::CREATED, &app, &entity, &r))
+}
+
+/// A batch of records to create.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// Up to 10,000 records. Admins may add `created_at` and `stage_history` to each.
+    #[schema(value_type = Vec<Object>)]
+    records: Vec<Value>,
+}
+
+/// Create up to 10,000 records, all or nothing.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/records/{entity}/batch", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key")),
+    request_body = BatchBody,
+    responses((status = 201, description = "`{created, ids}`", body = Object),
+              (status = 422, description = "Nothing was written; problems carry /records/<index>", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn batch_create(State(state): State<AppState>, actor: Actor, Path((app, entity)): Path<(String, String)>, Body(b): Body<BatchBody>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let loaded = state.app(&app)?;
+    let e = loaded.app.entity(&entity)?;
+    let c = ctx(&state, &loaded, &actor);
+    let mut tx = state.db.begin().await?;
+    let ids = store::create_batch(&mut tx, &loaded.app, e, &b.records, &c).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(json!({"created": ids.len(), "ids": ids}))))
+}
+
+/// Read one record.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/records/{entity}/{id}", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ("id" = String, Path, description = "Record id")),
+    responses((status = 200, description = "The record; `ETag` holds its version", body = Object),
+              (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn get_record(State(state): State<AppState>, _actor: Actor, Path((app, entity, id)): Path<(String, String, String)>) -> ApiResult<Response> {
+    let loaded = state.app(&app)?;
+    let e = loaded.app.entity(&entity)?;
+    let r = store::get(&state.db, e, parse_id(&id)?).await?;
+    Ok(record_response(StatusCode::OK, &app, &entity, &r))
+}
+
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or_default().trim().trim_start_matches("W/").trim_matches('"');
+    s.parse::<i64>().map(Some).map_err(|_| ApiError::new("invalid_query", "If-Match must hold the record's version, as in If-Match: \"3\"."))
+}
+
+/// Change some fields of a record. Send `If-Match: "<version>"` (or `version` in the body) to
+/// refuse the write if someone changed the record since you read it.
+#[utoipa::path(patch, path = "/api/v1/apps/{app}/records/{entity}/{id}", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ("id" = String, Path, description = "Record id"),
+           ("If-Match" = Option<String>, Header, description = "Expected version")),
+    request_body(content = Object, description = "The fields to change"),
+    responses((status = 200, description = "The stored record", body = Object),
+              (status = 409, description = "Stale version", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 422, description = "Validation failed", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn update_record(State(state): State<AppState>, actor: Actor, Path((app, entity, id)): Path<(String, String, String)>, headers: HeaderMap, Body(patch): Body<Value>) -> ApiResult<Response> {
+    let loaded = state.app(&app)?;
+    let e = loaded.app.entity(&entity)?;
+    let id = parse_id(&id)?;
+    let expected = if_match(&headers)?;
+    let mut c = ctx(&state, &loaded, &actor);
+    c.import = false;
+    let mut tx = state.db.begin().await?;
+    let r = store::update(&mut tx, &loaded.app, e, id, &patch, expected, &c).await?;
+    tx.commit().await?;
+    Ok(record_response(StatusCode::OK, &app, &entity, &r))
+}
+
+/// Delete a record (refused while other records point to it).
+#[utoipa::path(delete, path = "/api/v1/apps/{app}/records/{entity}/{id}", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ("id" = String, Path, description = "Record id"),
+           ("If-Match" = Option<String>, Header, description = "Expected version")),
+    responses((status = 204, description = "Deleted"),
+              (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 409, description = "Stale version or still referenced", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn delete_record(State(state): State<AppState>, actor: Actor, Path((app, entity, id)): Path<(String, String, String)>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    let loaded = state.app(&app)?;
+    let e = loaded.app.entity(&entity)?;
+    let id = parse_id(&id)?;
+    let expected = if_match(&headers)?;
+    let c = ctx(&state, &loaded, &actor);
+    let mut tx = state.db.begin().await?;
+    store::delete(&mut tx, &loaded.app, e, id, expected, &c).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The field history of a record, oldest first.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/records/{entity}/{id}/history", tag = "records",
+    params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ("id" = String, Path, description = "Record id")),
+    responses((status = 200, description = "`{history: [{field, old, new, at, actor}]}`", body = Object),
+              (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn record_history(State(state): State<AppState>, _actor: Actor, Path((app, entity, id)): Path<(String, String, String)>) -> ApiResult<Json<Value>> {
+    let loaded = state.app(&app)?;
+    let e = loaded.app.entity(&entity)?;
+    let rows = store::history(&state.db, &loaded.app, e, parse_id(&id)?).await?;
+    Ok(Json(json!({ "history": rows })))
+}

@@ -1,0 +1,81 @@
+//! # trellis-server — the REST API and the `trellis` command line
+//!
+//! Wires the engines to HTTP: [`app`] builds the whole axum router from a [`state::AppState`], so
+//! tests can drive it with or without a socket; [`cli`] is the `trellis` binary's logic.
+//! Architecture invariant: this is the only crate that knows about HTTP.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod crm;
+pub mod error;
+pub mod state;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::{Json, Router};
+use error::ApiError;
+use state::AppState;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+/// Largest request body on most routes.
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+/// Largest body of a batch import or an app definition.
+pub const MAX_BULK_BODY: usize = 64 * 1024 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Trellis API", description = "Apps, records, users and teams of a Trellis server. Errors are RFC 9457 problem JSON."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags((name = "apps", description = "App definitions and versions"),
+         (name = "records", description = "Records of an app's entities"),
+         (name = "users", description = "Users and teams"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// The router of every `/api/v1` route and its OpenAPI document.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let bulk = OpenApiRouter::new()
+        .merge(api::apps::router())
+        .merge(api::records::bulk_router())
+        .layer(DefaultBodyLimit::max(MAX_BULK_BODY));
+    let normal = OpenApiRouter::new()
+        .merge(api::records::router())
+        .merge(api::users::router())
+        .layer(DefaultBodyLimit::max(MAX_BODY));
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(bulk).merge(normal).split_for_parts()
+}
+
+/// The whole application: API, OpenAPI document, health check, problem-JSON fallbacks.
+pub fn app(state: AppState) -> Router {
+    let (api_router, doc) = api();
+    let doc = std::sync::Arc::new(doc);
+    let api_router = api_router
+        .route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api_router)
+        .fallback(|| async { ApiError::not_found("There is no such route; see /api/v1/openapi.json.") })
+        .method_not_allowed_fallback(|| async { ApiError::new("method_not_allowed", "This route does not accept this method.") })
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let sql = trellis_form::db::Sql::new("SELECT 1");
+    state.db.fetch_optional(&sql, &[trellis_form::model::ColKind::Int]).await?;
+    Ok(Json(serde_json::json!({"status": "ok"})))
+}

@@ -1,0 +1,72 @@
+//! Shared server state: the database, the clock and the compiled apps.
+//!
+//! Compiled apps are cached per process and replaced whenever this process imports a new
+//! version. Handlers get the state through axum's `State`, never through globals.
+
+use crate::error::{ApiError, ApiResult};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use trellis_form::db::Db;
+use trellis_form::model::App;
+use trellis_form::{Clock, Result};
+use uuid::Uuid;
+
+/// A compiled app and the user who owns its otherwise unowned records.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The compiled app.
+    pub app: Arc<App>,
+    /// Owner of records created without one.
+    pub default_owner: Uuid,
+}
+
+/// Everything a handler needs.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The database.
+    pub db: Db,
+    /// The clock every write takes its time from.
+    pub clock: Arc<dyn Clock>,
+    /// The bootstrap administrator.
+    pub admin_user: Uuid,
+    apps: Arc<RwLock<HashMap<String, Loaded>>>,
+}
+
+impl AppState {
+    /// State over a migrated database; loads every installed app.
+    pub async fn new(db: Db, clock: Arc<dyn Clock>, admin_user: Uuid) -> Result<Self> {
+        let state = AppState { db, clock, admin_user, apps: Arc::default() };
+        for app in trellis_form::apps::load_all(&state.db).await? {
+            state.install(app).await?;
+        }
+        Ok(state)
+    }
+
+    /// Put a compiled app into the cache.
+    pub async fn install(&self, app: App) -> Result<()> {
+        let owner = match &app.def.default_owner {
+            Some(email) => trellis_form::users::by_email(&self.db, email).await?.map(|u| u.id),
+            None => None,
+        };
+        let loaded = Loaded { app: Arc::new(app), default_owner: owner.unwrap_or(self.admin_user) };
+        self.apps.write().expect("apps lock").insert(loaded.app.key.clone(), loaded);
+        Ok(())
+    }
+
+    /// The app `key`, or 404.
+    pub fn app(&self, key: &str) -> ApiResult<Loaded> {
+        self.apps
+            .read()
+            .expect("apps lock")
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("app `{key}` does not exist")))
+    }
+
+    /// Every installed app, by key.
+    pub fn all_apps(&self) -> Vec<Loaded> {
+        let mut v: Vec<Loaded> = self.apps.read().expect("apps lock").values().cloned().collect();
+        v.sort_by(|a, b| a.app.key.cmp(&b.app.key));
+        v
+    }
+}
