@@ -48,14 +48,26 @@ pub async fn plan_import(db: &Db, def: &Json) -> Result<(App, Option<App>, Plan)
 }
 
 /// Import a definition: plan, refuse destructive steps unless allowed, apply, record a version.
-pub async fn import(db: &Db, def: &Json, opts: ImportOptions, actor: Option<Uuid>, now: DateTime<Utc>) -> Result<ImportOutcome> {
+pub async fn import(
+    db: &Db,
+    def: &Json,
+    opts: ImportOptions,
+    actor: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<ImportOutcome> {
     let (new, current, p) = plan_import(db, def).await?;
     if p.is_destructive() && !opts.allow_destructive {
         let problems = p
             .steps
             .iter()
             .filter(|s| s.destructive)
-            .map(|s| Problem::new(format!("/entities/{}", s.entity), "destructive", s.description.clone()))
+            .map(|s| {
+                Problem::new(
+                    format!("/entities/{}", s.entity),
+                    "destructive",
+                    s.description.clone(),
+                )
+            })
             .collect();
         return Err(FormError::Destructive(problems));
     }
@@ -67,7 +79,12 @@ pub async fn import(db: &Db, def: &Json, opts: ImportOptions, actor: Option<Uuid
             let mut tx = db.begin().await?;
             run_checks(&mut tx, &p).await?;
         }
-        return Ok(ImportOutcome { app: new.key.clone(), version, applied: false, plan: p });
+        return Ok(ImportOutcome {
+            app: new.key.clone(),
+            version,
+            applied: false,
+            plan: p,
+        });
     }
     let mut tx = db.begin().await?;
     run_checks(&mut tx, &p).await?;
@@ -78,7 +95,10 @@ pub async fn import(db: &Db, def: &Json, opts: ImportOptions, actor: Option<Uuid
                     return Err(FormError::MigrationConflict(vec![Problem::new(
                         format!("/entities/{}", step.entity),
                         "duplicates",
-                        format!("cannot {}: existing records share a value", step.description),
+                        format!(
+                            "cannot {}: existing records share a value",
+                            step.description
+                        ),
                     )]));
                 }
                 other => {
@@ -92,12 +112,16 @@ pub async fn import(db: &Db, def: &Json, opts: ImportOptions, actor: Option<Uuid
     let mut sql = if current.is_some() {
         let mut s = Sql::new("UPDATE \"apps\" SET \"version\" = ");
         s.bind(Value::Int(new.version));
-        s.push(", \"definition\" = ").bind(Value::Json(def_json.clone()));
+        s.push(", \"definition\" = ")
+            .bind(Value::Json(def_json.clone()));
         s.push(", \"updated_at\" = ").bind(Value::DateTime(now));
-        s.push(" WHERE \"key\" = ").bind(Value::Text(new.key.clone()));
+        s.push(" WHERE \"key\" = ")
+            .bind(Value::Text(new.key.clone()));
         s
     } else {
-        let mut s = Sql::new("INSERT INTO \"apps\" (\"key\", \"version\", \"definition\", \"updated_at\") VALUES (");
+        let mut s = Sql::new(
+            "INSERT INTO \"apps\" (\"key\", \"version\", \"definition\", \"updated_at\") VALUES (",
+        );
         s.bind(Value::Text(new.key.clone())).push(", ");
         s.bind(Value::Int(new.version)).push(", ");
         s.bind(Value::Json(def_json.clone())).push(", ");
@@ -114,19 +138,32 @@ pub async fn import(db: &Db, def: &Json, opts: ImportOptions, actor: Option<Uuid
     sql.bind(Value::opt_uuid(actor)).push(")");
     tx.execute(&sql).await?;
     tx.commit().await?;
-    Ok(ImportOutcome { app: new.key.clone(), version: new.version, applied: true, plan: p })
+    Ok(ImportOutcome {
+        app: new.key.clone(),
+        version: new.version,
+        applied: true,
+        plan: p,
+    })
 }
 
 async fn run_checks(tx: &mut crate::db::Tx, p: &Plan) -> Result<()> {
     let mut problems = vec![];
     for step in &p.steps {
         for (sql, msg) in &step.checks {
-            let n = match tx.fetch_optional(sql, &[ColKind::Int]).await?.map(|r| r[0].clone()) {
+            let n = match tx
+                .fetch_optional(sql, &[ColKind::Int])
+                .await?
+                .map(|r| r[0].clone())
+            {
                 Some(Value::Int(n)) => n,
                 _ => 0,
             };
             if n > 0 {
-                problems.push(Problem::new(format!("/entities/{}", step.entity), "data_conflict", format!("{msg} ({n} record(s))")));
+                problems.push(Problem::new(
+                    format!("/entities/{}", step.entity),
+                    "data_conflict",
+                    format!("{msg} ({n} record(s))"),
+                ));
             }
         }
     }
@@ -141,7 +178,10 @@ async fn run_checks(tx: &mut crate::db::Tx, p: &Plan) -> Result<()> {
 pub async fn load(db: &Db, key: &str) -> Result<Option<App>> {
     let mut sql = Sql::new("SELECT \"version\", \"definition\" FROM \"apps\" WHERE \"key\" = ");
     sql.bind(Value::Text(key.into()));
-    match db.fetch_optional(&sql, &[ColKind::Int, ColKind::Json]).await? {
+    match db
+        .fetch_optional(&sql, &[ColKind::Int, ColKind::Json])
+        .await?
+    {
         None => Ok(None),
         Some(row) => Ok(Some(from_row(row)?)),
     }
@@ -150,14 +190,21 @@ pub async fn load(db: &Db, key: &str) -> Result<Option<App>> {
 /// Load every installed app.
 pub async fn load_all(db: &Db) -> Result<Vec<App>> {
     let sql = Sql::new("SELECT \"version\", \"definition\" FROM \"apps\" ORDER BY \"key\"");
-    db.fetch_all(&sql, &[ColKind::Int, ColKind::Json]).await?.into_iter().map(from_row).collect()
+    db.fetch_all(&sql, &[ColKind::Int, ColKind::Json])
+        .await?
+        .into_iter()
+        .map(from_row)
+        .collect()
 }
 
 fn from_row(row: Vec<Value>) -> Result<App> {
     let (Value::Int(version), Value::Json(def)) = (&row[0], &row[1]) else {
-        return Err(FormError::Database(sqlx::Error::Decode("bad apps row".into())));
+        return Err(FormError::Database(sqlx::Error::Decode(
+            "bad apps row".into(),
+        )));
     };
-    let def: AppDef = serde_json::from_value(def.clone()).map_err(|e| FormError::Database(sqlx::Error::Decode(e.into())))?;
+    let def: AppDef = serde_json::from_value(def.clone())
+        .map_err(|e| FormError::Database(sqlx::Error::Decode(e.into())))?;
     compile(def, *version)
 }
 
@@ -177,8 +224,19 @@ pub struct VersionInfo {
 /// Every version of an app, newest first.
 pub async fn versions(db: &Db, key: &str) -> Result<Vec<VersionInfo>> {
     let mut sql = Sql::new("SELECT \"version\", \"created_at\", \"created_by\", \"plan\" FROM \"app_versions\" WHERE \"app\" = ");
-    sql.bind(Value::Text(key.into())).push(" ORDER BY \"version\" DESC");
-    let rows = db.fetch_all(&sql, &[ColKind::Int, ColKind::DateTime, ColKind::Uuid, ColKind::Json]).await?;
+    sql.bind(Value::Text(key.into()))
+        .push(" ORDER BY \"version\" DESC");
+    let rows = db
+        .fetch_all(
+            &sql,
+            &[
+                ColKind::Int,
+                ColKind::DateTime,
+                ColKind::Uuid,
+                ColKind::Json,
+            ],
+        )
+        .await?;
     if rows.is_empty() {
         return Err(FormError::AppNotFound(key.into()));
     }
@@ -187,7 +245,11 @@ pub async fn versions(db: &Db, key: &str) -> Result<Vec<VersionInfo>> {
         .map(|r| VersionInfo {
             version: if let Value::Int(v) = r[0] { v } else { 0 },
             created_at: crate::values::scalar_json(&r[1], 0),
-            created_by: if let Value::Uuid(u) = r[2] { Some(u) } else { None },
+            created_by: if let Value::Uuid(u) = r[2] {
+                Some(u)
+            } else {
+                None
+            },
             plan: crate::values::scalar_json(&r[3], 0),
         })
         .collect())
@@ -196,7 +258,9 @@ pub async fn versions(db: &Db, key: &str) -> Result<Vec<VersionInfo>> {
 /// The definition of one stored version.
 pub async fn version_definition(db: &Db, key: &str, version: i64) -> Result<Json> {
     let mut sql = Sql::new("SELECT \"definition\" FROM \"app_versions\" WHERE \"app\" = ");
-    sql.bind(Value::Text(key.into())).push(" AND \"version\" = ").bind(Value::Int(version));
+    sql.bind(Value::Text(key.into()))
+        .push(" AND \"version\" = ")
+        .bind(Value::Int(version));
     match db.fetch_optional(&sql, &[ColKind::Json]).await? {
         Some(r) => Ok(crate::values::scalar_json(&r[0], 0)),
         None => Err(FormError::NotFound("app version")),

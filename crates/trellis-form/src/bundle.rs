@@ -44,24 +44,44 @@ pub struct BundleError {
 pub fn from_files(mut files: Vec<(String, String)>) -> Result<Bundle, BundleError> {
     files.sort_by(|a, b| a.0.cmp(&b.0));
     let parse = |name: &str, text: &str| -> Result<Value, BundleError> {
-        serde_json::from_str(text).map_err(|e| BundleError { file: name.to_owned(), message: format!("not valid JSON: {e}") })
+        serde_json::from_str(text).map_err(|e| BundleError {
+            file: name.to_owned(),
+            message: format!("not valid JSON: {e}"),
+        })
     };
-    let (app_name, app_text) = files
-        .iter()
-        .find(|(n, _)| n == "app.json")
-        .ok_or_else(|| BundleError { file: "app.json".into(), message: "missing: an app folder needs an app.json".into() })?;
+    let (app_name, app_text) =
+        files
+            .iter()
+            .find(|(n, _)| n == "app.json")
+            .ok_or_else(|| BundleError {
+                file: "app.json".into(),
+                message: "missing: an app folder needs an app.json".into(),
+            })?;
     let mut root = match parse(app_name, app_text)? {
         Value::Object(m) => m,
-        _ => return Err(BundleError { file: "app.json".into(), message: "must hold a JSON object".into() }),
+        _ => {
+            return Err(BundleError {
+                file: "app.json".into(),
+                message: "must hold a JSON object".into(),
+            })
+        }
     };
     let mut sources = vec![];
     for section in SECTIONS {
         let mut items = match root.remove(section) {
             Some(Value::Array(a)) => a,
-            Some(_) => return Err(BundleError { file: "app.json".into(), message: format!("`{section}` must be a list") }),
+            Some(_) => {
+                return Err(BundleError {
+                    file: "app.json".into(),
+                    message: format!("`{section}` must be a list"),
+                })
+            }
             None => vec![],
         };
-        for (name, text) in files.iter().filter(|(n, _)| n.starts_with(&format!("{section}/")) && n.ends_with(".json")) {
+        for (name, text) in files
+            .iter()
+            .filter(|(n, _)| n.starts_with(&format!("{section}/")) && n.ends_with(".json"))
+        {
             sources.push((format!("/{section}/{}", items.len()), name.clone()));
             items.push(parse(name, text)?);
         }
@@ -69,19 +89,28 @@ pub fn from_files(mut files: Vec<(String, String)>) -> Result<Bundle, BundleErro
             root.insert(section.to_owned(), Value::Array(items));
         }
     }
-    Ok(Bundle { definition: Value::Object(root), sources })
+    Ok(Bundle {
+        definition: Value::Object(root),
+        sources,
+    })
 }
 
 /// Read an app folder (or a single JSON file holding the whole definition).
 pub fn load(path: &Path) -> Result<Bundle, BundleError> {
-    let err = |p: &Path, e: std::io::Error| BundleError { file: p.display().to_string(), message: e.to_string() };
+    let err = |p: &Path, e: std::io::Error| BundleError {
+        file: p.display().to_string(),
+        message: e.to_string(),
+    };
     if path.is_file() {
         let text = std::fs::read_to_string(path).map_err(|e| err(path, e))?;
         return from_files(vec![("app.json".into(), text)]);
     }
     let mut files = vec![];
     let app = path.join("app.json");
-    files.push(("app.json".to_owned(), std::fs::read_to_string(&app).map_err(|e| err(&app, e))?));
+    files.push((
+        "app.json".to_owned(),
+        std::fs::read_to_string(&app).map_err(|e| err(&app, e))?,
+    ));
     for section in SECTIONS {
         let dir = path.join(section);
         if !dir.is_dir() {
@@ -90,11 +119,13 @@ pub fn load(path: &Path) -> Result<Bundle, BundleError> {
         for entry in std::fs::read_dir(&dir).map_err(|e| err(&dir, e))? {
             let p = entry.map_err(|e| err(&dir, e))?.path();
             if p.extension().is_some_and(|x| x == "json") {
-                let name = format!("{section}/{}", p.file_name().unwrap_or_default().to_string_lossy());
+                let name = format!(
+                    "{section}/{}",
+                    p.file_name().unwrap_or_default().to_string_lossy()
+                );
                 files.push((name, std::fs::read_to_string(&p).map_err(|e| err(&p, e))?));
             }
         }
     }
     from_files(files)
 }
-

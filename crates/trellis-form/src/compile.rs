@@ -20,7 +20,11 @@ static KEY: LazyLock<Regex> = LazyLock::new(|| Regex::new("^[a-z][a-z0-9_]*$").u
 /// Parse a definition from JSON, reporting serde errors with their path.
 pub fn parse(json: &Value) -> Result<AppDef> {
     serde_json::from_value::<AppDef>(json.clone()).map_err(|e| {
-        FormError::Definition(vec![Problem::new("", "malformed", format!("The app definition is malformed: {e}."))])
+        FormError::Definition(vec![Problem::new(
+            "",
+            "malformed",
+            format!("The app definition is malformed: {e}."),
+        )])
     })
 }
 
@@ -30,7 +34,11 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
     c.key("/key", &def.key, 30, "app");
     if let Some(email) = &def.default_owner {
         if !email.contains('@') {
-            c.err("/default_owner", "format", "The default owner must be a user's email address.");
+            c.err(
+                "/default_owner",
+                "format",
+                "The default owner must be a user's email address.",
+            );
         }
     }
     let entity_keys: Vec<&str> = def.entities.iter().map(|e| e.key.as_str()).collect();
@@ -43,7 +51,11 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
         let ep = format!("/entities/{i}");
         c.key(&format!("{ep}/key"), &e.key, 30, "entity");
         if !seen.insert(e.key.as_str()) {
-            c.err(&format!("{ep}/key"), "duplicate", format!("Entity `{}` is defined twice.", e.key));
+            c.err(
+                &format!("{ep}/key"),
+                "duplicate",
+                format!("Entity `{}` is defined twice.", e.key),
+            );
         }
         if let Some(entity) = c.entity(&def.key, e, &ep, &entity_keys) {
             entities.push(entity);
@@ -80,7 +92,13 @@ impl Checker {
         }
     }
 
-    fn entity(&mut self, app: &str, e: &crate::def::EntityDef, ep: &str, entity_keys: &[&str]) -> Option<Entity> {
+    fn entity(
+        &mut self,
+        app: &str,
+        e: &crate::def::EntityDef,
+        ep: &str,
+        entity_keys: &[&str],
+    ) -> Option<Entity> {
         let before = self.problems.len();
         let mut fields = vec![];
         let mut seen = HashSet::new();
@@ -90,14 +108,26 @@ impl Checker {
             let fp = format!("{ep}/fields/{j}");
             self.key(&format!("{fp}/key"), &f.key, 40, "field");
             if SYSTEM_COLUMNS.contains(&f.key.as_str()) {
-                self.err(&format!("{fp}/key"), "reserved", format!("`{}` is a system field and cannot be defined.", f.key));
+                self.err(
+                    &format!("{fp}/key"),
+                    "reserved",
+                    format!("`{}` is a system field and cannot be defined.", f.key),
+                );
             }
             if !seen.insert(f.key.as_str()) {
-                self.err(&format!("{fp}/key"), "duplicate", format!("Field `{}` is defined twice.", f.key));
+                self.err(
+                    &format!("{fp}/key"),
+                    "duplicate",
+                    format!("Field `{}` is defined twice.", f.key),
+                );
             }
             if f.ty == FieldType::Stage {
                 if stage_field.is_some() {
-                    self.err(&format!("{fp}/type"), "duplicate_stage", "An entity can have only one stage field.");
+                    self.err(
+                        &format!("{fp}/type"),
+                        "duplicate_stage",
+                        "An entity can have only one stage field.",
+                    );
                 }
                 stage_field = Some(j);
             }
@@ -111,7 +141,14 @@ impl Checker {
             Track::Fields(list) => {
                 for (k, name) in list.iter().enumerate() {
                     if !field_keys.contains(&name.as_str()) {
-                        self.err(&format!("{ep}/history/track/{k}"), "unknown_field", format!("History tracks `{name}`, which is not a field of `{}`.", e.key));
+                        self.err(
+                            &format!("{ep}/history/track/{k}"),
+                            "unknown_field",
+                            format!(
+                                "History tracks `{name}`, which is not a field of `{}`.",
+                                e.key
+                            ),
+                        );
                     }
                 }
                 list.clone()
@@ -129,118 +166,243 @@ impl Checker {
         let validator = match schema::build_validator(&schema::entity_schema(&fields)) {
             Ok(v) => v,
             Err(msg) => {
-                self.err(ep, "schema", format!("The entity's schema does not compile: {msg}"));
+                self.err(
+                    ep,
+                    "schema",
+                    format!("The entity's schema does not compile: {msg}"),
+                );
                 return None;
             }
         };
         Some(Entity {
             key: e.key.clone(),
-            label: e.label.as_ref().map(|l| l.get("en", &e.key).to_owned()).unwrap_or_else(|| e.key.clone()),
+            label: e
+                .label
+                .as_ref()
+                .map(|l| l.get("en", &e.key).to_owned())
+                .unwrap_or_else(|| e.key.clone()),
             table: crate::model::table_name(app, &e.key),
             fields,
             stage_field,
             tracked,
             retention_days: e.history.retention_days,
+            meta: (e.label.clone(), e.history.clone()),
             validator,
         })
     }
 
-    fn field(&mut self, f: &FieldDef, fp: &str, entity_keys: &[&str], field_keys: &[&str]) -> Option<Field> {
+    fn field(
+        &mut self,
+        f: &FieldDef,
+        fp: &str,
+        entity_keys: &[&str],
+        field_keys: &[&str],
+    ) -> Option<Field> {
         let before = self.problems.len();
         let ty = f.ty;
         let name = f.ty.name();
-        let is_text = matches!(ty, FieldType::Text | FieldType::LongText | FieldType::Email | FieldType::Phone | FieldType::Url);
-        let is_num = matches!(ty, FieldType::Integer | FieldType::Decimal | FieldType::Money);
+        let is_text = matches!(
+            ty,
+            FieldType::Text
+                | FieldType::LongText
+                | FieldType::Email
+                | FieldType::Phone
+                | FieldType::Url
+        );
+        let is_num = matches!(
+            ty,
+            FieldType::Integer | FieldType::Decimal | FieldType::Money
+        );
         // Options.
         let mut options = vec![];
         if matches!(ty, FieldType::Select | FieldType::Multiselect) {
             if f.options.is_empty() {
-                self.err(&format!("{fp}/options"), "required", format!("A {name} field needs at least one option."));
+                self.err(
+                    &format!("{fp}/options"),
+                    "required",
+                    format!("A {name} field needs at least one option."),
+                );
             }
             for (k, o) in f.options.iter().enumerate() {
                 if o.key.is_empty() || o.key.len() > 64 {
-                    self.err(&format!("{fp}/options/{k}/key"), "bad_key", "An option key must be 1 to 64 characters long.");
+                    self.err(
+                        &format!("{fp}/options/{k}/key"),
+                        "bad_key",
+                        "An option key must be 1 to 64 characters long.",
+                    );
                 }
                 if options.contains(&o.key) {
-                    self.err(&format!("{fp}/options/{k}/key"), "duplicate", format!("Option `{}` is listed twice.", o.key));
+                    self.err(
+                        &format!("{fp}/options/{k}/key"),
+                        "duplicate",
+                        format!("Option `{}` is listed twice.", o.key),
+                    );
                 }
                 options.push(o.key.clone());
             }
         } else if !f.options.is_empty() {
-            self.err(&format!("{fp}/options"), "not_allowed", format!("Only select and multiselect fields have options, not {name}."));
+            self.err(
+                &format!("{fp}/options"),
+                "not_allowed",
+                format!("Only select and multiselect fields have options, not {name}."),
+            );
         }
         // Relation target.
         match (ty, &f.entity) {
-            (FieldType::Relation, None) => self.err(&format!("{fp}/entity"), "required", "A relation field must name its target entity."),
-            (FieldType::Relation, Some(t)) if !entity_keys.contains(&t.as_str()) => {
-                self.err(&format!("{fp}/entity"), "unknown_entity", format!("The relation points to `{t}`, which is not an entity of this app."))
-            }
+            (FieldType::Relation, None) => self.err(
+                &format!("{fp}/entity"),
+                "required",
+                "A relation field must name its target entity.",
+            ),
+            (FieldType::Relation, Some(t)) if !entity_keys.contains(&t.as_str()) => self.err(
+                &format!("{fp}/entity"),
+                "unknown_entity",
+                format!("The relation points to `{t}`, which is not an entity of this app."),
+            ),
             (FieldType::Relation, _) => {}
-            (_, Some(_)) => self.err(&format!("{fp}/entity"), "not_allowed", format!("Only relation fields name an entity, not {name}.")),
+            (_, Some(_)) => self.err(
+                &format!("{fp}/entity"),
+                "not_allowed",
+                format!("Only relation fields name an entity, not {name}."),
+            ),
             _ => {}
         }
         // Stages.
         let mut stages = vec![];
         if ty == FieldType::Stage {
             if f.stages.is_empty() {
-                self.err(&format!("{fp}/stages"), "required", "A stage field needs at least one stage.");
+                self.err(
+                    &format!("{fp}/stages"),
+                    "required",
+                    "A stage field needs at least one stage.",
+                );
             }
             let mut seen = HashSet::new();
             for (k, s) in f.stages.iter().enumerate() {
                 let sp = format!("{fp}/stages/{k}");
                 self.key(&format!("{sp}/key"), &s.key, 20, "stage");
                 if !seen.insert(s.key.as_str()) {
-                    self.err(&format!("{sp}/key"), "duplicate", format!("Stage `{}` is listed twice.", s.key));
+                    self.err(
+                        &format!("{sp}/key"),
+                        "duplicate",
+                        format!("Stage `{}` is listed twice.", s.key),
+                    );
                 }
                 if !(0.0..=1.0).contains(&s.probability) {
-                    self.err(&format!("{sp}/probability"), "out_of_range", "A win probability must be between 0 and 1.");
+                    self.err(
+                        &format!("{sp}/probability"),
+                        "out_of_range",
+                        "A win probability must be between 0 and 1.",
+                    );
                 }
                 for (m, c) in s.entry_criteria.iter().enumerate() {
                     if !field_keys.contains(&c.as_str()) {
-                        self.err(&format!("{sp}/entry_criteria/{m}"), "unknown_field", format!("Entry criterion `{c}` is not a field of this entity."));
+                        self.err(
+                            &format!("{sp}/entry_criteria/{m}"),
+                            "unknown_field",
+                            format!("Entry criterion `{c}` is not a field of this entity."),
+                        );
                     }
                 }
                 stages.push(Stage {
                     key: s.key.clone(),
-                    label: s.label.as_ref().map(|l| l.get("en", &s.key).to_owned()).unwrap_or_else(|| s.key.clone()),
+                    label: s
+                        .label
+                        .as_ref()
+                        .map(|l| l.get("en", &s.key).to_owned())
+                        .unwrap_or_else(|| s.key.clone()),
                     probability: s.probability,
                     kind: s.kind,
                     entry_criteria: s.entry_criteria.clone(),
                 });
             }
         } else if !f.stages.is_empty() {
-            self.err(&format!("{fp}/stages"), "not_allowed", format!("Only stage fields have stages, not {name}."));
+            self.err(
+                &format!("{fp}/stages"),
+                "not_allowed",
+                format!("Only stage fields have stages, not {name}."),
+            );
         }
         // Constraints that only fit some types.
-        if (f.min_length.is_some() || f.max_length.is_some()) && !(is_text || ty == FieldType::Multiselect) {
-            self.err(&format!("{fp}/max_length"), "not_allowed", format!("A {name} field has no length."));
+        if (f.min_length.is_some() || f.max_length.is_some())
+            && !(is_text || ty == FieldType::Multiselect)
+        {
+            self.err(
+                &format!("{fp}/max_length"),
+                "not_allowed",
+                format!("A {name} field has no length."),
+            );
         }
         if let (Some(a), Some(b)) = (f.min_length, f.max_length) {
             if a > b {
-                self.err(&format!("{fp}/min_length"), "out_of_range", "min_length is larger than max_length.");
+                self.err(
+                    &format!("{fp}/min_length"),
+                    "out_of_range",
+                    "min_length is larger than max_length.",
+                );
             }
         }
         if let Some(p) = &f.pattern {
             if !matches!(ty, FieldType::Text | FieldType::LongText) {
-                self.err(&format!("{fp}/pattern"), "not_allowed", format!("A {name} field cannot have a pattern."));
+                self.err(
+                    &format!("{fp}/pattern"),
+                    "not_allowed",
+                    format!("A {name} field cannot have a pattern."),
+                );
             } else if let Err(e) = Regex::new(p) {
-                self.err(&format!("{fp}/pattern"), "bad_pattern", format!("The pattern is not a valid regular expression: {e}"));
+                self.err(
+                    &format!("{fp}/pattern"),
+                    "bad_pattern",
+                    format!("The pattern is not a valid regular expression: {e}"),
+                );
             }
         }
-        if f.unique && matches!(ty, FieldType::Json | FieldType::Multiselect | FieldType::LongText | FieldType::Boolean | FieldType::Stage) {
-            self.err(&format!("{fp}/unique"), "not_allowed", format!("A {name} field cannot be unique."));
+        if f.unique
+            && matches!(
+                ty,
+                FieldType::Json
+                    | FieldType::Multiselect
+                    | FieldType::LongText
+                    | FieldType::Boolean
+                    | FieldType::Stage
+            )
+        {
+            self.err(
+                &format!("{fp}/unique"),
+                "not_allowed",
+                format!("A {name} field cannot be unique."),
+            );
         }
         let scale = f.scale.unwrap_or(2);
         if f.scale.is_some() && !matches!(ty, FieldType::Decimal | FieldType::Money) {
-            self.err(&format!("{fp}/scale"), "not_allowed", format!("A {name} field has no scale."));
+            self.err(
+                &format!("{fp}/scale"),
+                "not_allowed",
+                format!("A {name} field has no scale."),
+            );
         } else if scale > 9 {
-            self.err(&format!("{fp}/scale"), "out_of_range", "The scale must be between 0 and 9.");
+            self.err(
+                &format!("{fp}/scale"),
+                "out_of_range",
+                "The scale must be between 0 and 9.",
+            );
         }
         let currency = f.currency.clone().unwrap_or_else(|| "CNY".to_owned());
         if f.currency.is_some() && ty != FieldType::Money {
-            self.err(&format!("{fp}/currency"), "not_allowed", format!("A {name} field has no currency."));
-        } else if !Regex::new(schema::CURRENCY_PATTERN).unwrap().is_match(&currency) {
-            self.err(&format!("{fp}/currency"), "format", "A currency is a three-letter ISO 4217 code such as CNY or USD.");
+            self.err(
+                &format!("{fp}/currency"),
+                "not_allowed",
+                format!("A {name} field has no currency."),
+            );
+        } else if !Regex::new(schema::CURRENCY_PATTERN)
+            .unwrap()
+            .is_match(&currency)
+        {
+            self.err(
+                &format!("{fp}/currency"),
+                "format",
+                "A currency is a three-letter ISO 4217 code such as CNY or USD.",
+            );
         }
         // Bounds.
         let (mut min_num, mut max_num, mut min_date, mut max_date) = (None, None, None, None);
@@ -251,37 +413,71 @@ impl Checker {
                 match number(v) {
                     Some(d) if which == "min" => min_num = Some(d),
                     Some(d) => max_num = Some(d),
-                    None => self.err(&path, "wrong_type", format!("{which} of a {name} field must be a number.")),
+                    None => self.err(
+                        &path,
+                        "wrong_type",
+                        format!("{which} of a {name} field must be a number."),
+                    ),
                 }
             } else if ty == FieldType::Date {
-                match v.as_str().and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()) {
+                match v
+                    .as_str()
+                    .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                {
                     Some(d) if which == "min" => min_date = Some(d),
                     Some(d) => max_date = Some(d),
-                    None => self.err(&path, "wrong_type", format!("{which} of a date field must be a date such as 2026-01-31.")),
+                    None => self.err(
+                        &path,
+                        "wrong_type",
+                        format!("{which} of a date field must be a date such as 2026-01-31."),
+                    ),
                 }
             } else {
-                self.err(&path, "not_allowed", format!("A {name} field has no {which}."));
+                self.err(
+                    &path,
+                    "not_allowed",
+                    format!("A {name} field has no {which}."),
+                );
             }
         }
         if let (Some(a), Some(b)) = (min_num, max_num) {
             if a > b {
-                self.err(&format!("{fp}/min"), "out_of_range", "min is larger than max.");
+                self.err(
+                    &format!("{fp}/min"),
+                    "out_of_range",
+                    "min is larger than max.",
+                );
             }
         }
-        if ty == FieldType::Integer && (f.min.as_ref().is_some_and(|v| !v.is_i64()) || f.max.as_ref().is_some_and(|v| !v.is_i64())) {
-            self.err(&format!("{fp}/min"), "wrong_type", "The bounds of an integer field must be whole numbers.");
+        if ty == FieldType::Integer
+            && (f.min.as_ref().is_some_and(|v| !v.is_i64())
+                || f.max.as_ref().is_some_and(|v| !v.is_i64()))
+        {
+            self.err(
+                &format!("{fp}/min"),
+                "wrong_type",
+                "The bounds of an integer field must be whole numbers.",
+            );
         }
         // The schema of a json field's value, compiled on its own.
         let json_validator = match (&f.schema, ty) {
             (Some(s), FieldType::Json) => match schema::build_validator(s) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    self.err(&format!("{fp}/schema"), "bad_schema", format!("The JSON Schema does not compile: {e}"));
+                    self.err(
+                        &format!("{fp}/schema"),
+                        "bad_schema",
+                        format!("The JSON Schema does not compile: {e}"),
+                    );
                     None
                 }
             },
             (Some(_), _) => {
-                self.err(&format!("{fp}/schema"), "not_allowed", format!("Only json fields take a schema, not {name}."));
+                self.err(
+                    &format!("{fp}/schema"),
+                    "not_allowed",
+                    format!("Only json fields take a schema, not {name}."),
+                );
                 None
             }
             _ => None,
@@ -292,7 +488,11 @@ impl Checker {
         let field = Field {
             key: f.key.clone(),
             ty,
-            label: f.label.as_ref().map(|l| l.get("en", &f.key).to_owned()).unwrap_or_else(|| f.key.clone()),
+            label: f
+                .label
+                .as_ref()
+                .map(|l| l.get("en", &f.key).to_owned())
+                .unwrap_or_else(|| f.key.clone()),
             def: f.clone(),
             options,
             stages,
@@ -306,11 +506,25 @@ impl Checker {
         };
         // The default must itself be a valid value.
         if let Some(d) = &f.default {
-            let inner = schema::field_schema(f, &field.options, &field.stages.iter().map(|s| s.key.clone()).collect::<Vec<_>>());
-            let ok = schema::build_validator(&inner).map(|v| v.is_valid(d)).unwrap_or(false)
+            let inner = schema::field_schema(
+                f,
+                &field.options,
+                &field
+                    .stages
+                    .iter()
+                    .map(|s| s.key.clone())
+                    .collect::<Vec<_>>(),
+            );
+            let ok = schema::build_validator(&inner)
+                .map(|v| v.is_valid(d))
+                .unwrap_or(false)
                 && crate::values::to_sql(&field, d, "").is_ok();
             if !ok {
-                self.err(&format!("{fp}/default"), "bad_default", format!("The default {d} is not a valid value of this {name} field."));
+                self.err(
+                    &format!("{fp}/default"),
+                    "bad_default",
+                    format!("The default {d} is not a valid value of this {name} field."),
+                );
                 return None;
             }
         }
@@ -320,7 +534,9 @@ impl Checker {
 
 fn number(v: &Value) -> Option<Decimal> {
     match v {
-        Value::Number(n) => Decimal::from_str(&n.to_string()).ok().or_else(|| n.as_f64().and_then(|f| Decimal::try_from(f).ok())),
+        Value::Number(n) => Decimal::from_str(&n.to_string())
+            .ok()
+            .or_else(|| n.as_f64().and_then(|f| Decimal::try_from(f).ok())),
         Value::String(s) => Decimal::from_str(s).ok(),
         _ => None,
     }

@@ -352,7 +352,11 @@ impl Tx {
     }
 
     /// Run a query expecting at most one row.
-    pub async fn fetch_optional(&mut self, sql: &Sql, kinds: &[ColKind]) -> Result<Option<Vec<Value>>> {
+    pub async fn fetch_optional(
+        &mut self,
+        sql: &Sql,
+        kinds: &[ColKind],
+    ) -> Result<Option<Vec<Value>>> {
         Ok(self.fetch_all(sql, kinds).await?.into_iter().next())
     }
 
@@ -439,7 +443,10 @@ fn decode_sqlite(row: &SqliteRow, kinds: &[ColKind]) -> Result<Vec<Value>> {
             }
             ColKind::Date => {
                 let s: String = row.try_get_unchecked(i)?;
-                Value::Date(NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| corrupt(i, "not a date"))?)
+                Value::Date(
+                    NaiveDate::parse_from_str(&s, "%Y-%m-%d")
+                        .map_err(|_| corrupt(i, "not a date"))?,
+                )
             }
             ColKind::DateTime => {
                 let s: String = row.try_get_unchecked(i)?;
@@ -468,13 +475,19 @@ fn decode_pg(row: &PgRow, kinds: &[ColKind]) -> Result<Vec<Value>> {
         }
         let v = match k {
             ColKind::Bool => Value::Bool(row.try_get(i)?),
-            ColKind::Int => Value::Int(row.try_get(i)?),
+            // Literals and some aggregates come back as INT4; columns are INT8.
+            ColKind::Int => Value::Int(
+                row.try_get::<i64, _>(i)
+                    .or_else(|_| row.try_get::<i32, _>(i).map(i64::from))?,
+            ),
             ColKind::Decimal => Value::Decimal(row.try_get(i)?),
             ColKind::Text => Value::Text(row.try_get(i)?),
             ColKind::Uuid => Value::Uuid(row.try_get(i)?),
             ColKind::Date => Value::Date(row.try_get(i)?),
             ColKind::DateTime => Value::DateTime(row.try_get(i)?),
-            ColKind::Json => Value::Json(row.try_get::<sqlx::types::Json<serde_json::Value>, _>(i)?.0),
+            ColKind::Json => {
+                Value::Json(row.try_get::<sqlx::types::Json<serde_json::Value>, _>(i)?.0)
+            }
         };
         out.push(v);
     }

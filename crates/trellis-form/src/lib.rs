@@ -21,6 +21,7 @@ pub mod plan;
 pub mod query;
 pub(crate) mod schema;
 pub mod store;
+pub mod testing;
 pub mod users;
 pub mod values;
 

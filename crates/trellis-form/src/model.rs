@@ -57,6 +57,8 @@ pub struct Entity {
     pub tracked: Vec<String>,
     /// Days to keep non-stage history rows.
     pub retention_days: Option<u32>,
+    /// The entity's label and history policy as defined (to detect metadata changes).
+    pub meta: (Option<crate::def::Label>, crate::def::HistoryDef),
     pub(crate) validator: jsonschema::Validator,
 }
 
@@ -183,7 +185,10 @@ impl Field {
         match self.ty {
             FieldType::Money => cols.push(Column::new(currency_column(&self.key), ColKind::Text)),
             FieldType::Stage => {
-                cols.push(Column::new(stage_changed_column(&self.key), ColKind::DateTime));
+                cols.push(Column::new(
+                    stage_changed_column(&self.key),
+                    ColKind::DateTime,
+                ));
                 for s in &self.stages {
                     cols.push(Column::new(
                         stage_entered_column(&self.key, &s.key),

@@ -87,14 +87,21 @@ impl Plan {
         let mut out = String::new();
         for s in &self.steps {
             let mark = if s.destructive { "!" } else { "+" };
-            out.push_str(&format!("{mark} {:<14} {}\n", kind_name(s.kind), s.description));
+            out.push_str(&format!(
+                "{mark} {:<14} {}\n",
+                kind_name(s.kind),
+                s.description
+            ));
         }
         out
     }
 }
 
 fn kind_name(k: StepKind) -> String {
-    serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Name of the index of `column` on `table`, short enough for PostgreSQL's 63-byte limit.
@@ -121,18 +128,35 @@ pub fn create_entity_sql(backend: Backend, e: &Entity) -> Vec<Sql> {
     let t = quote(&e.table);
     let mut cols = vec![
         format!("\"id\" {} PRIMARY KEY", backend.column_type(ColKind::Uuid)),
-        format!("\"created_at\" {} NOT NULL", backend.column_type(ColKind::DateTime)),
-        format!("\"updated_at\" {} NOT NULL", backend.column_type(ColKind::DateTime)),
+        format!(
+            "\"created_at\" {} NOT NULL",
+            backend.column_type(ColKind::DateTime)
+        ),
+        format!(
+            "\"updated_at\" {} NOT NULL",
+            backend.column_type(ColKind::DateTime)
+        ),
         format!("\"created_by\" {}", backend.column_type(ColKind::Uuid)),
         format!("\"owner\" {}", backend.column_type(ColKind::Uuid)),
         format!("\"version\" {} NOT NULL", backend.column_type(ColKind::Int)),
     ];
     for c in e.columns() {
-        cols.push(format!("{} {}", quote(&c.name), backend.column_type(c.kind)));
+        cols.push(format!(
+            "{} {}",
+            quote(&c.name),
+            backend.column_type(c.kind)
+        ));
     }
-    let mut sql = vec![Sql::new(format!("CREATE TABLE {t} (\n  {}\n)", cols.join(",\n  ")))];
+    let mut sql = vec![Sql::new(format!(
+        "CREATE TABLE {t} (\n  {}\n)",
+        cols.join(",\n  ")
+    ))];
     for sys in ["owner", "created_at"] {
-        sql.push(Sql::new(format!("CREATE INDEX {} ON {t} ({})", index_name(&e.table, sys, false), quote(sys))));
+        sql.push(Sql::new(format!(
+            "CREATE INDEX {} ON {t} ({})",
+            index_name(&e.table, sys, false),
+            quote(sys)
+        )));
     }
     for f in &e.fields {
         sql.extend(index_sql(e, f));
@@ -143,9 +167,17 @@ pub fn create_entity_sql(backend: Backend, e: &Entity) -> Vec<Sql> {
 fn index_sql(e: &Entity, f: &Field) -> Vec<Sql> {
     let t = quote(&e.table);
     if f.def.unique {
-        vec![Sql::new(format!("CREATE UNIQUE INDEX {} ON {t} ({})", index_name(&e.table, &f.key, true), quote(&f.key)))]
+        vec![Sql::new(format!(
+            "CREATE UNIQUE INDEX {} ON {t} ({})",
+            index_name(&e.table, &f.key, true),
+            quote(&f.key)
+        ))]
     } else if f.wants_index() {
-        vec![Sql::new(format!("CREATE INDEX {} ON {t} ({})", index_name(&e.table, &f.key, false), quote(&f.key)))]
+        vec![Sql::new(format!(
+            "CREATE INDEX {} ON {t} ({})",
+            index_name(&e.table, &f.key, false),
+            quote(&f.key)
+        ))]
     } else {
         vec![]
     }
@@ -153,9 +185,15 @@ fn index_sql(e: &Entity, f: &Field) -> Vec<Sql> {
 
 fn drop_index_sql(e: &Entity, f: &Field) -> Vec<Sql> {
     if f.def.unique {
-        vec![Sql::new(format!("DROP INDEX {}", index_name(&e.table, &f.key, true)))]
+        vec![Sql::new(format!(
+            "DROP INDEX {}",
+            index_name(&e.table, &f.key, true)
+        ))]
     } else if f.wants_index() {
-        vec![Sql::new(format!("DROP INDEX {}", index_name(&e.table, &f.key, false)))]
+        vec![Sql::new(format!(
+            "DROP INDEX {}",
+            index_name(&e.table, &f.key, false)
+        ))]
     } else {
         vec![]
     }
@@ -164,13 +202,26 @@ fn drop_index_sql(e: &Entity, f: &Field) -> Vec<Sql> {
 fn add_columns_sql(backend: Backend, e: &Entity, f: &Field) -> Vec<Sql> {
     f.columns()
         .iter()
-        .map(|c| Sql::new(format!("ALTER TABLE {} ADD COLUMN {} {}", quote(&e.table), quote(&c.name), backend.column_type(c.kind))))
+        .map(|c| {
+            Sql::new(format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                quote(&e.table),
+                quote(&c.name),
+                backend.column_type(c.kind)
+            ))
+        })
         .collect()
 }
 
 fn drop_columns_sql(e: &Entity, f: &Field) -> Vec<Sql> {
     let mut sql = drop_index_sql(e, f);
-    sql.extend(f.columns().iter().map(|c| Sql::new(format!("ALTER TABLE {} DROP COLUMN {}", quote(&e.table), quote(&c.name)))));
+    sql.extend(f.columns().iter().map(|c| {
+        Sql::new(format!(
+            "ALTER TABLE {} DROP COLUMN {}",
+            quote(&e.table),
+            quote(&c.name)
+        ))
+    }));
     sql
 }
 
@@ -220,10 +271,14 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
         checks: vec![],
     };
     let t = quote(&e.table);
-    let old_def = crate::def::EntityDef { fields: vec![], ..entity_meta(oe) };
-    let new_def = crate::def::EntityDef { fields: vec![], ..entity_meta(e) };
-    if old_def != new_def {
-        steps.push(step(StepKind::UpdateEntity, "", false, format!("update `{}` (label or history policy)", e.key), vec![]));
+    if oe.meta != e.meta {
+        steps.push(step(
+            StepKind::UpdateEntity,
+            "",
+            false,
+            format!("update `{}` (label or history policy)", e.key),
+            vec![],
+        ));
     }
     for f in &e.fields {
         let Some(of) = oe.field(&f.key) else {
@@ -238,16 +293,38 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                 ));
             }
             sql.extend(index_sql(e, f));
-            let mut s = step(StepKind::AddField, &f.key, false, format!("add field `{}.{}` ({})", e.key, f.key, f.ty.name()), sql);
+            let mut s = step(
+                StepKind::AddField,
+                &f.key,
+                false,
+                format!("add field `{}.{}` ({})", e.key, f.key, f.ty.name()),
+                sql,
+            );
             s.checks = checks;
             steps.push(s);
             continue;
         };
-        let same_kind = of.col_kind() == f.col_kind() && of.ty != FieldType::Money && f.ty != FieldType::Money;
-        let widening = same_kind && matches!(f.ty, FieldType::Text | FieldType::LongText) && f.col_kind() == ColKind::Text && of.ty != FieldType::Stage;
+        let same_kind =
+            of.col_kind() == f.col_kind() && of.ty != FieldType::Money && f.ty != FieldType::Money;
+        let widening = same_kind
+            && matches!(f.ty, FieldType::Text | FieldType::LongText)
+            && f.col_kind() == ColKind::Text
+            && of.ty != FieldType::Stage;
         if of.ty != f.ty || of.def.entity != f.def.entity {
             if widening {
-                steps.push(step(StepKind::UpdateField, &f.key, false, format!("change `{}.{}` from {} to {} (values kept)", e.key, f.key, of.ty.name(), f.ty.name()), vec![]));
+                steps.push(step(
+                    StepKind::UpdateField,
+                    &f.key,
+                    false,
+                    format!(
+                        "change `{}.{}` from {} to {} (values kept)",
+                        e.key,
+                        f.key,
+                        of.ty.name(),
+                        f.ty.name()
+                    ),
+                    vec![],
+                ));
             } else {
                 let mut sql = drop_columns_sql(oe, of);
                 sql.extend(add_columns_sql(backend, e, f));
@@ -256,7 +333,13 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                     StepKind::ChangeType,
                     &f.key,
                     true,
-                    format!("change `{}.{}` from {} to {}: its current values are DROPPED", e.key, f.key, of.ty.name(), f.ty.name()),
+                    format!(
+                        "change `{}.{}` from {} to {}: its current values are DROPPED",
+                        e.key,
+                        f.key,
+                        of.ty.name(),
+                        f.ty.name()
+                    ),
                     sql,
                 ));
                 continue;
@@ -267,16 +350,29 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
             let mut sql = drop_index_sql(oe, of);
             sql.extend(index_sql(e, f));
             let (kind, what) = if f.def.unique && !of.def.unique {
-                (StepKind::AddUnique, "make `{}` unique (fails if existing records share a value)")
+                (
+                    StepKind::AddUnique,
+                    "make `{}` unique (fails if existing records share a value)",
+                )
             } else if !f.def.unique && !f.wants_index() {
                 (StepKind::DropIndex, "drop the index of `{}`")
             } else {
                 (StepKind::AddIndex, "index `{}`")
             };
-            steps.push(step(kind, &f.key, false, what.replace("{}", &format!("{}.{}", e.key, f.key)), sql));
+            steps.push(step(
+                kind,
+                &f.key,
+                false,
+                what.replace("{}", &format!("{}.{}", e.key, f.key)),
+                sql,
+            ));
         }
         // Options and stages.
-        let removed: Vec<&String> = of.options.iter().filter(|o| !f.options.contains(o)).collect();
+        let removed: Vec<&String> = of
+            .options
+            .iter()
+            .filter(|o| !f.options.contains(o))
+            .collect();
         if !removed.is_empty() {
             steps.push(step(
                 StepKind::RemoveOption,
@@ -294,7 +390,11 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                     &f.key,
                     false,
                     format!("add stage `{}` to `{}.{}`", s.key, e.key, f.key),
-                    vec![Sql::new(format!("ALTER TABLE {t} ADD COLUMN {} {}", quote(&c), backend.column_type(ColKind::DateTime)))],
+                    vec![Sql::new(format!(
+                        "ALTER TABLE {t} ADD COLUMN {} {}",
+                        quote(&c),
+                        backend.column_type(ColKind::DateTime)
+                    ))],
                 ));
             }
         }
@@ -305,16 +405,28 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                     StepKind::RemoveStage,
                     &f.key,
                     true,
-                    format!("remove stage `{}` from `{}.{}`: its entry times are DROPPED", s.key, e.key, f.key),
-                    vec![Sql::new(format!("ALTER TABLE {t} DROP COLUMN {}", quote(&c)))],
+                    format!(
+                        "remove stage `{}` from `{}.{}`: its entry times are DROPPED",
+                        s.key, e.key, f.key
+                    ),
+                    vec![Sql::new(format!(
+                        "ALTER TABLE {t} DROP COLUMN {}",
+                        quote(&c)
+                    ))],
                 );
                 st.checks.push((
                     {
-                        let mut q = Sql::new(format!("SELECT COUNT(*) FROM {t} WHERE {} = ", quote(&f.key)));
+                        let mut q = Sql::new(format!(
+                            "SELECT COUNT(*) FROM {t} WHERE {} = ",
+                            quote(&f.key)
+                        ));
                         q.bind(crate::db::Value::Text(s.key.clone()));
                         q
                     },
-                    format!("records of `{}` are still in stage `{}`; move them first", e.key, s.key),
+                    format!(
+                        "records of `{}` are still in stage `{}`; move them first",
+                        e.key, s.key
+                    ),
                 ));
                 steps.push(st);
             }
@@ -331,7 +443,13 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                     format!("`{}.{}` becomes required but existing records have no value; fill them or give the field a default", e.key, f.key),
                 ));
             }
-            let mut s = step(StepKind::TightenField, &f.key, false, format!("make `{}.{}` required", e.key, f.key), sql);
+            let mut s = step(
+                StepKind::TightenField,
+                &f.key,
+                false,
+                format!("make `{}.{}` required", e.key, f.key),
+                sql,
+            );
             s.checks = checks;
             steps.push(s);
         }
@@ -346,10 +464,19 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
         };
         let options_added = f.options.iter().any(|o| !of.options.contains(o));
         let common = |a: &Field, b: &Field| -> Vec<crate::def::StageDef> {
-            a.def.stages.iter().filter(|s| b.stage(&s.key).is_some()).cloned().collect()
+            a.def
+                .stages
+                .iter()
+                .filter(|s| b.stage(&s.key).is_some())
+                .cloned()
+                .collect()
         };
         let stages_edited = common(f, of) != common(of, f);
-        if strip(&of.def) != strip(&f.def) || options_added || stages_edited || (of.def.required && !f.def.required) {
+        if strip(&of.def) != strip(&f.def)
+            || options_added
+            || stages_edited
+            || (of.def.required && !f.def.required)
+        {
             steps.push(step(
                 StepKind::UpdateField,
                 &f.key,
@@ -372,20 +499,12 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
     }
 }
 
-fn entity_meta(e: &Entity) -> crate::def::EntityDef {
-    crate::def::EntityDef {
-        key: e.key.clone(),
-        label: Some(crate::def::Label::Plain(e.label.clone())),
-        fields: vec![],
-        history: crate::def::HistoryDef {
-            track: crate::def::Track::Fields(e.tracked.clone()),
-            retention_days: e.retention_days,
-        },
-    }
-}
-
 fn list(items: &[&String]) -> String {
-    items.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `UPDATE table SET field = <default>` with the default bound as a parameter.
@@ -407,5 +526,9 @@ fn backfill(e: &Entity, f: &Field, d: &serde_json::Value, only_null: bool) -> Sq
 
 /// System columns plus field columns, to check a column list against.
 pub fn all_columns(e: &Entity) -> Vec<String> {
-    SYSTEM_COLUMNS.iter().map(|s| s.to_string()).chain(e.columns().into_iter().map(|c| c.name)).collect()
+    SYSTEM_COLUMNS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(e.columns().into_iter().map(|c| c.name))
+        .collect()
 }

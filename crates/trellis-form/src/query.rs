@@ -71,31 +71,77 @@ fn column<'a>(e: &'a Entity, name: &str) -> Option<Col<'a>> {
         _ => None,
     };
     if let Some(kind) = sys {
-        return Some(Col { name: name.into(), kind, field: None });
+        return Some(Col {
+            name: name.into(),
+            kind,
+            field: None,
+        });
     }
     if let Some(f) = e.field(name) {
-        return Some(Col { name: name.into(), kind: f.col_kind(), field: Some(f) });
+        return Some(Col {
+            name: name.into(),
+            kind: f.col_kind(),
+            field: Some(f),
+        });
     }
     // Stage times and money currencies are columns too.
-    e.columns().into_iter().find(|c| c.name == name).map(|c| Col { name: c.name, kind: c.kind, field: None })
+    e.columns()
+        .into_iter()
+        .find(|c| c.name == name)
+        .map(|c| Col {
+            name: c.name,
+            kind: c.kind,
+            field: None,
+        })
 }
 
 /// Parse a filter operand into a column value.
 fn operand(col: &Col, v: &Json, path: &str) -> std::result::Result<Value, Problem> {
     if let Some(f) = col.field {
-        let v = match (f.ty, v) {
-            // A multiselect is compared option by option; a money field by its amount.
-            (FieldType::Multiselect, Json::String(s)) => return Ok(Value::Text(s.clone())),
-            _ => v,
+        // Option and stage values must exist, so a typo is an error rather than an empty list.
+        let allowed: Vec<&String> = match f.ty {
+            FieldType::Select | FieldType::Multiselect => f.options.iter().collect(),
+            FieldType::Stage => f.stages.iter().map(|s| &s.key).collect(),
+            _ => vec![],
         };
-        return crate::values::to_sql(f, v, path).map(|mut vals| vals.remove(0)).map_err(|mut p| {
-            p.code = "bad_value";
-            p
-        });
+        if !allowed.is_empty() {
+            return match v.as_str() {
+                Some(s) if allowed.iter().any(|a| *a == s) => Ok(Value::Text(s.to_owned())),
+                _ => Err(Problem::new(
+                    path,
+                    "bad_value",
+                    format!(
+                        "`{v}` is not an option of {}; use one of: {}.",
+                        f.label,
+                        allowed
+                            .iter()
+                            .map(|a| a.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            };
+        }
+        return crate::values::to_sql(f, v, path)
+            .map(|mut vals| vals.remove(0))
+            .map_err(|mut p| {
+                p.code = "bad_value";
+                p
+            });
     }
-    let bad = || Problem::new(path, "bad_value", format!("`{v}` is not a valid value for `{}`.", col.name));
+    let bad = || {
+        Problem::new(
+            path,
+            "bad_value",
+            format!("`{v}` is not a valid value for `{}`.", col.name),
+        )
+    };
     Ok(match col.kind {
-        ColKind::Uuid => Value::Uuid(v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()).ok_or_else(bad)?),
+        ColKind::Uuid => Value::Uuid(
+            v.as_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                .ok_or_else(bad)?,
+        ),
         ColKind::DateTime => Value::DateTime(crate::values::datetime(v).ok_or_else(bad)?),
         ColKind::Int => Value::Int(v.as_i64().ok_or_else(bad)?),
         ColKind::Text => Value::Text(v.as_str().ok_or_else(bad)?.to_owned()),
@@ -104,16 +150,34 @@ fn operand(col: &Col, v: &Json, path: &str) -> std::result::Result<Value, Proble
 }
 
 fn ordered(kind: ColKind) -> bool {
-    matches!(kind, ColKind::Int | ColKind::Decimal | ColKind::Date | ColKind::DateTime | ColKind::Text | ColKind::Uuid)
+    matches!(
+        kind,
+        ColKind::Int
+            | ColKind::Decimal
+            | ColKind::Date
+            | ColKind::DateTime
+            | ColKind::Text
+            | ColKind::Uuid
+    )
 }
 
 /// Append the WHERE clause of `filters` to `sql`; problems carry `/filters/<i>` paths.
-fn where_clause(backend: Backend, e: &Entity, filters: &[Filter], sql: &mut Sql, problems: &mut Vec<Problem>) {
+fn where_clause(
+    backend: Backend,
+    e: &Entity,
+    filters: &[Filter],
+    sql: &mut Sql,
+    problems: &mut Vec<Problem>,
+) {
     let mut first = true;
     for (i, f) in filters.iter().enumerate() {
         let path = format!("/filters/{i}");
         let Some(col) = column(e, &f.field) else {
-            problems.push(Problem::new(format!("{path}/field"), "unknown_field", format!("`{}` is not a field of {}.", f.field, e.label)));
+            problems.push(Problem::new(
+                format!("{path}/field"),
+                "unknown_field",
+                format!("`{}` is not a field of {}.", f.field, e.label),
+            ));
             continue;
         };
         let c = quote(&col.name);
@@ -124,17 +188,32 @@ fn where_clause(backend: Backend, e: &Entity, filters: &[Filter], sql: &mut Sql,
                 Json::Bool(true) | Json::Null => format!("{c} IS NULL"),
                 Json::Bool(false) => format!("{c} IS NOT NULL"),
                 _ => {
-                    problems.push(Problem::new(vpath, "bad_value", "is_null takes true or false."));
+                    problems.push(Problem::new(
+                        vpath,
+                        "bad_value",
+                        "is_null takes true or false.",
+                    ));
                     continue;
                 }
             },
             "eq" | "ne" | "lt" | "lte" | "gt" | "gte" => {
                 if is_json {
-                    problems.push(Problem::new(format!("{path}/op"), "bad_op", format!("`{}` cannot be compared with {}; use contains.", f.field, f.op)));
+                    problems.push(Problem::new(
+                        format!("{path}/op"),
+                        "bad_op",
+                        format!(
+                            "`{}` cannot be compared with {}; use contains.",
+                            f.field, f.op
+                        ),
+                    ));
                     continue;
                 }
                 if !matches!(f.op.as_str(), "eq" | "ne") && !ordered(col.kind) {
-                    problems.push(Problem::new(format!("{path}/op"), "bad_op", format!("`{}` has no order; use eq or ne.", f.field)));
+                    problems.push(Problem::new(
+                        format!("{path}/op"),
+                        "bad_op",
+                        format!("`{}` has no order; use eq or ne.", f.field),
+                    ));
                     continue;
                 }
                 let v = match operand(&col, &f.value, &vpath) {
@@ -155,12 +234,24 @@ fn where_clause(backend: Backend, e: &Entity, filters: &[Filter], sql: &mut Sql,
                 }
             }
             "in" => {
-                let Some(items) = f.value.as_array().filter(|a| !a.is_empty() && a.len() <= 1000) else {
-                    problems.push(Problem::new(vpath, "bad_value", "in takes a list of 1 to 1000 values."));
+                let Some(items) = f
+                    .value
+                    .as_array()
+                    .filter(|a| !a.is_empty() && a.len() <= 1000)
+                else {
+                    problems.push(Problem::new(
+                        vpath,
+                        "bad_value",
+                        "in takes a list of 1 to 1000 values.",
+                    ));
                     continue;
                 };
                 if is_json {
-                    problems.push(Problem::new(format!("{path}/op"), "bad_op", format!("`{}` cannot be used with in; use contains.", f.field)));
+                    problems.push(Problem::new(
+                        format!("{path}/op"),
+                        "bad_op",
+                        format!("`{}` cannot be used with in; use contains.", f.field),
+                    ));
                     continue;
                 }
                 let mut ps = vec![];
@@ -173,15 +264,30 @@ fn where_clause(backend: Backend, e: &Entity, filters: &[Filter], sql: &mut Sql,
                 format!("{c} IN ({})", ps.join(", "))
             }
             "between" => {
-                let Some([lo, hi]) = f.value.as_array().and_then(|a| <&[Json; 2]>::try_from(a.as_slice()).ok()) else {
-                    problems.push(Problem::new(vpath, "bad_value", "between takes [low, high]."));
+                let Some([lo, hi]) = f
+                    .value
+                    .as_array()
+                    .and_then(|a| <&[Json; 2]>::try_from(a.as_slice()).ok())
+                else {
+                    problems.push(Problem::new(
+                        vpath,
+                        "bad_value",
+                        "between takes [low, high].",
+                    ));
                     continue;
                 };
                 if !ordered(col.kind) || is_json {
-                    problems.push(Problem::new(format!("{path}/op"), "bad_op", format!("`{}` has no order.", f.field)));
+                    problems.push(Problem::new(
+                        format!("{path}/op"),
+                        "bad_op",
+                        format!("`{}` has no order.", f.field),
+                    ));
                     continue;
                 }
-                match (operand(&col, lo, &format!("{vpath}/0")), operand(&col, hi, &format!("{vpath}/1"))) {
+                match (
+                    operand(&col, lo, &format!("{vpath}/0")),
+                    operand(&col, hi, &format!("{vpath}/1")),
+                ) {
                     (Ok(a), Ok(b)) => {
                         let (a, b) = (sql_param(sql, a), sql_param(sql, b));
                         format!("{c} BETWEEN {a} AND {b}")
@@ -199,7 +305,10 @@ fn where_clause(backend: Backend, e: &Entity, filters: &[Filter], sql: &mut Sql,
                     backend.json_array_contains(&c, &p)
                 }
                 (_, Json::String(s)) if col.kind == ColKind::Text => {
-                    let escaped = s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                    let escaped = s
+                        .replace('\\', "\\\\")
+                        .replace('%', "\\%")
+                        .replace('_', "\\_");
                     let p = sql_param(sql, Value::Text(format!("%{escaped}%")));
                     format!("{c} {} {p} ESCAPE '\\'", backend.ilike())
                 }
@@ -233,7 +342,11 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
     let mut problems = vec![];
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_LIMIT {
-        problems.push(Problem::new("/limit", "out_of_range", format!("limit must be between 1 and {MAX_LIMIT}.")));
+        problems.push(Problem::new(
+            "/limit",
+            "out_of_range",
+            format!("limit must be between 1 and {MAX_LIMIT}."),
+        ));
     }
     let (sort_name, desc) = match q.sort.as_deref() {
         Some(s) if s.starts_with('-') => (&s[1..], true),
@@ -242,7 +355,14 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
     };
     let sort = column(e, sort_name).filter(|c| ordered(c.kind) || c.kind == ColKind::Bool);
     if sort.is_none() {
-        problems.push(Problem::new("/sort", "unknown_field", format!("Cannot sort by `{sort_name}`: not a sortable field of {}.", e.label)));
+        problems.push(Problem::new(
+            "/sort",
+            "unknown_field",
+            format!(
+                "Cannot sort by `{sort_name}`: not a sortable field of {}.",
+                e.label
+            ),
+        ));
     }
     let (cols, kinds) = select_list(e);
     let mut sql = Sql::new(format!("SELECT {cols} FROM {}", quote(&e.table)));
@@ -255,7 +375,11 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
         Some(c) => match decode_cursor(c) {
             Some(v) => Some(v),
             None => {
-                problems.push(Problem::new("/cursor", "bad_cursor", "The cursor is not one this server gave out."));
+                problems.push(Problem::new(
+                    "/cursor",
+                    "bad_cursor",
+                    "The cursor is not one this server gave out.",
+                ));
                 None
             }
         },
@@ -267,7 +391,11 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
     let sc = quote(&sort.name);
     let (cmp, dir) = if desc { ("<", "DESC") } else { (">", "ASC") };
     if let Some((last, id)) = after {
-        let kw = if sql.text.contains(" WHERE ") { " AND " } else { " WHERE " };
+        let kw = if sql.text.contains(" WHERE ") {
+            " AND "
+        } else {
+            " WHERE "
+        };
         let id = Value::Uuid(id);
         let cond = if sort.name == "id" {
             let p = sql.param(id);
@@ -277,8 +405,20 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
             format!("({sc} IS NULL AND \"id\" {cmp} {p})")
         } else {
             let v = operand(&sort, &last, "/cursor")
-                .or_else(|_| if sort.kind == ColKind::Bool { last.as_bool().map(Value::Bool).ok_or(()) } else { Err(()) })
-                .map_err(|_| FormError::Query(vec![Problem::new("/cursor", "bad_cursor", "The cursor does not fit this sort.")]))?;
+                .or_else(|_| {
+                    if sort.kind == ColKind::Bool {
+                        last.as_bool().map(Value::Bool).ok_or(())
+                    } else {
+                        Err(())
+                    }
+                })
+                .map_err(|_| {
+                    FormError::Query(vec![Problem::new(
+                        "/cursor",
+                        "bad_cursor",
+                        "The cursor does not fit this sort.",
+                    )])
+                })?;
             let (a, b) = (sql.param(v.clone()), sql.param(v));
             let p = sql.param(id);
             format!("({sc} {cmp} {a} OR ({sc} = {b} AND \"id\" {cmp} {p}) OR {sc} IS NULL)")
@@ -288,7 +428,9 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
     if sort.name == "id" {
         sql.push(&format!(" ORDER BY \"id\" {dir}"));
     } else {
-        sql.push(&format!(" ORDER BY CASE WHEN {sc} IS NULL THEN 1 ELSE 0 END, {sc} {dir}, \"id\" {dir}"));
+        sql.push(&format!(
+            " ORDER BY CASE WHEN {sc} IS NULL THEN 1 ELSE 0 END, {sc} {dir}, \"id\" {dir}"
+        ));
     }
     sql.push(&format!(" LIMIT {}", limit + 1));
     let mut rows = db.fetch_all(&sql, &kinds).await?;
@@ -315,7 +457,11 @@ pub async fn list(db: &Db, e: &Entity, q: &ListQuery) -> Result<Page> {
     } else {
         None
     };
-    Ok(Page { records, next_cursor, total })
+    Ok(Page {
+        records,
+        next_cursor,
+        total,
+    })
 }
 
 fn encode_cursor(v: &Json, id: uuid::Uuid) -> String {
@@ -323,7 +469,9 @@ fn encode_cursor(v: &Json, id: uuid::Uuid) -> String {
 }
 
 fn decode_cursor(c: &str) -> Option<(Json, uuid::Uuid)> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
     let v: Json = serde_json::from_slice(&bytes).ok()?;
     let arr = v.as_array()?;
     let id = uuid::Uuid::parse_str(arr.get(1)?.as_str()?).ok()?;

@@ -29,7 +29,11 @@ impl jsonschema::Retrieve for NoRetrieval {
         &self,
         uri: &jsonschema::Uri<String>,
     ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        Err(format!("external $ref `{}` is not allowed: only local references (#/…) are", uri.as_str()).into())
+        Err(format!(
+            "external $ref `{}` is not allowed: only local references (#/…) are",
+            uri.as_str()
+        )
+        .into())
     }
 }
 
@@ -43,7 +47,11 @@ pub(crate) fn build_validator(schema: &Value) -> Result<jsonschema::Validator, S
 }
 
 /// The JSON Schema of one field's value (without null).
-pub(crate) fn field_schema(f: &crate::def::FieldDef, options: &[String], stages: &[String]) -> Value {
+pub(crate) fn field_schema(
+    f: &crate::def::FieldDef,
+    options: &[String],
+    stages: &[String],
+) -> Value {
     let mut s = Map::new();
     let text = |s: &mut Map<String, Value>| {
         s.insert("type".into(), json!("string"));
@@ -62,7 +70,11 @@ pub(crate) fn field_schema(f: &crate::def::FieldDef, options: &[String], stages:
                 s.insert("minLength".into(), json!(1));
             }
             if f.max_length.is_none() {
-                let max = if f.ty == FieldType::Text { 1000 } else { 100_000 };
+                let max = if f.ty == FieldType::Text {
+                    1000
+                } else {
+                    100_000
+                };
                 s.insert("maxLength".into(), json!(max));
             }
             if let Some(p) = &f.pattern {
@@ -158,7 +170,11 @@ pub(crate) fn entity_schema(fields: &[Field]) -> Value {
     let mut props = Map::new();
     let mut required = vec![];
     for f in fields {
-        let inner = field_schema(&f.def, &f.options, &f.stages.iter().map(|s| s.key.clone()).collect::<Vec<_>>());
+        let inner = field_schema(
+            &f.def,
+            &f.options,
+            &f.stages.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+        );
         let schema = if f.ty == FieldType::Json {
             inner
         } else if f.def.required {
@@ -234,9 +250,16 @@ fn describe(
             }
             let wanted = match kind {
                 TypeKind::Single(t) => t.to_string(),
-                TypeKind::Multiple(ts) => ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" or "),
+                TypeKind::Multiple(ts) => ts
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
             };
-            p("wrong_type", format!("{name} must be {}.", type_phrase(field, &wanted)))
+            p(
+                "wrong_type",
+                format!("{name} must be {}.", type_phrase(field, &wanted)),
+            )
         }
         ValidationErrorKind::AnyOf => {
             let f = match field {
@@ -250,7 +273,11 @@ fn describe(
                 );
             }
             // A nullable field: re-run the inner schema to say what is wrong with the value.
-            let inner = field_schema(&f.def, &f.options, &f.stages.iter().map(|s| s.key.clone()).collect::<Vec<_>>());
+            let inner = field_schema(
+                &f.def,
+                &f.options,
+                &f.stages.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+            );
             match build_validator(&inner) {
                 Ok(v) => v
                     .iter_errors(instance)
@@ -267,7 +294,10 @@ fn describe(
             let (code, choices) = match f {
                 Some(f) if f.ty == FieldType::Stage => (
                     "unknown_stage",
-                    f.stages.iter().map(|s| format!("{} ({})", s.key, s.label)).collect::<Vec<_>>(),
+                    f.stages
+                        .iter()
+                        .map(|s| format!("{} ({})", s.key, s.label))
+                        .collect::<Vec<_>>(),
                 ),
                 Some(f) => (
                     "unknown_option",
@@ -282,36 +312,61 @@ fn describe(
                 ),
                 None => ("unknown_option", vec![]),
             };
-            p(code, format!("{name}: {instance} is not one of the allowed values: {}.", choices.join(", ")))
+            p(
+                code,
+                format!(
+                    "{name}: {instance} is not one of the allowed values: {}.",
+                    choices.join(", ")
+                ),
+            )
         }
-        ValidationErrorKind::Minimum { limit } | ValidationErrorKind::ExclusiveMinimum { limit } => {
+        ValidationErrorKind::Minimum { limit }
+        | ValidationErrorKind::ExclusiveMinimum { limit } => {
             p("out_of_range", format!("{name} must be at least {limit}."))
         }
-        ValidationErrorKind::Maximum { limit } | ValidationErrorKind::ExclusiveMaximum { limit } => {
+        ValidationErrorKind::Maximum { limit }
+        | ValidationErrorKind::ExclusiveMaximum { limit } => {
             p("out_of_range", format!("{name} must be at most {limit}."))
         }
-        ValidationErrorKind::MinLength { limit: 1 } if field.is_some_and(|f| f.def.required && f.def.min_length.is_none()) => {
+        ValidationErrorKind::MinLength { limit: 1 }
+            if field.is_some_and(|f| f.def.required && f.def.min_length.is_none()) =>
+        {
             p("required", format!("{name} is required."))
         }
-        ValidationErrorKind::MinLength { limit } => {
-            p("too_short", format!("{name} must be at least {limit} characters long."))
+        ValidationErrorKind::MinLength { limit } => p(
+            "too_short",
+            format!("{name} must be at least {limit} characters long."),
+        ),
+        ValidationErrorKind::MaxLength { limit } => p(
+            "too_long",
+            format!("{name} must be at most {limit} characters long."),
+        ),
+        ValidationErrorKind::MinItems { limit } => p(
+            "too_few",
+            format!("{name} needs at least {limit} choice(s)."),
+        ),
+        ValidationErrorKind::MaxItems { limit } => p(
+            "too_many",
+            format!("{name} allows at most {limit} choice(s)."),
+        ),
+        ValidationErrorKind::UniqueItems => {
+            p("duplicate_option", format!("{name} lists an option twice."))
         }
-        ValidationErrorKind::MaxLength { limit } => {
-            p("too_long", format!("{name} must be at most {limit} characters long."))
-        }
-        ValidationErrorKind::MinItems { limit } => {
-            p("too_few", format!("{name} needs at least {limit} choice(s)."))
-        }
-        ValidationErrorKind::MaxItems { limit } => {
-            p("too_many", format!("{name} allows at most {limit} choice(s)."))
-        }
-        ValidationErrorKind::UniqueItems => p("duplicate_option", format!("{name} lists an option twice.")),
         ValidationErrorKind::Pattern { .. } => {
             let what = match field.map(|f| f.ty) {
                 Some(FieldType::Phone) => "a phone number such as +86 138 0000 0000".to_owned(),
-                Some(FieldType::Url) => "a web address starting with http:// or https://".to_owned(),
-                Some(FieldType::Decimal | FieldType::Money) => "a decimal number such as \"1200.50\"".to_owned(),
-                _ => format!("text matching the pattern {}", field.and_then(|f| f.def.pattern.clone()).unwrap_or_default()),
+                Some(FieldType::Url) => {
+                    "a web address starting with http:// or https://".to_owned()
+                }
+                Some(FieldType::Decimal | FieldType::Money) => {
+                    "a decimal number such as \"1200.50\"".to_owned()
+                }
+                _ => format!(
+                    "text matching the pattern {}",
+                    field
+                        .and_then(|f| f.def.pattern.clone())
+                        .unwrap_or_default()
+                ),
             };
             p("pattern", format!("{name} must be {what}."))
         }

@@ -9,7 +9,9 @@
 use crate::db::{quote, Sql, Tx, Value};
 use crate::def::FieldType;
 use crate::error::{pointer_segment, FormError, Problem, Result};
-use crate::model::{stage_changed_column, stage_entered_column, App, ColKind, Entity, SYSTEM_COLUMNS};
+use crate::model::{
+    stage_changed_column, stage_entered_column, App, ColKind, Entity, SYSTEM_COLUMNS,
+};
 use crate::{schema, values};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value as Json};
@@ -79,7 +81,14 @@ const SETTABLE_SYSTEM: [&str; 2] = ["owner", "version"];
 /// Column list and kinds of a full record select.
 pub(crate) fn select_list(e: &Entity) -> (String, Vec<ColKind>) {
     let mut names: Vec<String> = SYSTEM_COLUMNS.iter().map(|c| quote(c)).collect();
-    let mut kinds = vec![ColKind::Uuid, ColKind::DateTime, ColKind::DateTime, ColKind::Uuid, ColKind::Uuid, ColKind::Int];
+    let mut kinds = vec![
+        ColKind::Uuid,
+        ColKind::DateTime,
+        ColKind::DateTime,
+        ColKind::Uuid,
+        ColKind::Uuid,
+        ColKind::Int,
+    ];
     for c in e.columns() {
         names.push(quote(&c.name));
         kinds.push(c.kind);
@@ -122,23 +131,39 @@ pub(crate) fn decode(e: &Entity, row: Vec<Value>) -> Record {
         }
         i += n;
     }
-    Record { meta, fields, stage_times }
+    Record {
+        meta,
+        fields,
+        stage_times,
+    }
 }
 
 /// Read one record.
 pub async fn get(db: &crate::db::Db, e: &Entity, id: Uuid) -> Result<Record> {
     let (cols, kinds) = select_list(e);
-    let mut sql = Sql::new(format!("SELECT {cols} FROM {} WHERE \"id\" = ", quote(&e.table)));
+    let mut sql = Sql::new(format!(
+        "SELECT {cols} FROM {} WHERE \"id\" = ",
+        quote(&e.table)
+    ));
     sql.bind(Value::Uuid(id));
-    let row = db.fetch_optional(&sql, &kinds).await?.ok_or(FormError::RecordNotFound)?;
+    let row = db
+        .fetch_optional(&sql, &kinds)
+        .await?
+        .ok_or(FormError::RecordNotFound)?;
     Ok(decode(e, row))
 }
 
 async fn get_in(tx: &mut Tx, e: &Entity, id: Uuid) -> Result<Record> {
     let (cols, kinds) = select_list(e);
-    let mut sql = Sql::new(format!("SELECT {cols} FROM {} WHERE \"id\" = ", quote(&e.table)));
+    let mut sql = Sql::new(format!(
+        "SELECT {cols} FROM {} WHERE \"id\" = ",
+        quote(&e.table)
+    ));
     sql.bind(Value::Uuid(id));
-    let row = tx.fetch_optional(&sql, &kinds).await?.ok_or(FormError::RecordNotFound)?;
+    let row = tx
+        .fetch_optional(&sql, &kinds)
+        .await?
+        .ok_or(FormError::RecordNotFound)?;
     Ok(decode(e, row))
 }
 
@@ -155,9 +180,20 @@ struct Prepared {
 }
 
 /// Validate `input` (a create if `old` is None, else a partial update of `old`).
-async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&Record>, ctx: &WriteCtx) -> Result<Prepared> {
+async fn prepare(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    input: &Json,
+    old: Option<&Record>,
+    ctx: &WriteCtx,
+) -> Result<Prepared> {
     let Some(obj) = input.as_object() else {
-        return Err(FormError::Invalid(vec![Problem::new("", "not_an_object", "A record must be a JSON object.")]));
+        return Err(FormError::Invalid(vec![Problem::new(
+            "",
+            "not_an_object",
+            "A record must be a JSON object.",
+        )]));
     };
     let mut problems = vec![];
     let mut candidate = match old {
@@ -177,27 +213,55 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
                 Json::Null => owner = None,
                 Json::String(s) => match Uuid::parse_str(s) {
                     Ok(u) => owner = Some(u),
-                    Err(_) => problems.push(Problem::new(path, "format", "Owner must be a user id (UUID).")),
+                    Err(_) => problems.push(Problem::new(
+                        path,
+                        "format",
+                        "Owner must be a user id (UUID).",
+                    )),
                 },
-                _ => problems.push(Problem::new(path, "format", "Owner must be a user id (UUID).")),
+                _ => problems.push(Problem::new(
+                    path,
+                    "format",
+                    "Owner must be a user id (UUID).",
+                )),
             }
         } else if k == "version" {
             match v.as_i64() {
                 Some(n) => expected_version = Some(n),
-                None => problems.push(Problem::new(path, "wrong_type", "Version must be a whole number.")),
+                None => problems.push(Problem::new(
+                    path,
+                    "wrong_type",
+                    "Version must be a whole number.",
+                )),
             }
         } else if ctx.import && old.is_none() && k == "created_at" {
             match values::datetime(v) {
                 Some(t) => created_at = Some(t),
-                None => problems.push(Problem::new(path, "format", "created_at must be a date and time such as 2026-03-31T09:30:00Z.")),
+                None => problems.push(Problem::new(
+                    path,
+                    "format",
+                    "created_at must be a date and time such as 2026-03-31T09:30:00Z.",
+                )),
             }
         } else if ctx.import && old.is_none() && k == "stage_history" {
             stage_history = parse_stage_history(e, v, &mut problems);
         } else if SYSTEM_COLUMNS.contains(&k.as_str()) || k == "stage_history" || k.contains("__") {
-            let why = if k == "created_at" || k == "stage_history" { " (only an admin batch import may set it)" } else { "" };
-            problems.push(Problem::new(path, "read_only", format!("`{k}` is set by the system and cannot be written{why}.")));
+            let why = if k == "created_at" || k == "stage_history" {
+                " (only an admin batch import may set it)"
+            } else {
+                ""
+            };
+            problems.push(Problem::new(
+                path,
+                "read_only",
+                format!("`{k}` is set by the system and cannot be written{why}."),
+            ));
         } else {
-            problems.push(Problem::new(path, "unknown_field", format!("`{k}` is not a field of {}.", e.label)));
+            problems.push(Problem::new(
+                path,
+                "unknown_field",
+                format!("`{k}` is not a field of {}.", e.label),
+            ));
         }
     }
     debug_assert!(SETTABLE_SYSTEM.iter().all(|s| SYSTEM_COLUMNS.contains(s)));
@@ -212,11 +276,13 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
         // An imported stage history ends in the record's stage.
         if let (Some(sf), Some((last, _))) = (e.stage(), stage_history.last()) {
             match candidate.get(&sf.key) {
-                Some(Json::String(s)) if obj.contains_key(&sf.key) && s != last => problems.push(Problem::new(
-                    format!("/{}", sf.key),
-                    "stage_history",
-                    format!("{} is `{s}` but stage_history ends in `{last}`.", sf.label),
-                )),
+                Some(Json::String(s)) if obj.contains_key(&sf.key) && s != last => {
+                    problems.push(Problem::new(
+                        format!("/{}", sf.key),
+                        "stage_history",
+                        format!("{} is `{s}` but stage_history ends in `{last}`.", sf.label),
+                    ))
+                }
                 _ => {
                     candidate.insert(sf.key.clone(), Json::String(last.clone()));
                 }
@@ -227,7 +293,13 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
     let schema_problems = schema::validate(e, &candidate);
     let bad_fields: Vec<String> = schema_problems
         .iter()
-        .filter_map(|p| p.path.trim_start_matches('/').split('/').next().map(str::to_owned))
+        .filter_map(|p| {
+            p.path
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .map(str::to_owned)
+        })
         .collect();
     problems.extend(schema_problems);
     let cand = candidate.as_object().expect("object");
@@ -255,8 +327,13 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
     // Stage entry criteria: checked when a record enters a stage (on create, or when it changes).
     if let Some(sf) = e.stage() {
         let new_stage = fields.get(&sf.key).and_then(Json::as_str);
-        let old_stage = old.and_then(|r| r.fields.get(&sf.key)).and_then(Json::as_str);
-        if let Some(stage) = new_stage.filter(|s| Some(*s) != old_stage).and_then(|s| sf.stage(s)) {
+        let old_stage = old
+            .and_then(|r| r.fields.get(&sf.key))
+            .and_then(Json::as_str);
+        if let Some(stage) = new_stage
+            .filter(|s| Some(*s) != old_stage)
+            .and_then(|s| sf.stage(s))
+        {
             let missing: Vec<&str> = stage
                 .entry_criteria
                 .iter()
@@ -268,7 +345,11 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
                 problems.push(Problem::new(
                     format!("/{}", sf.key),
                     "stage_criteria",
-                    format!("To enter the stage {}, fill in: {}.", stage.label, missing.join(", ")),
+                    format!(
+                        "To enter the stage {}, fill in: {}.",
+                        stage.label,
+                        missing.join(", ")
+                    ),
                 ));
             }
         }
@@ -276,34 +357,59 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
     // References must exist; unique values must be free.
     let id = old.map(|r| r.meta.id);
     for f in &e.fields {
-        let Some(v) = fields.get(&f.key).filter(|v| !v.is_null()) else { continue };
+        let Some(v) = fields.get(&f.key).filter(|v| !v.is_null()) else {
+            continue;
+        };
         let changed = old.is_none_or(|r| r.fields.get(&f.key) != Some(v));
         if !changed {
             continue;
         }
         let path = format!("/{}", f.key);
-        let value = columns.iter().find(|(c, _)| c == &f.key).map(|(_, v)| v.clone()).expect("column");
+        let value = columns
+            .iter()
+            .find(|(c, _)| c == &f.key)
+            .map(|(_, v)| v.clone())
+            .expect("column");
         match f.ty {
             FieldType::Relation => {
                 let target = app.entity(f.def.entity.as_deref().unwrap_or_default())?;
                 if !exists(tx, &target.table, "id", value).await? {
-                    problems.push(Problem::new(path, "not_found", format!("{} points to a {} that does not exist.", f.label, target.label)));
+                    problems.push(Problem::new(
+                        path,
+                        "not_found",
+                        format!(
+                            "{} points to a {} that does not exist.",
+                            f.label, target.label
+                        ),
+                    ));
                 }
             }
             FieldType::User => {
                 if !exists(tx, "users", "id", value).await? {
-                    problems.push(Problem::new(path, "not_found", format!("{} points to a user that does not exist.", f.label)));
+                    problems.push(Problem::new(
+                        path,
+                        "not_found",
+                        format!("{} points to a user that does not exist.", f.label),
+                    ));
                 }
             }
             _ if f.def.unique => {
-                let mut sql = Sql::new(format!("SELECT 1 FROM {} WHERE {} = ", quote(&e.table), quote(&f.key)));
+                let mut sql = Sql::new(format!(
+                    "SELECT 1 FROM {} WHERE {} = ",
+                    quote(&e.table),
+                    quote(&f.key)
+                ));
                 sql.bind(value);
                 if let Some(id) = id {
                     sql.push(" AND \"id\" <> ").bind(Value::Uuid(id));
                 }
                 sql.push(" LIMIT 1");
                 if tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some() {
-                    problems.push(Problem::new(path, "unique", format!("Another {} already has this {}: {v}.", e.label, f.label)));
+                    problems.push(Problem::new(
+                        path,
+                        "unique",
+                        format!("Another {} already has this {}: {v}.", e.label, f.label),
+                    ));
                 }
             }
             _ => {}
@@ -314,7 +420,11 @@ async fn prepare(tx: &mut Tx, app: &App, e: &Entity, input: &Json, old: Option<&
     }
     if let Some(o) = owner.filter(|o| old.is_none_or(|r| r.meta.owner != Some(*o))) {
         if !exists(tx, "users", "id", Value::Uuid(o)).await? {
-            problems.push(Problem::new("/owner", "not_found", "The owner is not an existing user."));
+            problems.push(Problem::new(
+                "/owner",
+                "not_found",
+                "The owner is not an existing user.",
+            ));
         }
     }
     if !problems.is_empty() {
@@ -340,13 +450,25 @@ fn is_empty(v: &Json) -> bool {
     }
 }
 
-fn parse_stage_history(e: &Entity, v: &Json, problems: &mut Vec<Problem>) -> Vec<(String, DateTime<Utc>)> {
+fn parse_stage_history(
+    e: &Entity,
+    v: &Json,
+    problems: &mut Vec<Problem>,
+) -> Vec<(String, DateTime<Utc>)> {
     let Some(sf) = e.stage() else {
-        problems.push(Problem::new("/stage_history", "not_allowed", format!("{} has no stage field.", e.label)));
+        problems.push(Problem::new(
+            "/stage_history",
+            "not_allowed",
+            format!("{} has no stage field.", e.label),
+        ));
         return vec![];
     };
     let Some(items) = v.as_array() else {
-        problems.push(Problem::new("/stage_history", "wrong_type", "stage_history must be a list of {\"stage\", \"at\"} objects."));
+        problems.push(Problem::new(
+            "/stage_history",
+            "wrong_type",
+            "stage_history must be a list of {\"stage\", \"at\"} objects.",
+        ));
         return vec![];
     };
     let mut out: Vec<(String, DateTime<Utc>)> = vec![];
@@ -357,25 +479,47 @@ fn parse_stage_history(e: &Entity, v: &Json, problems: &mut Vec<Problem>) -> Vec
         match (stage, at) {
             (Some(s), Some(t)) if sf.stage(s).is_some() => {
                 if out.last().is_some_and(|(_, prev)| *prev > t) {
-                    problems.push(Problem::new(format!("{path}/at"), "out_of_order", "stage_history must be in time order."));
+                    problems.push(Problem::new(
+                        format!("{path}/at"),
+                        "out_of_order",
+                        "stage_history must be in time order.",
+                    ));
                 }
                 out.push((s.to_owned(), t));
             }
-            (Some(s), Some(_)) => problems.push(Problem::new(format!("{path}/stage"), "unknown_stage", format!("`{s}` is not a stage of {}.", sf.label))),
-            _ => problems.push(Problem::new(path, "wrong_type", "Each entry needs a \"stage\" key and an \"at\" date and time.")),
+            (Some(s), Some(_)) => problems.push(Problem::new(
+                format!("{path}/stage"),
+                "unknown_stage",
+                format!("`{s}` is not a stage of {}.", sf.label),
+            )),
+            _ => problems.push(Problem::new(
+                path,
+                "wrong_type",
+                "Each entry needs a \"stage\" key and an \"at\" date and time.",
+            )),
         }
     }
     out
 }
 
 async fn exists(tx: &mut Tx, table: &str, col: &str, v: Value) -> Result<bool> {
-    let mut sql = Sql::new(format!("SELECT 1 FROM {} WHERE {} = ", quote(table), quote(col)));
+    let mut sql = Sql::new(format!(
+        "SELECT 1 FROM {} WHERE {} = ",
+        quote(table),
+        quote(col)
+    ));
     sql.bind(v).push(" LIMIT 1");
     Ok(tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some())
 }
 
 /// Create a record; returns it as stored.
-pub async fn create(tx: &mut Tx, app: &App, e: &Entity, input: &Json, ctx: &WriteCtx) -> Result<Record> {
+pub async fn create(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    input: &Json,
+    ctx: &WriteCtx,
+) -> Result<Record> {
     let p = prepare(tx, app, e, input, None, ctx).await?;
     let id = Uuid::now_v7();
     let created_at = p.created_at.unwrap_or(ctx.now);
@@ -410,7 +554,13 @@ pub async fn create(tx: &mut Tx, app: &App, e: &Entity, input: &Json, ctx: &Writ
         }
     }
     let mut sql = Sql::new(format!("INSERT INTO {} (", quote(&e.table)));
-    sql.push(&cols.iter().map(|(c, _)| quote(c)).collect::<Vec<_>>().join(", "));
+    sql.push(
+        &cols
+            .iter()
+            .map(|(c, _)| quote(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     sql.push(") VALUES (");
     for (i, (_, v)) in cols.into_iter().enumerate() {
         if i > 0 {
@@ -434,85 +584,189 @@ pub async fn create(tx: &mut Tx, app: &App, e: &Entity, input: &Json, ctx: &Writ
                 write_history(tx, &app.key, e, id, &f.key, old, new, *at, ctx.actor).await?;
             }
         } else if e.tracks(&f.key) {
-            write_history(tx, &app.key, e, id, &f.key, &Json::Null, v, created_at, ctx.actor).await?;
+            write_history(
+                tx,
+                &app.key,
+                e,
+                id,
+                &f.key,
+                &Json::Null,
+                v,
+                created_at,
+                ctx.actor,
+            )
+            .await?;
         }
     }
     if p.owner.is_some() {
-        write_history(tx, &app.key, e, id, "owner", &Json::Null, &json!(p.owner), created_at, ctx.actor).await?;
+        write_history(
+            tx,
+            &app.key,
+            e,
+            id,
+            "owner",
+            &Json::Null,
+            &json!(p.owner),
+            created_at,
+            ctx.actor,
+        )
+        .await?;
     }
     let record = get_in(tx, e, id).await?;
-    write_event(tx, &app.key, e, id, "created", &changed, &record.to_json(), ctx).await?;
+    write_event(
+        tx,
+        &app.key,
+        e,
+        id,
+        "created",
+        &changed,
+        &record.to_json(),
+        ctx,
+    )
+    .await?;
     Ok(record)
 }
 
 /// Apply a partial update. `expected_version` (from `If-Match` or the body's `version`) must
 /// match the stored version when given.
-pub async fn update(tx: &mut Tx, app: &App, e: &Entity, id: Uuid, patch: &Json, expected_version: Option<i64>, ctx: &WriteCtx) -> Result<Record> {
+pub async fn update(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    id: Uuid,
+    patch: &Json,
+    expected_version: Option<i64>,
+    ctx: &WriteCtx,
+) -> Result<Record> {
     let old = get_in(tx, e, id).await?;
     let p = prepare(tx, app, e, patch, Some(&old), ctx).await?;
     if let Some(expected) = expected_version.or(p.expected_version) {
         if expected != old.meta.version {
-            return Err(FormError::VersionConflict { expected, current: old.meta.version });
+            return Err(FormError::VersionConflict {
+                expected,
+                current: old.meta.version,
+            });
         }
     }
-    let changed: Vec<&crate::model::Field> = e.fields.iter().filter(|f| old.fields.get(&f.key) != p.fields.get(&f.key)).collect();
+    let changed: Vec<&crate::model::Field> = e
+        .fields
+        .iter()
+        .filter(|f| old.fields.get(&f.key) != p.fields.get(&f.key))
+        .collect();
     let owner_changed = old.meta.owner != p.owner;
     if changed.is_empty() && !owner_changed {
         return Ok(old);
     }
-    let mut sql = Sql::new(format!("UPDATE {} SET \"version\" = \"version\" + 1, \"updated_at\" = ", quote(&e.table)));
+    let mut sql = Sql::new(format!(
+        "UPDATE {} SET \"version\" = \"version\" + 1, \"updated_at\" = ",
+        quote(&e.table)
+    ));
     sql.bind(Value::DateTime(ctx.now));
     if owner_changed {
         sql.push(", \"owner\" = ").bind(Value::opt_uuid(p.owner));
     }
     for f in &changed {
-        for (c, v) in p.columns.iter().filter(|(c, _)| *c == f.key || *c == crate::model::currency_column(&f.key)) {
+        for (c, v) in p
+            .columns
+            .iter()
+            .filter(|(c, _)| *c == f.key || *c == crate::model::currency_column(&f.key))
+        {
             sql.push(", ").ident(c).push(" = ").bind(v.clone());
         }
         if f.ty == FieldType::Stage {
-            sql.push(", ").ident(&stage_changed_column(&f.key)).push(" = ").bind(Value::DateTime(ctx.now));
+            sql.push(", ")
+                .ident(&stage_changed_column(&f.key))
+                .push(" = ")
+                .bind(Value::DateTime(ctx.now));
             if let Some(s) = p.fields[&f.key].as_str() {
                 let col = stage_entered_column(&f.key, s);
                 let now = sql.param(Value::DateTime(ctx.now));
-                sql.push(&format!(", {} = COALESCE({}, {now})", quote(&col), quote(&col)));
+                sql.push(&format!(
+                    ", {} = COALESCE({}, {now})",
+                    quote(&col),
+                    quote(&col)
+                ));
             }
         }
     }
     sql.push(" WHERE \"id\" = ").bind(Value::Uuid(id));
-    sql.push(" AND \"version\" = ").bind(Value::Int(old.meta.version));
+    sql.push(" AND \"version\" = ")
+        .bind(Value::Int(old.meta.version));
     if execute_write(tx, e, &sql).await? == 0 {
         let current = get_in(tx, e, id).await?.meta.version;
-        return Err(FormError::VersionConflict { expected: old.meta.version, current });
+        return Err(FormError::VersionConflict {
+            expected: old.meta.version,
+            current,
+        });
     }
     let mut names = vec![];
     for f in &changed {
         names.push(f.key.clone());
         if e.tracks(&f.key) {
-            write_history(tx, &app.key, e, id, &f.key, &old.fields[&f.key], &p.fields[&f.key], ctx.now, ctx.actor).await?;
+            write_history(
+                tx,
+                &app.key,
+                e,
+                id,
+                &f.key,
+                &old.fields[&f.key],
+                &p.fields[&f.key],
+                ctx.now,
+                ctx.actor,
+            )
+            .await?;
         }
     }
     if owner_changed {
         names.push("owner".into());
-        write_history(tx, &app.key, e, id, "owner", &json!(old.meta.owner), &json!(p.owner), ctx.now, ctx.actor).await?;
+        write_history(
+            tx,
+            &app.key,
+            e,
+            id,
+            "owner",
+            &json!(old.meta.owner),
+            &json!(p.owner),
+            ctx.now,
+            ctx.actor,
+        )
+        .await?;
     }
     let record = get_in(tx, e, id).await?;
     let mut event = record.to_json();
-    event["old"] = Json::Object(changed.iter().map(|f| (f.key.clone(), old.fields[&f.key].clone())).collect());
+    event["old"] = Json::Object(
+        changed
+            .iter()
+            .map(|f| (f.key.clone(), old.fields[&f.key].clone()))
+            .collect(),
+    );
     write_event(tx, &app.key, e, id, "updated", &names, &event, ctx).await?;
     Ok(record)
 }
 
 /// Delete a record. Refused while records of other entities point to it.
-pub async fn delete(tx: &mut Tx, app: &App, e: &Entity, id: Uuid, expected_version: Option<i64>, ctx: &WriteCtx) -> Result<()> {
+pub async fn delete(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    id: Uuid,
+    expected_version: Option<i64>,
+    ctx: &WriteCtx,
+) -> Result<()> {
     let old = get_in(tx, e, id).await?;
     if let Some(expected) = expected_version {
         if expected != old.meta.version {
-            return Err(FormError::VersionConflict { expected, current: old.meta.version });
+            return Err(FormError::VersionConflict {
+                expected,
+                current: old.meta.version,
+            });
         }
     }
     let mut problems = vec![];
     for other in &app.entities {
-        for f in other.fields.iter().filter(|f| f.ty == FieldType::Relation && f.def.entity.as_deref() == Some(e.key.as_str())) {
+        for f in other.fields.iter().filter(|f| {
+            f.ty == FieldType::Relation && f.def.entity.as_deref() == Some(e.key.as_str())
+        }) {
             if exists(tx, &other.table, &f.key, Value::Uuid(id)).await? {
                 problems.push(Problem::new(
                     "",
@@ -536,12 +790,21 @@ pub async fn delete(tx: &mut Tx, app: &App, e: &Entity, id: Uuid, expected_versi
 pub const MAX_BATCH: usize = 10_000;
 
 /// Create many records, all or nothing. Problems carry `/records/<index>` in their paths.
-pub async fn create_batch(tx: &mut Tx, app: &App, e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<Uuid>> {
+pub async fn create_batch(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    records: &[Json],
+    ctx: &WriteCtx,
+) -> Result<Vec<Uuid>> {
     if records.len() > MAX_BATCH {
         return Err(FormError::Invalid(vec![Problem::new(
             "/records",
             "too_many",
-            format!("A batch holds at most {MAX_BATCH} records; this one has {}.", records.len()),
+            format!(
+                "A batch holds at most {MAX_BATCH} records; this one has {}.",
+                records.len()
+            ),
         )]));
     }
     let mut problems = vec![];
@@ -549,7 +812,9 @@ pub async fn create_batch(tx: &mut Tx, app: &App, e: &Entity, records: &[Json], 
     for (i, r) in records.iter().enumerate() {
         match create(tx, app, e, r, ctx).await {
             Ok(rec) => ids.push(rec.meta.id),
-            Err(FormError::Invalid(ps)) => problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}")))),
+            Err(FormError::Invalid(ps)) => {
+                problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}"))))
+            }
             Err(other) => return Err(other),
         }
         if problems.len() > 1000 {
@@ -568,18 +833,35 @@ async fn execute_write(tx: &mut Tx, e: &Entity, sql: &Sql) -> Result<u64> {
             // A concurrent writer took the value between our check and our write.
             let field = e.fields.iter().find(|f| {
                 f.def.unique
-                    && (db.constraint() == Some(crate::plan::index_name(&e.table, &f.key, true).as_str())
+                    && (db.constraint()
+                        == Some(crate::plan::index_name(&e.table, &f.key, true).as_str())
                         || db.message().contains(&format!("{}.{}", e.table, f.key)))
             });
-            let (path, label) = field.map(|f| (format!("/{}", f.key), f.label.clone())).unwrap_or_default();
-            Err(FormError::Conflict(vec![Problem::new(path, "unique", format!("Another {} already has this {label}.", e.label))]))
+            let (path, label) = field
+                .map(|f| (format!("/{}", f.key), f.label.clone()))
+                .unwrap_or_default();
+            Err(FormError::Conflict(vec![Problem::new(
+                path,
+                "unique",
+                format!("Another {} already has this {label}.", e.label),
+            )]))
         }
         other => other,
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn write_history(tx: &mut Tx, app: &str, e: &Entity, id: Uuid, field: &str, old: &Json, new: &Json, at: DateTime<Utc>, actor: Option<Uuid>) -> Result<()> {
+async fn write_history(
+    tx: &mut Tx,
+    app: &str,
+    e: &Entity,
+    id: Uuid,
+    field: &str,
+    old: &Json,
+    new: &Json,
+    at: DateTime<Utc>,
+    actor: Option<Uuid>,
+) -> Result<()> {
     let mut sql = Sql::new("INSERT INTO \"history\" (\"app\", \"entity\", \"record_id\", \"field\", \"old_value\", \"new_value\", \"at\", \"actor\") VALUES (");
     sql.bind(Value::Text(app.into())).push(", ");
     sql.bind(Value::Text(e.key.clone())).push(", ");
@@ -594,7 +876,16 @@ async fn write_history(tx: &mut Tx, app: &str, e: &Entity, id: Uuid, field: &str
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn write_event(tx: &mut Tx, app: &str, e: &Entity, id: Uuid, kind: &str, changed: &[String], record: &Json, ctx: &WriteCtx) -> Result<()> {
+async fn write_event(
+    tx: &mut Tx,
+    app: &str,
+    e: &Entity,
+    id: Uuid,
+    kind: &str,
+    changed: &[String],
+    record: &Json,
+    ctx: &WriteCtx,
+) -> Result<()> {
     let mut sql = Sql::new("INSERT INTO \"events\" (\"app\", \"entity\", \"record_id\", \"kind\", \"changed\", \"record\", \"actor\", \"at\") VALUES (");
     sql.bind(Value::Text(app.into())).push(", ");
     sql.bind(Value::Text(e.key.clone())).push(", ");
@@ -624,13 +915,30 @@ pub struct HistoryRow {
 }
 
 /// The history of one record, oldest first.
-pub async fn history(db: &crate::db::Db, app: &App, e: &Entity, id: Uuid) -> Result<Vec<HistoryRow>> {
+pub async fn history(
+    db: &crate::db::Db,
+    app: &App,
+    e: &Entity,
+    id: Uuid,
+) -> Result<Vec<HistoryRow>> {
     let mut sql = Sql::new("SELECT \"field\", \"old_value\", \"new_value\", \"at\", \"actor\" FROM \"history\" WHERE \"app\" = ");
     sql.bind(Value::Text(app.key.clone()));
-    sql.push(" AND \"entity\" = ").bind(Value::Text(e.key.clone()));
+    sql.push(" AND \"entity\" = ")
+        .bind(Value::Text(e.key.clone()));
     sql.push(" AND \"record_id\" = ").bind(Value::Uuid(id));
     sql.push(" ORDER BY \"id\"");
-    let rows = db.fetch_all(&sql, &[ColKind::Text, ColKind::Json, ColKind::Json, ColKind::DateTime, ColKind::Uuid]).await?;
+    let rows = db
+        .fetch_all(
+            &sql,
+            &[
+                ColKind::Text,
+                ColKind::Json,
+                ColKind::Json,
+                ColKind::DateTime,
+                ColKind::Uuid,
+            ],
+        )
+        .await?;
     if rows.is_empty() {
         get(db, e, id).await?;
     }
@@ -658,13 +966,19 @@ pub async fn purge_history(db: &crate::db::Db, app: &App, now: DateTime<Utc>) ->
     let mut removed = 0;
     let mut tx = db.begin().await?;
     for e in &app.entities {
-        let Some(days) = e.retention_days else { continue };
+        let Some(days) = e.retention_days else {
+            continue;
+        };
         let mut sql = Sql::new("DELETE FROM \"history\" WHERE \"app\" = ");
         sql.bind(Value::Text(app.key.clone()));
-        sql.push(" AND \"entity\" = ").bind(Value::Text(e.key.clone()));
-        sql.push(" AND \"at\" < ").bind(Value::DateTime(now - chrono::Duration::days(i64::from(days))));
+        sql.push(" AND \"entity\" = ")
+            .bind(Value::Text(e.key.clone()));
+        sql.push(" AND \"at\" < ").bind(Value::DateTime(
+            now - chrono::Duration::days(i64::from(days)),
+        ));
         if let Some(sf) = e.stage() {
-            sql.push(" AND \"field\" <> ").bind(Value::Text(sf.key.clone()));
+            sql.push(" AND \"field\" <> ")
+                .bind(Value::Text(sf.key.clone()));
         }
         removed += tx.execute(&sql).await?;
     }

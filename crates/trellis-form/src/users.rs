@@ -46,21 +46,44 @@ pub struct UserInput {
 
 mod double_option {
     use serde::{Deserialize, Deserializer};
-    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
         Option::<T>::deserialize(d).map(Some)
     }
 }
 
 const USER_COLS: &str = "\"id\", \"name\", \"email\", \"manager_id\", \"active\", \"is_admin\"";
-const USER_KINDS: [ColKind; 6] = [ColKind::Uuid, ColKind::Text, ColKind::Text, ColKind::Uuid, ColKind::Bool, ColKind::Bool];
+const USER_KINDS: [ColKind; 6] = [
+    ColKind::Uuid,
+    ColKind::Text,
+    ColKind::Text,
+    ColKind::Uuid,
+    ColKind::Bool,
+    ColKind::Bool,
+];
 
 fn user(r: Vec<Value>) -> User {
-    let text = |v: &Value| if let Value::Text(s) = v { s.clone() } else { String::new() };
+    let text = |v: &Value| {
+        if let Value::Text(s) = v {
+            s.clone()
+        } else {
+            String::new()
+        }
+    };
     User {
-        id: if let Value::Uuid(u) = r[0] { u } else { Uuid::nil() },
+        id: if let Value::Uuid(u) = r[0] {
+            u
+        } else {
+            Uuid::nil()
+        },
         name: text(&r[1]),
         email: text(&r[2]),
-        manager_id: if let Value::Uuid(u) = r[3] { Some(u) } else { None },
+        manager_id: if let Value::Uuid(u) = r[3] {
+            Some(u)
+        } else {
+            None
+        },
         active: matches!(r[4], Value::Bool(true)),
         is_admin: matches!(r[5], Value::Bool(true)),
     }
@@ -68,20 +91,32 @@ fn user(r: Vec<Value>) -> User {
 
 /// Every user, by name.
 pub async fn list(db: &Db) -> Result<Vec<User>> {
-    let sql = Sql::new(format!("SELECT {USER_COLS} FROM \"users\" ORDER BY \"name\", \"id\""));
-    Ok(db.fetch_all(&sql, &USER_KINDS).await?.into_iter().map(user).collect())
+    let sql = Sql::new(format!(
+        "SELECT {USER_COLS} FROM \"users\" ORDER BY \"name\", \"id\""
+    ));
+    Ok(db
+        .fetch_all(&sql, &USER_KINDS)
+        .await?
+        .into_iter()
+        .map(user)
+        .collect())
 }
 
 /// One user.
 pub async fn get(db: &Db, id: Uuid) -> Result<User> {
     let mut sql = Sql::new(format!("SELECT {USER_COLS} FROM \"users\" WHERE \"id\" = "));
     sql.bind(Value::Uuid(id));
-    db.fetch_optional(&sql, &USER_KINDS).await?.map(user).ok_or(FormError::NotFound("user"))
+    db.fetch_optional(&sql, &USER_KINDS)
+        .await?
+        .map(user)
+        .ok_or(FormError::NotFound("user"))
 }
 
 /// A user by email.
 pub async fn by_email(db: &Db, email: &str) -> Result<Option<User>> {
-    let mut sql = Sql::new(format!("SELECT {USER_COLS} FROM \"users\" WHERE lower(\"email\") = lower("));
+    let mut sql = Sql::new(format!(
+        "SELECT {USER_COLS} FROM \"users\" WHERE lower(\"email\") = lower("
+    ));
     sql.bind(Value::Text(email.into())).push(")");
     Ok(db.fetch_optional(&sql, &USER_KINDS).await?.map(user))
 }
@@ -96,19 +131,38 @@ async fn check(tx: &mut Tx, id: Option<Uuid>, input: &UserInput) -> Result<()> {
     let mut problems = vec![];
     if let Some(name) = &input.name {
         if name.trim().is_empty() || name.len() > 200 {
-            problems.push(Problem::new("/name", "bad_value", "A name is 1 to 200 characters long."));
+            problems.push(Problem::new(
+                "/name",
+                "bad_value",
+                "A name is 1 to 200 characters long.",
+            ));
         }
     }
     if let Some(email) = &input.email {
-        let ok = email.len() <= 254 && email.split_once('@').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('@'));
+        let ok = email.len() <= 254
+            && email
+                .split_once('@')
+                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('@'));
         if !ok {
-            problems.push(Problem::new("/email", "format", "Email must be an address such as name@example.com."));
+            problems.push(Problem::new(
+                "/email",
+                "format",
+                "Email must be an address such as name@example.com.",
+            ));
         } else {
             let mut sql = Sql::new("SELECT \"id\" FROM \"users\" WHERE lower(\"email\") = lower(");
             sql.bind(Value::Text(email.clone())).push(")");
-            if let Some(Value::Uuid(other)) = tx.fetch_optional(&sql, &[ColKind::Uuid]).await?.map(|r| r[0].clone()) {
+            if let Some(Value::Uuid(other)) = tx
+                .fetch_optional(&sql, &[ColKind::Uuid])
+                .await?
+                .map(|r| r[0].clone())
+            {
                 if Some(other) != id {
-                    problems.push(Problem::new("/email", "unique", "Another user already has this email."));
+                    problems.push(Problem::new(
+                        "/email",
+                        "unique",
+                        "Another user already has this email.",
+                    ));
                 }
             }
         }
@@ -119,14 +173,22 @@ async fn check(tx: &mut Tx, id: Option<Uuid>, input: &UserInput) -> Result<()> {
         let mut hops = 0;
         while let Some(m) = cursor {
             if Some(m) == id {
-                problems.push(Problem::new("/manager_id", "cycle", "A user cannot (indirectly) manage their own manager."));
+                problems.push(Problem::new(
+                    "/manager_id",
+                    "cycle",
+                    "A user cannot (indirectly) manage their own manager.",
+                ));
                 break;
             }
             match get_in(tx, m).await? {
                 Some(u) => cursor = u.manager_id,
                 None => {
                     if m == manager {
-                        problems.push(Problem::new("/manager_id", "not_found", "The manager is not an existing user."));
+                        problems.push(Problem::new(
+                            "/manager_id",
+                            "not_found",
+                            "The manager is not an existing user.",
+                        ));
                     }
                     break;
                 }
@@ -158,13 +220,20 @@ pub async fn create(tx: &mut Tx, input: &UserInput, now: DateTime<Utc>) -> Resul
     }
     check(tx, None, input).await?;
     let id = Uuid::now_v7();
-    let mut sql = Sql::new(format!("INSERT INTO \"users\" ({USER_COLS}, \"created_at\") VALUES ("));
+    let mut sql = Sql::new(format!(
+        "INSERT INTO \"users\" ({USER_COLS}, \"created_at\") VALUES ("
+    ));
     sql.bind(Value::Uuid(id)).push(", ");
-    sql.bind(Value::Text(input.name.clone().unwrap_or_default())).push(", ");
-    sql.bind(Value::Text(input.email.clone().unwrap_or_default())).push(", ");
-    sql.bind(Value::opt_uuid(input.manager_id.flatten())).push(", ");
-    sql.bind(Value::Bool(input.active.unwrap_or(true))).push(", ");
-    sql.bind(Value::Bool(input.is_admin.unwrap_or(false))).push(", ");
+    sql.bind(Value::Text(input.name.clone().unwrap_or_default()))
+        .push(", ");
+    sql.bind(Value::Text(input.email.clone().unwrap_or_default()))
+        .push(", ");
+    sql.bind(Value::opt_uuid(input.manager_id.flatten()))
+        .push(", ");
+    sql.bind(Value::Bool(input.active.unwrap_or(true)))
+        .push(", ");
+    sql.bind(Value::Bool(input.is_admin.unwrap_or(false)))
+        .push(", ");
     sql.bind(Value::DateTime(now)).push(")");
     tx.execute(&sql).await?;
     Ok(get_in(tx, id).await?.expect("just inserted"))
@@ -229,23 +298,54 @@ pub struct TeamInput {
 
 /// Every team.
 pub async fn teams(db: &Db) -> Result<Vec<Team>> {
-    let sql = Sql::new("SELECT \"id\", \"key\", \"name\", \"lead_id\" FROM \"teams\" ORDER BY \"key\"");
-    let rows = db.fetch_all(&sql, &[ColKind::Uuid, ColKind::Text, ColKind::Text, ColKind::Uuid]).await?;
-    let members = Sql::new("SELECT \"team_id\", \"user_id\" FROM \"team_members\" ORDER BY \"user_id\"");
-    let members = db.fetch_all(&members, &[ColKind::Uuid, ColKind::Uuid]).await?;
+    let sql =
+        Sql::new("SELECT \"id\", \"key\", \"name\", \"lead_id\" FROM \"teams\" ORDER BY \"key\"");
+    let rows = db
+        .fetch_all(
+            &sql,
+            &[ColKind::Uuid, ColKind::Text, ColKind::Text, ColKind::Uuid],
+        )
+        .await?;
+    let members =
+        Sql::new("SELECT \"team_id\", \"user_id\" FROM \"team_members\" ORDER BY \"user_id\"");
+    let members = db
+        .fetch_all(&members, &[ColKind::Uuid, ColKind::Uuid])
+        .await?;
     Ok(rows
         .into_iter()
         .map(|r| {
-            let id = if let Value::Uuid(u) = r[0] { u } else { Uuid::nil() };
+            let id = if let Value::Uuid(u) = r[0] {
+                u
+            } else {
+                Uuid::nil()
+            };
             Team {
                 id,
-                key: if let Value::Text(s) = &r[1] { s.clone() } else { String::new() },
-                name: if let Value::Text(s) = &r[2] { s.clone() } else { String::new() },
-                lead_id: if let Value::Uuid(u) = r[3] { Some(u) } else { None },
+                key: if let Value::Text(s) = &r[1] {
+                    s.clone()
+                } else {
+                    String::new()
+                },
+                name: if let Value::Text(s) = &r[2] {
+                    s.clone()
+                } else {
+                    String::new()
+                },
+                lead_id: if let Value::Uuid(u) = r[3] {
+                    Some(u)
+                } else {
+                    None
+                },
                 members: members
                     .iter()
                     .filter(|m| m[0] == Value::Uuid(id))
-                    .filter_map(|m| if let Value::Uuid(u) = m[1] { Some(u) } else { None })
+                    .filter_map(|m| {
+                        if let Value::Uuid(u) = m[1] {
+                            Some(u)
+                        } else {
+                            None
+                        }
+                    })
                     .collect(),
             }
         })
@@ -256,8 +356,17 @@ pub async fn teams(db: &Db) -> Result<Vec<Team>> {
 pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> Result<Uuid> {
     let mut problems = vec![];
     let key = input.key.clone().unwrap_or_default();
-    if key.is_empty() || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-        problems.push(Problem::new("/key", "bad_key", "A team key is 1 to 64 characters of a-z, 0-9 and _."));
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        problems.push(Problem::new(
+            "/key",
+            "bad_key",
+            "A team key is 1 to 64 characters of a-z, 0-9 and _.",
+        ));
     }
     let name = input.name.clone().unwrap_or_else(|| key.clone());
     let mut users = input.members.clone().unwrap_or_default();
@@ -266,8 +375,16 @@ pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> 
     }
     for (i, u) in users.iter().enumerate() {
         if get_in(tx, *u).await?.is_none() {
-            let path = if i < input.members.as_ref().map_or(0, Vec::len) { format!("/members/{i}") } else { "/lead_id".into() };
-            problems.push(Problem::new(path, "not_found", format!("User {u} does not exist.")));
+            let path = if i < input.members.as_ref().map_or(0, Vec::len) {
+                format!("/members/{i}")
+            } else {
+                "/lead_id".into()
+            };
+            problems.push(Problem::new(
+                path,
+                "not_found",
+                format!("User {u} does not exist."),
+            ));
         }
     }
     if !problems.is_empty() {
@@ -293,7 +410,8 @@ pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> 
             sql.bind(Value::Uuid(id)).push(", ");
             sql.bind(Value::Text(key)).push(", ");
             sql.bind(Value::Text(name)).push(", ");
-            sql.bind(Value::opt_uuid(input.lead_id.flatten())).push(", ");
+            sql.bind(Value::opt_uuid(input.lead_id.flatten()))
+                .push(", ");
             sql.bind(Value::DateTime(now)).push(")");
             tx.execute(&sql).await?;
             id
@@ -305,8 +423,12 @@ pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> 
         tx.execute(&sql).await?;
         let mut seen = std::collections::HashSet::new();
         for m in members.iter().filter(|m| seen.insert(**m)) {
-            let mut sql = Sql::new("INSERT INTO \"team_members\" (\"team_id\", \"user_id\") VALUES (");
-            sql.bind(Value::Uuid(id)).push(", ").bind(Value::Uuid(*m)).push(")");
+            let mut sql =
+                Sql::new("INSERT INTO \"team_members\" (\"team_id\", \"user_id\") VALUES (");
+            sql.bind(Value::Uuid(id))
+                .push(", ")
+                .bind(Value::Uuid(*m))
+                .push(")");
             tx.execute(&sql).await?;
         }
     }

@@ -40,18 +40,30 @@ pub fn to_sql(field: &Field, v: &Json, path: &str) -> Result<Vec<Value>, Problem
         | FieldType::Url
         | FieldType::Select
         | FieldType::Stage => {
-            let s = v.as_str().ok_or_else(|| bad(format!("{label} must be text.")))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| bad(format!("{label} must be text.")))?;
             if let Some(re) = field.def.pattern.as_deref() {
                 // The JSON Schema pattern is unanchored; a definition's pattern must match whole.
-                let re = regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?;
+                let re =
+                    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?;
                 if !re.is_match(s) {
-                    return Err(Problem::new(path, "pattern", format!("{label} must match the pattern {}.", field.def.pattern.as_deref().unwrap_or(""))));
+                    return Err(Problem::new(
+                        path,
+                        "pattern",
+                        format!(
+                            "{label} must match the pattern {}.",
+                            field.def.pattern.as_deref().unwrap_or("")
+                        ),
+                    ));
                 }
             }
             vec![Value::Text(s.to_owned())]
         }
         FieldType::Integer => {
-            let i = v.as_i64().ok_or_else(|| bad(format!("{label} must be a whole number.")))?;
+            let i = v
+                .as_i64()
+                .ok_or_else(|| bad(format!("{label} must be a whole number.")))?;
             vec![Value::Int(i)]
         }
         FieldType::Decimal => vec![Value::Decimal(decimal(field, v, path)?)],
@@ -59,33 +71,63 @@ pub fn to_sql(field: &Field, v: &Json, path: &str) -> Result<Vec<Value>, Problem
             let (amount, currency) = match v {
                 Json::Object(m) => (
                     m.get("amount").cloned().unwrap_or(Json::Null),
-                    m.get("currency").and_then(Json::as_str).unwrap_or(&field.currency).to_owned(),
+                    m.get("currency")
+                        .and_then(Json::as_str)
+                        .unwrap_or(&field.currency)
+                        .to_owned(),
                 ),
                 other => (other.clone(), field.currency.clone()),
             };
-            vec![Value::Decimal(decimal(field, &amount, path)?), Value::Text(currency)]
+            vec![
+                Value::Decimal(decimal(field, &amount, path)?),
+                Value::Text(currency),
+            ]
         }
-        FieldType::Boolean => vec![Value::Bool(v.as_bool().ok_or_else(|| bad(format!("{label} must be true or false.")))?)],
+        FieldType::Boolean => {
+            vec![Value::Bool(v.as_bool().ok_or_else(|| {
+                bad(format!("{label} must be true or false."))
+            })?)]
+        }
         FieldType::Date => {
             let d = v
                 .as_str()
                 .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-                .ok_or_else(|| Problem::new(path, "format", format!("{label} must be a date such as 2026-03-31.")))?;
+                .ok_or_else(|| {
+                    Problem::new(
+                        path,
+                        "format",
+                        format!("{label} must be a date such as 2026-03-31."),
+                    )
+                })?;
             if field.min_date.is_some_and(|m| d < m) {
-                return Err(Problem::new(path, "out_of_range", format!("{label} must be on or after {}.", field.min_date.unwrap())));
+                return Err(Problem::new(
+                    path,
+                    "out_of_range",
+                    format!("{label} must be on or after {}.", field.min_date.unwrap()),
+                ));
             }
             if field.max_date.is_some_and(|m| d > m) {
-                return Err(Problem::new(path, "out_of_range", format!("{label} must be on or before {}.", field.max_date.unwrap())));
+                return Err(Problem::new(
+                    path,
+                    "out_of_range",
+                    format!("{label} must be on or before {}.", field.max_date.unwrap()),
+                ));
             }
             vec![Value::Date(d)]
         }
         FieldType::Datetime => vec![Value::DateTime(datetime(v).ok_or_else(|| {
-            Problem::new(path, "format", format!("{label} must be a date and time such as 2026-03-31T09:30:00Z."))
+            Problem::new(
+                path,
+                "format",
+                format!("{label} must be a date and time such as 2026-03-31T09:30:00Z."),
+            )
         })?)],
         FieldType::User | FieldType::Relation => vec![Value::Uuid(
             v.as_str()
                 .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or_else(|| Problem::new(path, "format", format!("{label} must be an id (UUID).")))?,
+                .ok_or_else(|| {
+                    Problem::new(path, "format", format!("{label} must be an id (UUID)."))
+                })?,
         )],
         FieldType::Multiselect | FieldType::Json => vec![Value::Json(v.clone())],
     })
@@ -108,27 +150,56 @@ fn decimal(field: &Field, v: &Json, path: &str) -> Result<Decimal, Problem> {
     let text = match v {
         Json::String(s) => s.clone(),
         Json::Number(n) => n.to_string(),
-        _ => return Err(Problem::new(path, "wrong_type", format!("{label} must be a decimal number such as \"1200.50\"."))),
+        _ => {
+            return Err(Problem::new(
+                path,
+                "wrong_type",
+                format!("{label} must be a decimal number such as \"1200.50\"."),
+            ))
+        }
     };
-    let d = Decimal::from_str(&text)
-        .map_err(|_| Problem::new(path, "wrong_type", format!("{label} must be a decimal number such as \"1200.50\".")))?;
+    let d = Decimal::from_str(&text).map_err(|_| {
+        Problem::new(
+            path,
+            "wrong_type",
+            format!("{label} must be a decimal number such as \"1200.50\"."),
+        )
+    })?;
     let d = d.normalize();
     if d.scale() > field.scale {
-        return Err(Problem::new(path, "too_precise", format!("{label} allows at most {} digit(s) after the decimal point.", field.scale)));
+        return Err(Problem::new(
+            path,
+            "too_precise",
+            format!(
+                "{label} allows at most {} digit(s) after the decimal point.",
+                field.scale
+            ),
+        ));
     }
     let int_digits = d.trunc().abs().to_string().trim_start_matches('0').len() as u32;
     if int_digits + field.scale > MAX_DECIMAL_DIGITS {
         return Err(Problem::new(
             path,
             "out_of_range",
-            format!("{label} is too large: at most {} digits before the decimal point.", MAX_DECIMAL_DIGITS - field.scale),
+            format!(
+                "{label} is too large: at most {} digits before the decimal point.",
+                MAX_DECIMAL_DIGITS - field.scale
+            ),
         ));
     }
     if field.min_num.is_some_and(|m| d < m) {
-        return Err(Problem::new(path, "out_of_range", format!("{label} must be at least {}.", field.min_num.unwrap())));
+        return Err(Problem::new(
+            path,
+            "out_of_range",
+            format!("{label} must be at least {}.", field.min_num.unwrap()),
+        ));
     }
     if field.max_num.is_some_and(|m| d > m) {
-        return Err(Problem::new(path, "out_of_range", format!("{label} must be at most {}.", field.max_num.unwrap())));
+        return Err(Problem::new(
+            path,
+            "out_of_range",
+            format!("{label} must be at most {}.", field.max_num.unwrap()),
+        ));
     }
     Ok(d)
 }

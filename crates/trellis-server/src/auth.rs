@@ -59,16 +59,28 @@ pub fn new_token() -> String {
 }
 
 /// Middleware: resolve `Authorization: Bearer <token>` to an [`Actor`] or answer 401.
-pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let token = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("Send a token in the header Authorization: Bearer <token>."))?;
-    let actor = lookup(&state.db, token).await.map_err(ApiError::from)?.ok_or_else(|| ApiError::unauthorized("The token is unknown or revoked."))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("Send a token in the header Authorization: Bearer <token>.")
+        })?;
+    let actor = lookup(&state.db, token)
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| ApiError::unauthorized("The token is unknown or revoked."))?;
     req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
 }
@@ -79,11 +91,19 @@ async fn lookup(db: &Db, token: &str) -> Result<Option<Actor>> {
          WHERE t.\"token_hash\" = ",
     );
     sql.bind(Value::Text(hash_token(token)));
-    sql.push(" AND t.\"revoked_at\" IS NULL AND u.\"active\" = ").bind(Value::Bool(true));
-    Ok(db.fetch_optional(&sql, &[ColKind::Uuid, ColKind::Bool]).await?.map(|r| Actor {
-        user_id: if let Value::Uuid(u) = r[0] { u } else { Uuid::nil() },
-        is_admin: matches!(r[1], Value::Bool(true)),
-    }))
+    sql.push(" AND t.\"revoked_at\" IS NULL AND u.\"active\" = ")
+        .bind(Value::Bool(true));
+    Ok(db
+        .fetch_optional(&sql, &[ColKind::Uuid, ColKind::Bool])
+        .await?
+        .map(|r| Actor {
+            user_id: if let Value::Uuid(u) = r[0] {
+                u
+            } else {
+                Uuid::nil()
+            },
+            is_admin: matches!(r[1], Value::Bool(true)),
+        }))
 }
 
 /// The bootstrap administrator's id, creating the user if needed.
@@ -92,7 +112,12 @@ pub async fn ensure_admin(db: &Db, now: chrono::DateTime<chrono::Utc>) -> Result
         return Ok(u.id);
     }
     let mut tx = db.begin().await?;
-    let input = UserInput { name: Some("Administrator".into()), email: Some(ADMIN_EMAIL.into()), is_admin: Some(true), ..Default::default() };
+    let input = UserInput {
+        name: Some("Administrator".into()),
+        email: Some(ADMIN_EMAIL.into()),
+        is_admin: Some(true),
+        ..Default::default()
+    };
     let u = trellis_form::users::create(&mut tx, &input, now).await?;
     tx.commit().await?;
     Ok(u.id)
@@ -101,14 +126,22 @@ pub async fn ensure_admin(db: &Db, now: chrono::DateTime<chrono::Utc>) -> Result
 /// Ensure the bootstrap admin user and token exist. With `env_token` (from `TRELLIS_ADMIN_TOKEN`)
 /// that token is registered; otherwise, if the admin has no token yet, one is generated and
 /// returned so the caller can print it once.
-pub async fn bootstrap(db: &Db, now: chrono::DateTime<chrono::Utc>, env_token: Option<&str>) -> Result<(Uuid, Option<String>)> {
+pub async fn bootstrap(
+    db: &Db,
+    now: chrono::DateTime<chrono::Utc>,
+    env_token: Option<&str>,
+) -> Result<(Uuid, Option<String>)> {
     let admin = ensure_admin(db, now).await?;
     let (token, name, show) = match env_token {
         Some(t) => (t.to_owned(), "admin (TRELLIS_ADMIN_TOKEN)", false),
         None => {
             let mut sql = Sql::new("SELECT COUNT(*) FROM \"api_tokens\" WHERE \"user_id\" = ");
-            sql.bind(Value::Uuid(admin)).push(" AND \"revoked_at\" IS NULL");
-            let n = db.fetch_optional(&sql, &[ColKind::Int]).await?.map(|r| r[0].clone());
+            sql.bind(Value::Uuid(admin))
+                .push(" AND \"revoked_at\" IS NULL");
+            let n = db
+                .fetch_optional(&sql, &[ColKind::Int])
+                .await?
+                .map(|r| r[0].clone());
             if matches!(n, Some(Value::Int(n)) if n > 0) {
                 return Ok((admin, None));
             }

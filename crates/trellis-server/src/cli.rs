@@ -15,7 +15,13 @@ use trellis_form::{Clock, FormError, SystemClock};
 #[command(name = "trellis", version, about)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "TRELLIS_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TRELLIS_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -43,11 +49,20 @@ enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
     /// `sqlite://PATH` (default `./trellis.db`) or `postgres://…`.
-    #[arg(long, env = "TRELLIS_DATABASE_URL", default_value = "sqlite://trellis.db")]
+    #[arg(
+        long,
+        env = "TRELLIS_DATABASE_URL",
+        default_value = "sqlite://trellis.db"
+    )]
     pub database_url: String,
     /// SQLite `synchronous` level: `normal` survives a killed process; `full` also survives a
     /// power loss, at some write cost.
-    #[arg(long, env = "TRELLIS_SQLITE_SYNCHRONOUS", value_enum, default_value = "normal")]
+    #[arg(
+        long,
+        env = "TRELLIS_SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "normal"
+    )]
     pub sqlite_synchronous: Synchronous,
 }
 
@@ -113,16 +128,33 @@ pub async fn main() -> anyhow::Result<i32> {
         Command::Serve(args) => serve(args).await.map(|_| 0),
         Command::App(AppCommand::Check { dir }) => Ok(check(&dir)),
         Command::App(AppCommand::Plan { dir, db, json }) => plan(&dir, &db, json).await,
-        Command::App(AppCommand::Import { dir, db, allow_destructive, dry_run }) => {
-            import(&dir, &db, ImportOptions { allow_destructive, dry_run }).await
+        Command::App(AppCommand::Import {
+            dir,
+            db,
+            allow_destructive,
+            dry_run,
+        }) => {
+            import(
+                &dir,
+                &db,
+                ImportOptions {
+                    allow_destructive,
+                    dry_run,
+                },
+            )
+            .await
         }
     }
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -131,9 +163,16 @@ fn init_tracing(format: LogFormat) {
 
 /// Connect, migrate the system tables.
 pub async fn open_db(args: &DbArgs) -> anyhow::Result<Db> {
-    let settings = SqliteSettings { synchronous_full: args.sqlite_synchronous == Synchronous::Full, ..Default::default() };
-    let db = Db::connect(&args.database_url, &settings).await.with_context(|| format!("cannot open the database {}", redact(&args.database_url)))?;
-    db.migrate().await.context("cannot migrate the system tables")?;
+    let settings = SqliteSettings {
+        synchronous_full: args.sqlite_synchronous == Synchronous::Full,
+        ..Default::default()
+    };
+    let db = Db::connect(&args.database_url, &settings)
+        .await
+        .with_context(|| format!("cannot open the database {}", redact(&args.database_url)))?;
+    db.migrate()
+        .await
+        .context("cannot migrate the system tables")?;
     Ok(db)
 }
 
@@ -146,14 +185,27 @@ fn redact(url: &str) -> String {
 
 /// Prepare a database for serving: admin user and token, the default app when none is installed.
 /// Returns the state and, on first start, the generated admin token.
-pub async fn prepare(db: Db, clock: Arc<dyn Clock>, app_dir: Option<&Path>, env_token: Option<&str>) -> anyhow::Result<(AppState, Option<String>)> {
+pub async fn prepare(
+    db: Db,
+    clock: Arc<dyn Clock>,
+    app_dir: Option<&Path>,
+    env_token: Option<&str>,
+) -> anyhow::Result<(AppState, Option<String>)> {
     let (admin, token) = crate::auth::bootstrap(&db, clock.now(), env_token).await?;
     if apps::load_all(&db).await?.is_empty() {
         let def = match app_dir {
             Some(dir) => trellis_form::bundle::load(dir)?.definition,
             None => crate::crm::definition(),
         };
-        let outcome = apps::import(&db, &def, ImportOptions::default(), Some(admin), clock.now()).await.map_err(describe)?;
+        let outcome = apps::import(
+            &db,
+            &def,
+            ImportOptions::default(),
+            Some(admin),
+            clock.now(),
+        )
+        .await
+        .map_err(describe)?;
         tracing::info!(app = %outcome.app, version = outcome.version, "installed app");
     }
     let state = AppState::new(db, clock, admin).await?;
@@ -162,16 +214,28 @@ pub async fn prepare(db: Db, clock: Arc<dyn Clock>, app_dir: Option<&Path>, env_
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let db = open_db(&args.db).await?;
-    let env_token = std::env::var("TRELLIS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
-    let (state, token) = prepare(db.clone(), Arc::new(SystemClock), args.app_dir.as_deref(), env_token.as_deref()).await?;
+    let env_token = std::env::var("TRELLIS_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let (state, token) = prepare(
+        db.clone(),
+        Arc::new(SystemClock),
+        args.app_dir.as_deref(),
+        env_token.as_deref(),
+    )
+    .await?;
     if let Some(t) = token {
         println!("Admin token (shown once, store it now): {t}");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("Trellis is listening on http://{addr}");
     tracing::info!(%addr, database = %redact(&args.db.database_url), "listening");
-    axum::serve(listener, crate::app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, crate::app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     db.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -183,7 +247,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };
@@ -197,16 +262,26 @@ async fn shutdown_signal() {
 }
 
 /// Print every problem of a definition error, with its file.
-fn print_problems(bundle: Option<&trellis_form::bundle::Bundle>, problems: &[trellis_form::Problem]) {
+fn print_problems(
+    bundle: Option<&trellis_form::bundle::Bundle>,
+    problems: &[trellis_form::Problem],
+) {
     for p in problems {
         let file = bundle.map(|b| b.file_of(&p.path)).unwrap_or("app.json");
-        eprintln!("{file}: {} [{}] {}", if p.path.is_empty() { "/" } else { &p.path }, p.code, p.message);
+        eprintln!(
+            "{file}: {} [{}] {}",
+            if p.path.is_empty() { "/" } else { &p.path },
+            p.code,
+            p.message
+        );
     }
 }
 
 fn describe(e: FormError) -> anyhow::Error {
     match &e {
-        FormError::Definition(ps) | FormError::Destructive(ps) | FormError::MigrationConflict(ps) => {
+        FormError::Definition(ps)
+        | FormError::Destructive(ps)
+        | FormError::MigrationConflict(ps) => {
             print_problems(None, ps);
             anyhow::anyhow!("{e}")
         }
@@ -222,11 +297,16 @@ fn check(dir: &Path) -> i32 {
             return 1;
         }
     };
-    let result = trellis_form::compile::parse(&bundle.definition).and_then(|def| trellis_form::compile::compile(def, 1));
+    let result = trellis_form::compile::parse(&bundle.definition)
+        .and_then(|def| trellis_form::compile::compile(def, 1));
     match result {
         Ok(app) => {
             let fields: usize = app.entities.iter().map(|e| e.fields.len()).sum();
-            println!("{}: OK ({} entities, {fields} fields)", dir.display(), app.entities.len());
+            println!(
+                "{}: OK ({} entities, {fields} fields)",
+                dir.display(),
+                app.entities.len()
+            );
             0
         }
         Err(FormError::Definition(ps)) => {
@@ -249,8 +329,13 @@ async fn plan(dir: &Path, db: &DbArgs, json: bool) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
-                let from = current.map(|c| format!("version {}", c.version)).unwrap_or_else(|| "nothing installed".into());
-                println!("Plan for app `{}` ({from} → version {}):", new.key, new.version);
+                let from = current
+                    .map(|c| format!("version {}", c.version))
+                    .unwrap_or_else(|| "nothing installed".into());
+                println!(
+                    "Plan for app `{}` ({from} → version {}):",
+                    new.key, new.version
+                );
                 print!("{}", p.render());
                 if p.is_destructive() {
                     println!("Steps marked ! destroy data; import with --allow-destructive to apply them.");
@@ -270,7 +355,15 @@ async fn import(dir: &Path, db: &DbArgs, opts: ImportOptions) -> anyhow::Result<
     let bundle = trellis_form::bundle::load(dir)?;
     let db = open_db(db).await?;
     let admin = crate::auth::ensure_admin(&db, SystemClock.now()).await?;
-    match apps::import(&db, &bundle.definition, opts, Some(admin), SystemClock.now()).await {
+    match apps::import(
+        &db,
+        &bundle.definition,
+        opts,
+        Some(admin),
+        SystemClock.now(),
+    )
+    .await
+    {
         Ok(o) => {
             print!("{}", o.plan.render());
             if o.applied {
@@ -278,11 +371,18 @@ async fn import(dir: &Path, db: &DbArgs, opts: ImportOptions) -> anyhow::Result<
             } else if opts.dry_run {
                 println!("Dry run: nothing was changed.");
             } else {
-                println!("Nothing to change: app `{}` stays at version {}.", o.app, o.version);
+                println!(
+                    "Nothing to change: app `{}` stays at version {}.",
+                    o.app, o.version
+                );
             }
             Ok(0)
         }
-        Err(FormError::Definition(ps) | FormError::Destructive(ps) | FormError::MigrationConflict(ps)) => {
+        Err(
+            FormError::Definition(ps)
+            | FormError::Destructive(ps)
+            | FormError::MigrationConflict(ps),
+        ) => {
             print_problems(Some(&bundle), &ps);
             eprintln!("Nothing was changed.");
             Ok(1)

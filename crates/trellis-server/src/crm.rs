@@ -4,17 +4,43 @@
 /// The files of `examples/crm`, as (path inside the folder, content).
 pub const FILES: &[(&str, &str)] = &[
     ("app.json", include_str!("../../../examples/crm/app.json")),
-    ("entities/01-lead.json", include_str!("../../../examples/crm/entities/01-lead.json")),
-    ("entities/02-account.json", include_str!("../../../examples/crm/entities/02-account.json")),
-    ("entities/03-contact.json", include_str!("../../../examples/crm/entities/03-contact.json")),
-    ("entities/04-opportunity.json", include_str!("../../../examples/crm/entities/04-opportunity.json")),
-    ("entities/05-activity.json", include_str!("../../../examples/crm/entities/05-activity.json")),
-    ("entities/06-task.json", include_str!("../../../examples/crm/entities/06-task.json")),
-    ("entities/07-review.json", include_str!("../../../examples/crm/entities/07-review.json")),
+    (
+        "entities/01-lead.json",
+        include_str!("../../../examples/crm/entities/01-lead.json"),
+    ),
+    (
+        "entities/02-account.json",
+        include_str!("../../../examples/crm/entities/02-account.json"),
+    ),
+    (
+        "entities/03-contact.json",
+        include_str!("../../../examples/crm/entities/03-contact.json"),
+    ),
+    (
+        "entities/04-opportunity.json",
+        include_str!("../../../examples/crm/entities/04-opportunity.json"),
+    ),
+    (
+        "entities/05-activity.json",
+        include_str!("../../../examples/crm/entities/05-activity.json"),
+    ),
+    (
+        "entities/06-task.json",
+        include_str!("../../../examples/crm/entities/06-task.json"),
+    ),
+    (
+        "entities/07-review.json",
+        include_str!("../../../examples/crm/entities/07-review.json"),
+    ),
 ];
 
 /// The CRM definition as one JSON document.
 pub fn definition() -> serde_json::Value {
-    let files = FILES.iter().map(|(n, c)| (n.to_string(), c.to_string())).collect();
-    trellis_form::bundle::from_files(files).expect("the bundled CRM is valid JSON").definition
+    let files = FILES
+        .iter()
+        .map(|(n, c)| (n.to_string(), c.to_string()))
+        .collect();
+    trellis_form::bundle::from_files(files)
+        .expect("the bundled CRM is valid JSON")
+        .definition
 }

@@ -17,15 +17,27 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("invalid_query", 400, "The query is invalid"),
     ("malformed_json", 400, "The request body is not valid JSON"),
     ("invalid_body", 422, "The request body has the wrong shape"),
-    ("unsupported_media_type", 415, "Send JSON with Content-Type: application/json"),
+    (
+        "unsupported_media_type",
+        415,
+        "Send JSON with Content-Type: application/json",
+    ),
     ("payload_too_large", 413, "The request body is too large"),
     ("unauthorized", 401, "A valid bearer token is required"),
     ("not_found", 404, "Not found"),
     ("method_not_allowed", 405, "Method not allowed"),
-    ("version_conflict", 409, "The record was changed by someone else"),
+    (
+        "version_conflict",
+        409,
+        "The record was changed by someone else",
+    ),
     ("conflict", 409, "The write conflicts with existing data"),
     ("destructive_change", 409, "The change would destroy data"),
-    ("migration_conflict", 409, "The change does not fit the existing data"),
+    (
+        "migration_conflict",
+        409,
+        "The change does not fit the existing data",
+    ),
     ("internal", 500, "Internal server error"),
 ];
 
@@ -53,8 +65,16 @@ struct ProblemBody<'a> {
 impl ApiError {
     /// An error of `code` with a detail sentence.
     pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
-        debug_assert!(CODES.iter().any(|(c, ..)| *c == code), "unknown code {code}");
-        ApiError { code, detail: detail.into(), errors: vec![], extra: None }
+        debug_assert!(
+            CODES.iter().any(|(c, ..)| *c == code),
+            "unknown code {code}"
+        );
+        ApiError {
+            code,
+            detail: detail.into(),
+            errors: vec![],
+            extra: None,
+        }
     }
 
     /// With a list of located problems.
@@ -65,7 +85,11 @@ impl ApiError {
 
     /// The status of this error.
     pub fn status(&self) -> StatusCode {
-        let s = CODES.iter().find(|(c, ..)| *c == self.code).map(|(_, s, _)| *s).unwrap_or(500);
+        let s = CODES
+            .iter()
+            .find(|(c, ..)| *c == self.code)
+            .map(|(_, s, _)| *s)
+            .unwrap_or(500);
         StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
@@ -82,14 +106,21 @@ impl ApiError {
     /// 500, logged once; the body stays generic.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "internal error");
-        ApiError::new("internal", "Something went wrong on the server; it has been logged.")
+        ApiError::new(
+            "internal",
+            "Something went wrong on the server; it has been logged.",
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let title = CODES.iter().find(|(c, ..)| *c == self.code).map(|(.., t)| *t).unwrap_or("Error");
+        let title = CODES
+            .iter()
+            .find(|(c, ..)| *c == self.code)
+            .map(|(.., t)| *t)
+            .unwrap_or("Error");
         let mut body = serde_json::to_value(ProblemBody {
             ty: format!("urn:trellis:problem:{}", self.code),
             title,
@@ -103,9 +134,13 @@ impl IntoResponse for ApiError {
             body[k] = v;
         }
         let mut resp = (status, body.to_string()).into_response();
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -119,11 +154,14 @@ impl From<FormError> for ApiError {
             FormError::Definition(p) => ApiError::new("invalid_definition", detail).with_errors(p),
             FormError::Query(p) => ApiError::new("invalid_query", detail).with_errors(p),
             FormError::Destructive(p) => ApiError::new("destructive_change", detail).with_errors(p),
-            FormError::MigrationConflict(p) => ApiError::new("migration_conflict", detail).with_errors(p),
-            FormError::Conflict(p) => ApiError::new("conflict", detail).with_errors(p),
-            FormError::AppNotFound(_) | FormError::EntityNotFound(_) | FormError::RecordNotFound | FormError::NotFound(_) => {
-                ApiError::not_found(detail)
+            FormError::MigrationConflict(p) => {
+                ApiError::new("migration_conflict", detail).with_errors(p)
             }
+            FormError::Conflict(p) => ApiError::new("conflict", detail).with_errors(p),
+            FormError::AppNotFound(_)
+            | FormError::EntityNotFound(_)
+            | FormError::RecordNotFound
+            | FormError::NotFound(_) => ApiError::not_found(detail),
             FormError::VersionConflict { current, .. } => {
                 let mut err = ApiError::new("version_conflict", detail);
                 err.extra = Some(("current_version", serde_json::json!(current)));
@@ -138,11 +176,23 @@ impl From<FormError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {
-            JsonRejection::JsonSyntaxError(e) => ApiError::new("malformed_json", format!("The body is not valid JSON: {}", source_text(&e))),
-            JsonRejection::JsonDataError(e) => ApiError::new("invalid_body", format!("The body has the wrong shape: {}", source_text(&e))),
-            JsonRejection::MissingJsonContentType(_) => ApiError::new("unsupported_media_type", "Send the body as JSON with the header Content-Type: application/json."),
+            JsonRejection::JsonSyntaxError(e) => ApiError::new(
+                "malformed_json",
+                format!("The body is not valid JSON: {}", source_text(&e)),
+            ),
+            JsonRejection::JsonDataError(e) => ApiError::new(
+                "invalid_body",
+                format!("The body has the wrong shape: {}", source_text(&e)),
+            ),
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                "unsupported_media_type",
+                "Send the body as JSON with the header Content-Type: application/json.",
+            ),
             JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::new("payload_too_large", "The request body is larger than this endpoint accepts.")
+                ApiError::new(
+                    "payload_too_large",
+                    "The request body is larger than this endpoint accepts.",
+                )
             }
             other => ApiError::new("malformed_json", other.body_text()),
         }

@@ -41,7 +41,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -55,7 +58,10 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(api::records::router())
         .merge(api::users::router())
         .layer(DefaultBodyLimit::max(MAX_BODY));
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(bulk).merge(normal).split_for_parts()
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(bulk)
+        .merge(normal)
+        .split_for_parts()
 }
 
 /// The whole application: API, OpenAPI document, health check, problem-JSON fallbacks.
@@ -63,19 +69,37 @@ pub fn app(state: AppState) -> Router {
     let (api_router, doc) = api();
     let doc = std::sync::Arc::new(doc);
     let api_router = api_router
-        .route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route(
+            "/api/v1/openapi.json",
+            get(move || async move { Json(doc.as_ref().clone()) }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api_router)
-        .fallback(|| async { ApiError::not_found("There is no such route; see /api/v1/openapi.json.") })
-        .method_not_allowed_fallback(|| async { ApiError::new("method_not_allowed", "This route does not accept this method.") })
+        .fallback(|| async {
+            ApiError::not_found("There is no such route; see /api/v1/openapi.json.")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                "method_not_allowed",
+                "This route does not accept this method.",
+            )
+        })
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
-async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn healthz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let sql = trellis_form::db::Sql::new("SELECT 1");
-    state.db.fetch_optional(&sql, &[trellis_form::model::ColKind::Int]).await?;
+    state
+        .db
+        .fetch_optional(&sql, &[trellis_form::model::ColKind::Int])
+        .await?;
     Ok(Json(serde_json::json!({"status": "ok"})))
 }

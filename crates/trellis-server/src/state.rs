@@ -35,7 +35,12 @@ pub struct AppState {
 impl AppState {
     /// State over a migrated database; loads every installed app.
     pub async fn new(db: Db, clock: Arc<dyn Clock>, admin_user: Uuid) -> Result<Self> {
-        let state = AppState { db, clock, admin_user, apps: Arc::default() };
+        let state = AppState {
+            db,
+            clock,
+            admin_user,
+            apps: Arc::default(),
+        };
         for app in trellis_form::apps::load_all(&state.db).await? {
             state.install(app).await?;
         }
@@ -45,11 +50,19 @@ impl AppState {
     /// Put a compiled app into the cache.
     pub async fn install(&self, app: App) -> Result<()> {
         let owner = match &app.def.default_owner {
-            Some(email) => trellis_form::users::by_email(&self.db, email).await?.map(|u| u.id),
+            Some(email) => trellis_form::users::by_email(&self.db, email)
+                .await?
+                .map(|u| u.id),
             None => None,
         };
-        let loaded = Loaded { app: Arc::new(app), default_owner: owner.unwrap_or(self.admin_user) };
-        self.apps.write().expect("apps lock").insert(loaded.app.key.clone(), loaded);
+        let loaded = Loaded {
+            app: Arc::new(app),
+            default_owner: owner.unwrap_or(self.admin_user),
+        };
+        self.apps
+            .write()
+            .expect("apps lock")
+            .insert(loaded.app.key.clone(), loaded);
         Ok(())
     }
 
@@ -65,7 +78,13 @@ impl AppState {
 
     /// Every installed app, by key.
     pub fn all_apps(&self) -> Vec<Loaded> {
-        let mut v: Vec<Loaded> = self.apps.read().expect("apps lock").values().cloned().collect();
+        let mut v: Vec<Loaded> = self
+            .apps
+            .read()
+            .expect("apps lock")
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.app.key.cmp(&b.app.key));
         v
     }

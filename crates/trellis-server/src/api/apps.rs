@@ -44,17 +44,33 @@ fn admin(actor: &Actor) -> ApiResult<()> {
     }
 }
 
-async fn do_import(state: &AppState, actor: &Actor, def: &Value, p: &ImportParams) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn do_import(
+    state: &AppState,
+    actor: &Actor,
+    def: &Value,
+    p: &ImportParams,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     admin(actor)?;
-    let opts = ImportOptions { allow_destructive: p.allow_destructive, dry_run: p.dry_run };
-    let outcome = apps::import(&state.db, def, opts, Some(actor.user_id), state.clock.now()).await?;
+    let opts = ImportOptions {
+        allow_destructive: p.allow_destructive,
+        dry_run: p.dry_run,
+    };
+    let outcome =
+        apps::import(&state.db, def, opts, Some(actor.user_id), state.clock.now()).await?;
     if outcome.applied {
         if let Some(app) = apps::load(&state.db, &outcome.app).await? {
             state.install(app).await?;
         }
     }
-    let status = if outcome.applied && outcome.version == 1 { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(serde_json::to_value(&outcome).map_err(ApiError::internal)?)))
+    let status = if outcome.applied && outcome.version == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::to_value(&outcome).map_err(ApiError::internal)?),
+    ))
 }
 
 /// Every installed app.
@@ -83,7 +99,12 @@ async fn list_apps(State(state): State<AppState>, _actor: Actor) -> Json<Value> 
               (status = 200, description = "A new version was applied, or nothing changed, or a dry run", body = Object),
               (status = 409, description = "Destructive change without allow_destructive, or data that does not fit", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 422, description = "The definition is invalid: every problem with its JSON pointer", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn import_app(State(state): State<AppState>, actor: Actor, Q(p): Q<ImportParams>, Body(def): Body<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn import_app(
+    State(state): State<AppState>,
+    actor: Actor,
+    Q(p): Q<ImportParams>,
+    Body(def): Body<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     do_import(&state, &actor, &def, &p).await
 }
 
@@ -93,10 +114,23 @@ async fn import_app(State(state): State<AppState>, actor: Actor, Q(p): Q<ImportP
     responses((status = 200, description = "Applied (or dry run)", body = Object),
               (status = 409, description = "Destructive change without allow_destructive", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 422, description = "The definition is invalid", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn replace_app(State(state): State<AppState>, actor: Actor, Path(app): Path<String>, Q(p): Q<ImportParams>, Body(def): Body<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn replace_app(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+    Q(p): Q<ImportParams>,
+    Body(def): Body<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     if def.get("key").and_then(Value::as_str) != Some(app.as_str()) {
-        return Err(ApiError::new("invalid_definition", "The definition's key must match the app in the URL.")
-            .with_errors(vec![trellis_form::Problem::new("/key", "mismatch", format!("Expected the key `{app}`."))]));
+        return Err(ApiError::new(
+            "invalid_definition",
+            "The definition's key must match the app in the URL.",
+        )
+        .with_errors(vec![trellis_form::Problem::new(
+            "/key",
+            "mismatch",
+            format!("Expected the key `{app}`."),
+        )]));
     }
     do_import(&state, &actor, &def, &p).await
 }
@@ -105,16 +139,26 @@ async fn replace_app(State(state): State<AppState>, actor: Actor, Path(app): Pat
 #[utoipa::path(get, path = "/api/v1/apps/{app}", tag = "apps", params(("app" = String, Path, description = "App key")),
     responses((status = 200, description = "`{key, version, definition}`", body = Object),
               (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn get_app(State(state): State<AppState>, _actor: Actor, Path(app): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_app(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Value>> {
     let l = state.app(&app)?;
-    Ok(Json(json!({"key": l.app.key, "version": l.app.version, "definition": l.app.def})))
+    Ok(Json(
+        json!({"key": l.app.key, "version": l.app.version, "definition": l.app.def}),
+    ))
 }
 
 /// Every version of an app, newest first, with the plan applied for each.
 #[utoipa::path(get, path = "/api/v1/apps/{app}/versions", tag = "apps", params(("app" = String, Path, description = "App key")),
     responses((status = 200, description = "`{versions: [{version, created_at, created_by, plan}]}`", body = Object),
               (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn list_versions(State(state): State<AppState>, _actor: Actor, Path(app): Path<String>) -> ApiResult<Json<Value>> {
+async fn list_versions(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Value>> {
     let v = apps::versions(&state.db, &app).await?;
     Ok(Json(json!({ "versions": v })))
 }
@@ -124,8 +168,14 @@ async fn list_versions(State(state): State<AppState>, _actor: Actor, Path(app): 
     params(("app" = String, Path, description = "App key"), ("version" = i64, Path, description = "Version number")),
     responses((status = 200, description = "`{version, definition}`", body = Object),
               (status = 404, description = "No such version", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn get_version(State(state): State<AppState>, _actor: Actor, Path((app, version)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    let version: i64 = version.parse().map_err(|_| ApiError::not_found(format!("no version `{version}`")))?;
+async fn get_version(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path((app, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let version: i64 = version
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("no version `{version}`")))?;
     let def = apps::version_definition(&state.db, &app, version).await?;
     Ok(Json(json!({"version": version, "definition": def})))
 }
@@ -135,7 +185,11 @@ async fn get_version(State(state): State<AppState>, _actor: Actor, Path((app, ve
     params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key")),
     responses((status = 200, description = "A JSON Schema (draft 2020-12)", body = Object),
               (status = 404, description = "No such app or entity", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn entity_schema(State(state): State<AppState>, _actor: Actor, Path((app, entity)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+async fn entity_schema(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path((app, entity)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     let l = state.app(&app)?;
     Ok(Json(l.app.entity(&entity)?.json_schema()))
 }

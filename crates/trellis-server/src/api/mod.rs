@@ -37,14 +37,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Q(v)),
-            Err(r) => Err(ApiError::new("invalid_query", format!("The query string is invalid: {}", r.body_text()))),
+            Err(r) => Err(ApiError::new(
+                "invalid_query",
+                format!("The query string is invalid: {}", r.body_text()),
+            )),
         }
     }
 }
 
 /// A path parameter that must be a UUID; anything else is a 404 (no such record).
 pub fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("no record has the id `{id}`")))
+    uuid::Uuid::parse_str(id)
+        .map_err(|_| ApiError::not_found(format!("no record has the id `{id}`")))
 }
 
 /// Shape of a problem response, for the OpenAPI document.

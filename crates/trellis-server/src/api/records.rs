@@ -44,7 +44,10 @@ fn record_response(status: StatusCode, app: &str, entity: &str, r: &Record) -> R
         headers.insert(header::ETAG, v);
     }
     if status == StatusCode::CREATED {
-        if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/apps/{app}/records/{entity}/{}", r.meta.id)) {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "/api/v1/apps/{app}/records/{entity}/{}",
+            r.meta.id
+        )) {
             headers.insert(header::LOCATION, v);
         }
     }
@@ -88,7 +91,12 @@ pub struct ListBody {
     count: bool,
 }
 
-async fn run_list(state: &AppState, app: &str, entity: &str, q: ListQuery) -> ApiResult<Json<Value>> {
+async fn run_list(
+    state: &AppState,
+    app: &str,
+    entity: &str,
+    q: ListQuery,
+) -> ApiResult<Json<Value>> {
     let loaded = state.app(app)?;
     let e = loaded.app.entity(entity)?;
     let page = trellis_form::query::list(&state.db, e, &q).await?;
@@ -108,7 +116,12 @@ async fn run_list(state: &AppState, app: &str, entity: &str, q: ListQuery) -> Ap
     responses((status = 200, description = "`{records, next_cursor, total?}`", body = Object),
               (status = 400, description = "Bad filter, sort or cursor", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 404, description = "No such app or entity", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn list_records(State(state): State<AppState>, _actor: Actor, Path((app, entity)): Path<(String, String)>, Q(p): Q<ListParams>) -> ApiResult<Json<Value>> {
+async fn list_records(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path((app, entity)): Path<(String, String)>,
+    Q(p): Q<ListParams>,
+) -> ApiResult<Json<Value>> {
     let filters = match &p.filter {
         None => vec![],
         Some(f) => serde_json::from_str::<Vec<Filter>>(f).map_err(|e| {
@@ -116,7 +129,13 @@ async fn list_records(State(state): State<AppState>, _actor: Actor, Path((app, e
                 .with_errors(vec![trellis_form::Problem::new("/filter", "malformed", e.to_string())])
         })?,
     };
-    let q = ListQuery { filters, sort: p.sort, limit: p.limit, cursor: p.cursor, count: p.count.unwrap_or(false) };
+    let q = ListQuery {
+        filters,
+        sort: p.sort,
+        limit: p.limit,
+        cursor: p.cursor,
+        count: p.count.unwrap_or(false),
+    };
     run_list(&state, &app, &entity, q).await
 }
 
@@ -126,8 +145,19 @@ async fn list_records(State(state): State<AppState>, _actor: Actor, Path((app, e
     request_body = ListBody,
     responses((status = 200, description = "`{records, next_cursor, total?}`", body = Object),
               (status = 400, description = "Bad filter, sort or cursor", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn query_records(State(state): State<AppState>, _actor: Actor, Path((app, entity)): Path<(String, String)>, Body(b): Body<ListBody>) -> ApiResult<Json<Value>> {
-    let q = ListQuery { filters: b.filters, sort: b.sort, limit: b.limit, cursor: b.cursor, count: b.count };
+async fn query_records(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path((app, entity)): Path<(String, String)>,
+    Body(b): Body<ListBody>,
+) -> ApiResult<Json<Value>> {
+    let q = ListQuery {
+        filters: b.filters,
+        sort: b.sort,
+        limit: b.limit,
+        cursor: b.cursor,
+        count: b.count,
+    };
     run_list(&state, &app, &entity, q).await
 }
 
@@ -137,7 +167,12 @@ async fn query_records(State(state): State<AppState>, _actor: Actor, Path((app, 
     request_body(content = Object, description = "A flat record: `{\"field\": value, …}`, optionally `owner`"),
     responses((status = 201, description = "The stored record", body = Object),
               (status = 422, description = "Validation failed: every problem with its JSON pointer", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn create_record(State(state): State<AppState>, actor: Actor, Path((app, entity)): Path<(String, String)>, Body(input): Body<Value>) -> ApiResult<Response> {
+async fn create_record(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, entity)): Path<(String, String)>,
+    Body(input): Body<Value>,
+) -> ApiResult<Response> {
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let mut c = ctx(&state, &loaded, &actor);
@@ -163,14 +198,22 @@ pub struct BatchBody {
     request_body = BatchBody,
     responses((status = 201, description = "`{created, ids}`", body = Object),
               (status = 422, description = "Nothing was written; problems carry /records/<index>", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn batch_create(State(state): State<AppState>, actor: Actor, Path((app, entity)): Path<(String, String)>, Body(b): Body<BatchBody>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn batch_create(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, entity)): Path<(String, String)>,
+    Body(b): Body<BatchBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let c = ctx(&state, &loaded, &actor);
     let mut tx = state.db.begin().await?;
     let ids = store::create_batch(&mut tx, &loaded.app, e, &b.records, &c).await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(json!({"created": ids.len(), "ids": ids}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"created": ids.len(), "ids": ids})),
+    ))
 }
 
 /// Read one record.
@@ -178,7 +221,11 @@ async fn batch_create(State(state): State<AppState>, actor: Actor, Path((app, en
     params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ("id" = String, Path, description = "Record id")),
     responses((status = 200, description = "The record; `ETag` holds its version", body = Object),
               (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn get_record(State(state): State<AppState>, _actor: Actor, Path((app, entity, id)): Path<(String, String, String)>) -> ApiResult<Response> {
+async fn get_record(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path((app, entity, id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let r = store::get(&state.db, e, parse_id(&id)?).await?;
@@ -186,9 +233,21 @@ async fn get_record(State(state): State<AppState>, _actor: Actor, Path((app, ent
 }
 
 fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
-    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
-    let s = v.to_str().unwrap_or_default().trim().trim_start_matches("W/").trim_matches('"');
-    s.parse::<i64>().map(Some).map_err(|_| ApiError::new("invalid_query", "If-Match must hold the record's version, as in If-Match: \"3\"."))
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("W/")
+        .trim_matches('"');
+    s.parse::<i64>().map(Some).map_err(|_| {
+        ApiError::new(
+            "invalid_query",
+            "If-Match must hold the record's version, as in If-Match: \"3\".",
+        )
+    })
 }
 
 /// Change some fields of a record. Send `If-Match: "<version>"` (or `version` in the body) to
@@ -200,7 +259,13 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     responses((status = 200, description = "The stored record", body = Object),
               (status = 409, description = "Stale version", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 422, description = "Validation failed", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn update_record(State(state): State<AppState>, actor: Actor, Path((app, entity, id)): Path<(String, String, String)>, headers: HeaderMap, Body(patch): Body<Value>) -> ApiResult<Response> {
+async fn update_record(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, entity, id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Body(patch): Body<Value>,
+) -> ApiResult<Response> {
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
@@ -220,7 +285,12 @@ async fn update_record(State(state): State<AppState>, actor: Actor, Path((app, e
     responses((status = 204, description = "Deleted"),
               (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 409, description = "Stale version or still referenced", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn delete_record(State(state): State<AppState>, actor: Actor, Path((app, entity, id)): Path<(String, String, String)>, headers: HeaderMap) -> ApiResult<StatusCode> {
+async fn delete_record(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, entity, id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
@@ -237,7 +307,11 @@ async fn delete_record(State(state): State<AppState>, actor: Actor, Path((app, e
     params(("app" = String, Path, description = "App key"), ("entity" = String, Path, description = "Entity key"), ("id" = String, Path, description = "Record id")),
     responses((status = 200, description = "`{history: [{field, old, new, at, actor}]}`", body = Object),
               (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn record_history(State(state): State<AppState>, _actor: Actor, Path((app, entity, id)): Path<(String, String, String)>) -> ApiResult<Json<Value>> {
+async fn record_history(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path((app, entity, id)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let rows = store::history(&state.db, &loaded.app, e, parse_id(&id)?).await?;

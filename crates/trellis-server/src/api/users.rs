@@ -24,12 +24,15 @@ fn admin(actor: &Actor) -> ApiResult<()> {
     if actor.is_admin {
         Ok(())
     } else {
-        Err(ApiError::not_found("only administrators can manage users and teams"))
+        Err(ApiError::not_found(
+            "only administrators can manage users and teams",
+        ))
     }
 }
 
 fn input<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
-    serde_json::from_value(v).map_err(|e| ApiError::new("invalid_body", format!("The body has the wrong shape: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::new("invalid_body", format!("The body has the wrong shape: {e}")))
 }
 
 /// Every user.
@@ -44,7 +47,11 @@ async fn list_users(State(state): State<AppState>, _actor: Actor) -> ApiResult<J
     request_body(content = Object, description = "`{name, email, manager_id?, active?, is_admin?}`"),
     responses((status = 201, description = "The user", body = Object),
               (status = 422, description = "Invalid", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn create_user(State(state): State<AppState>, actor: Actor, Body(b): Body<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn create_user(
+    State(state): State<AppState>,
+    actor: Actor,
+    Body(b): Body<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     admin(&actor)?;
     let i: UserInput = input(b)?;
     let mut tx = state.db.begin().await?;
@@ -57,7 +64,11 @@ async fn create_user(State(state): State<AppState>, actor: Actor, Body(b): Body<
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")),
     responses((status = 200, description = "The user", body = Object),
               (status = 404, description = "No such user", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn get_user(State(state): State<AppState>, _actor: Actor, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_user(
+    State(state): State<AppState>,
+    _actor: Actor,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user not found"))?;
     Ok(Json(json!(users::get(&state.db, id).await?)))
 }
@@ -67,7 +78,12 @@ async fn get_user(State(state): State<AppState>, _actor: Actor, Path(id): Path<S
     request_body(content = Object, description = "Fields to change"),
     responses((status = 200, description = "The user", body = Object),
               (status = 422, description = "Invalid (e.g. a management cycle)", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn update_user(State(state): State<AppState>, actor: Actor, Path(id): Path<String>, Body(b): Body<Value>) -> ApiResult<Json<Value>> {
+async fn update_user(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(id): Path<String>,
+    Body(b): Body<Value>,
+) -> ApiResult<Json<Value>> {
     admin(&actor)?;
     let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user not found"))?;
     let i: UserInput = input(b)?;
@@ -89,7 +105,11 @@ async fn list_teams(State(state): State<AppState>, _actor: Actor) -> ApiResult<J
     request_body(content = Object, description = "`{key, name?, lead_id?, members?}`"),
     responses((status = 200, description = "`{id}`", body = Object),
               (status = 422, description = "Invalid", body = ProblemDoc, content_type = "application/problem+json")))]
-async fn upsert_team(State(state): State<AppState>, actor: Actor, Body(b): Body<Value>) -> ApiResult<Json<Value>> {
+async fn upsert_team(
+    State(state): State<AppState>,
+    actor: Actor,
+    Body(b): Body<Value>,
+) -> ApiResult<Json<Value>> {
     admin(&actor)?;
     let i: TeamInput = input(b)?;
     let mut tx = state.db.begin().await?;

@@ -1,0 +1,10 @@
+//! Integration tests of the form engine against real SQLite and PostgreSQL databases.
+//! Every test runs on both backends (PostgreSQL is skipped with a message when unreachable,
+//! unless TRELLIS_REQUIRE_POSTGRES=1).
+
+mod common;
+mod definitions;
+mod listing;
+mod migrations;
+mod records;
+mod users;

@@ -1,0 +1,307 @@
+//! Schema evolution: plans, destructive changes, tightening checked against the data, versions.
+
+use crate::common::{count, create, install, t0, zoo_def};
+use serde_json::{json, Value};
+use trellis_form::apps::{self, ImportOptions};
+use trellis_form::plan::StepKind;
+use trellis_form::testing;
+use trellis_form::FormError;
+
+fn with_thing_fields(mut def: Value, edit: impl FnOnce(&mut Vec<Value>)) -> Value {
+    let fields = def["entities"][1]["fields"].as_array_mut().unwrap();
+    edit(fields);
+    def
+}
+
+fn kinds(p: &trellis_form::plan::Plan) -> Vec<(StepKind, Option<String>, bool)> {
+    p.steps
+        .iter()
+        .map(|s| (s.kind, s.field.clone(), s.destructive))
+        .collect()
+}
+
+#[tokio::test]
+async fn first_import_creates_every_entity_and_unchanged_imports_do_nothing() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        assert_eq!(app.version, 1);
+        let v = apps::versions(&t.db, "zoo").await.unwrap();
+        assert_eq!(v.len(), 1);
+        let steps: Vec<&str> = v[0].plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(steps, ["create_entity", "create_entity", "create_entity"]);
+        let out = apps::import(
+            &t.db,
+            &zoo_def(),
+            ImportOptions::default(),
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert!(!out.applied && out.plan.steps.is_empty() && out.version == 1);
+        assert_eq!(apps::versions(&t.db, "zoo").await.unwrap().len(), 1);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn additive_changes_apply_and_are_versioned() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "old", "color": "red"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let mut def = with_thing_fields(zoo_def(), |fields| {
+            fields.push(json!({"key": "size", "type": "integer", "required": true, "default": 7}));
+            fields.push(json!({"key": "nick", "type": "text", "indexed": true}));
+            // Relax: title no longer required, more options, longer text.
+            fields[0] = json!({"key": "title", "type": "text", "max_length": 50});
+            fields[11]["options"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"key": "green"}));
+        });
+        def["entities"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"key": "extra", "fields": [{"key": "x", "type": "text"}]}));
+        let (_, _, plan) = apps::plan_import(&t.db, &def).await.unwrap();
+        assert_eq!(
+            kinds(&plan),
+            [
+                (StepKind::UpdateField, Some("title".into()), false),
+                (StepKind::UpdateField, Some("color".into()), false),
+                (StepKind::AddField, Some("size".into()), false),
+                (StepKind::AddField, Some("nick".into()), false),
+                (StepKind::CreateEntity, None, false),
+            ]
+        );
+        insta::allow_duplicates! { insta::assert_snapshot!(plan.render(), @r"
+        + update_field   update `thing.title` (labels, options, bounds or pipeline settings; existing records are not re-checked)
+        + update_field   update `thing.color` (labels, options, bounds or pipeline settings; existing records are not re-checked)
+        + add_field      add field `thing.size` (integer)
+        + add_field      add field `thing.nick` (text)
+        + create_entity  create entity `extra` (1 fields)
+        ") };
+        let out = apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap();
+        assert!(out.applied);
+        assert_eq!(out.version, 2);
+        let app = apps::load(&t.db, "zoo").await.unwrap().unwrap();
+        // The new required field was backfilled with its default.
+        let page =
+            trellis_form::query::list(&t.db, app.entity("thing").unwrap(), &Default::default())
+                .await
+                .unwrap();
+        assert_eq!(page.records[0].fields["size"], json!(7));
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"color": "green", "nick": "n"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        create(&t.db, &app, "extra", json!({"x": "y"}), admin)
+            .await
+            .unwrap();
+        assert_eq!(
+            apps::versions(&t.db, "zoo")
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            [2, 1]
+        );
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn destructive_changes_need_the_flag() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "keep", "notes": "n", "count": 3, "color": "blue"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let mut def = with_thing_fields(zoo_def(), |fields| {
+            fields.retain(|f| f["key"] != "notes");
+            fields[1] = json!({"key": "count", "type": "text"});
+            fields.iter_mut().find(|f| f["key"] == "color").unwrap()["options"] =
+                json!([{"key": "red"}]);
+        });
+        def["entities"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|e| e["key"] != "deal");
+        let e = apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap_err();
+        let FormError::Destructive(ps) = e else {
+            panic!("{e:?}")
+        };
+        let msgs: Vec<&str> = ps.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(ps.len(), 4, "{msgs:?}");
+        // Nothing changed.
+        assert_eq!(apps::load(&t.db, "zoo").await.unwrap().unwrap().version, 1);
+        assert_eq!(count(&t.db, "zoo__deal", "").await, 0);
+        let out = apps::import(
+            &t.db,
+            &def,
+            ImportOptions {
+                allow_destructive: true,
+                dry_run: true,
+            },
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert!(!out.applied);
+        assert_eq!(apps::load(&t.db, "zoo").await.unwrap().unwrap().version, 1);
+        let out = apps::import(
+            &t.db,
+            &def,
+            ImportOptions {
+                allow_destructive: true,
+                dry_run: false,
+            },
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert!(out.applied);
+        let kinds: Vec<StepKind> = out.plan.steps.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                StepKind::ChangeType,
+                StepKind::RemoveOption,
+                StepKind::DropField,
+                StepKind::DropEntity
+            ]
+        );
+        let app = apps::load(&t.db, "zoo").await.unwrap().unwrap();
+        let r =
+            &trellis_form::query::list(&t.db, app.entity("thing").unwrap(), &Default::default())
+                .await
+                .unwrap()
+                .records[0];
+        assert_eq!(
+            r.fields["count"],
+            Value::Null,
+            "a changed type drops the old values"
+        );
+        assert!(!r.fields.contains_key("notes"));
+        assert_eq!(r.fields["title"], json!("keep"));
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn tightening_is_checked_against_existing_data() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "a", "phone": "123456"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "b", "phone": "123456"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        // Unique on a column with duplicates.
+        let def = with_thing_fields(zoo_def(), |fields| fields[9]["unique"] = json!(true));
+        let e = apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, FormError::MigrationConflict(ps) if ps[0].code == "duplicates"),
+            "{e:?}"
+        );
+        // Required without a default, on rows that have no value.
+        let def = with_thing_fields(zoo_def(), |fields| fields[2]["required"] = json!(true));
+        let e = apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap_err();
+        let FormError::MigrationConflict(ps) = e else {
+            panic!()
+        };
+        assert!(ps[0].message.contains("(2 record(s))"), "{}", ps[0].message);
+        // A new required field without default on a non-empty table.
+        let def = with_thing_fields(zoo_def(), |fields| {
+            fields.push(json!({"key": "must", "type": "text", "required": true}))
+        });
+        assert!(matches!(
+            apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0()).await,
+            Err(FormError::MigrationConflict(_))
+        ));
+        assert_eq!(apps::load(&t.db, "zoo").await.unwrap().unwrap().version, 1);
+        // Removing a stage still in use is refused even with the flag.
+        create(&t.db, &app, "deal", json!({"name": "d"}), admin)
+            .await
+            .unwrap();
+        let mut def = zoo_def();
+        def["entities"][2]["fields"][4]["stages"]
+            .as_array_mut()
+            .unwrap()
+            .remove(0);
+        def["entities"][2]["fields"][4]["default"] = json!("won");
+        let e = apps::import(
+            &t.db,
+            &def,
+            ImportOptions {
+                allow_destructive: true,
+                dry_run: false,
+            },
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, FormError::MigrationConflict(ps) if ps[0].message.contains("still in stage `new`")),
+            "{e:?}"
+        );
+        // An invalid definition is refused before anything is planned.
+        let mut def = zoo_def();
+        def["entities"][1]["fields"][0]["type"] = json!("integer");
+        def["entities"][1]["fields"][0]["max_length"] = json!(3);
+        assert!(matches!(
+            apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0()).await,
+            Err(FormError::Definition(_))
+        ));
+        t.cleanup().await;
+    }
+}

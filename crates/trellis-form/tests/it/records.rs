@@ -1,0 +1,621 @@
+//! Records: every field type, validation, concurrency, history, events, batch, stages.
+
+use crate::common::{count, create, ctx, install, problems, t0, zoo_def};
+use serde_json::{json, Value};
+use trellis_form::store::{self, WriteCtx};
+use trellis_form::testing;
+use trellis_form::FormError;
+
+#[tokio::test]
+async fn every_field_type_round_trips_exactly() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        let acc = create(&t.db, &app, "account", json!({"name": "Acme"}), admin)
+            .await
+            .unwrap();
+        let input = json!({
+            "title": "Widget 标题",
+            "notes": "line one\nline two",
+            "count": 42,
+            "ratio": "0.1234",
+            "price": {"amount": "9999999999.99", "currency": "USD"},
+            "active": false,
+            "due": "2026-12-31",
+            "seen_at": "2026-03-02T17:30:00.123456+08:00",
+            "email": "a@b.example",
+            "phone": "+86 (10) 1234-5678",
+            "site": "https://example.com/x?y=1",
+            "color": "red",
+            "tags": ["c", "a"],
+            "who": admin.to_string(),
+            "account": acc.meta.id.to_string(),
+            "extra": {"n": 3, "deep": [1, {"x": null}]},
+            "code": "ABC-123"
+        });
+        let r = create(&t.db, &app, "thing", input, admin).await.unwrap();
+        let read = store::get(&t.db, app.entity("thing").unwrap(), r.meta.id)
+            .await
+            .unwrap()
+            .to_json();
+        let expected = json!({
+            "title": "Widget 标题",
+            "notes": "line one\nline two",
+            "count": 42,
+            "ratio": "0.1234",
+            "price": {"amount": "9999999999.99", "currency": "USD"},
+            "active": false,
+            "due": "2026-12-31",
+            "seen_at": "2026-03-02T09:30:00.123456Z",
+            "email": "a@b.example",
+            "phone": "+86 (10) 1234-5678",
+            "site": "https://example.com/x?y=1",
+            "color": "red",
+            "tags": ["c", "a"],
+            "who": admin.to_string(),
+            "account": acc.meta.id.to_string(),
+            "extra": {"n": 3, "deep": [1, {"x": null}]},
+            "code": "ABC-123"
+        });
+        for (k, v) in expected.as_object().unwrap() {
+            assert_eq!(&read[k], v, "{}: field {k}", t.backend);
+        }
+        assert_eq!(read["version"], json!(1));
+        assert_eq!(read["owner"], json!(admin), "the default owner applies");
+        assert_eq!(read["created_by"], json!(admin));
+        assert_eq!(read["created_at"], json!("2026-03-02T09:00:00.000000Z"));
+        // Decimals given as numbers keep their digits too; money takes the field's currency.
+        let r = create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "n", "ratio": 2.5, "price": 10}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let j = r.to_json();
+        assert_eq!(j["ratio"], json!("2.5000"));
+        assert_eq!(j["price"], json!({"amount": "10.00", "currency": "CNY"}));
+        assert_eq!(j["active"], json!(true), "default applied");
+        assert_eq!(j["tags"], Value::Null);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_input_reports_every_problem_and_writes_nothing() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        let bad = json!({
+            "notes": 5,
+            "count": 101,
+            "ratio": "1.23456",
+            "price": {"amount": "-1", "currency": "CNY"},
+            "active": "yes",
+            "due": "2019-12-31",
+            "seen_at": "yesterday",
+            "email": "not-an-email",
+            "phone": "call me",
+            "site": "ftp://x",
+            "color": "green",
+            "tags": ["a", "z"],
+            "who": "00000000-0000-7000-8000-000000000000",
+            "account": "nope",
+            "extra": {"n": "three"},
+            "code": "abc",
+            "surprise": 1,
+            "version": "x",
+            "created_at": "2020-01-01T00:00:00Z"
+        });
+        let got = problems(create(&t.db, &app, "thing", bad, admin).await.unwrap_err());
+        let expected = [
+            ("/account", "format"),
+            ("/active", "wrong_type"),
+            ("/code", "pattern"),
+            ("/color", "unknown_option"),
+            ("/count", "out_of_range"),
+            ("/created_at", "read_only"),
+            ("/due", "out_of_range"),
+            ("/email", "format"),
+            ("/extra/n", "json_schema"),
+            ("/notes", "wrong_type"),
+            ("/phone", "pattern"),
+            ("/price", "out_of_range"),
+            ("/ratio", "too_precise"),
+            ("/seen_at", "format"),
+            ("/site", "pattern"),
+            ("/surprise", "unknown_field"),
+            ("/tags/1", "unknown_option"),
+            ("/title", "required"),
+            ("/version", "wrong_type"),
+            ("/who", "not_found"),
+        ];
+        for (p, c) in expected {
+            assert!(
+                got.contains(&(p.to_owned(), c)),
+                "{}: missing {p} {c} in {got:#?}",
+                t.backend
+            );
+        }
+        assert_eq!(count(&t.db, "zoo__thing", "").await, 0);
+        assert_eq!(
+            count(&t.db, "events", "").await,
+            0,
+            "a failed write leaves no event"
+        );
+        assert_eq!(count(&t.db, "history", "").await, 0);
+        // Not an object at all.
+        assert_eq!(
+            problems(
+                create(&t.db, &app, "thing", json!([1]), admin)
+                    .await
+                    .unwrap_err()
+            ),
+            [("".to_owned(), "not_an_object")]
+        );
+        // Unknown entity.
+        assert!(matches!(
+            create(&t.db, &app, "nope", json!({}), admin).await,
+            Err(FormError::EntityNotFound(_))
+        ));
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn unique_values_and_references_are_enforced() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "a", "email": "x@y.example"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let e = create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "b", "email": "x@y.example"}),
+            admin,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(problems(e), [("/email".to_owned(), "unique")]);
+        let e = create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "b", "account": uuid::Uuid::now_v7().to_string()}),
+            admin,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(problems(e), [("/account".to_owned(), "not_found")]);
+        // A referenced record cannot be deleted.
+        let acc = create(&t.db, &app, "account", json!({"name": "Acme"}), admin)
+            .await
+            .unwrap();
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "c", "account": acc.meta.id.to_string()}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::delete(
+            &mut tx,
+            &app,
+            app.entity("account").unwrap(),
+            acc.meta.id,
+            None,
+            &ctx(admin),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, FormError::Conflict(ps) if ps[0].code == "referenced"),
+            "{e:?}"
+        );
+        drop(tx);
+        assert_eq!(count(&t.db, "zoo__account", "").await, 1);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn updates_use_optimistic_concurrency_and_write_history_and_events() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        let deal = app.entity("deal").unwrap();
+        let r = create(
+            &t.db,
+            &app,
+            "deal",
+            json!({"name": "D1", "reason": "r0"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.to_json()["stage"], json!("new"));
+        let later = WriteCtx {
+            now: t0() + chrono::Duration::hours(1),
+            ..ctx(admin)
+        };
+        let mut tx = t.db.begin().await.unwrap();
+        let r2 = store::update(
+            &mut tx,
+            &app,
+            deal,
+            r.meta.id,
+            &json!({"name": "D2", "amount": "100", "reason": "r1"}),
+            Some(1),
+            &later,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(r2.meta.version, 2);
+        assert_eq!(
+            r2.to_json()["amount"],
+            json!({"amount": "100.00", "currency": "CNY"})
+        );
+        // A stale version is refused and changes nothing.
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::update(
+            &mut tx,
+            &app,
+            deal,
+            r.meta.id,
+            &json!({"name": "D3"}),
+            Some(1),
+            &later,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FormError::VersionConflict {
+                    expected: 1,
+                    current: 2
+                }
+            ),
+            "{e:?}"
+        );
+        drop(tx);
+        // The version in the body works the same way.
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::update(
+            &mut tx,
+            &app,
+            deal,
+            r.meta.id,
+            &json!({"name": "D3", "version": 1}),
+            None,
+            &later,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, FormError::VersionConflict { .. }));
+        drop(tx);
+        let now = store::get(&t.db, deal, r.meta.id).await.unwrap();
+        assert_eq!(
+            (now.meta.version, now.to_json()["name"].clone()),
+            (2, json!("D2"))
+        );
+        // History: tracked fields only (name, amount) plus the always-kept stage; reason is not tracked.
+        let h = store::history(&t.db, &app, deal, r.meta.id).await.unwrap();
+        let rows: Vec<(String, Value, Value)> = h
+            .iter()
+            .map(|r| (r.field.clone(), r.old.clone(), r.new.clone()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("name".into(), Value::Null, json!("D1")),
+                ("stage".into(), Value::Null, json!("new")),
+                ("owner".into(), Value::Null, json!(admin)),
+                ("name".into(), json!("D1"), json!("D2")),
+                (
+                    "amount".into(),
+                    Value::Null,
+                    json!({"amount": "100.00", "currency": "CNY"})
+                ),
+            ]
+        );
+        assert_eq!(h[3].at, json!("2026-03-02T10:00:00.000000Z"));
+        // Events: one per write, with the changed fields.
+        let sql = trellis_form::db::Sql::new(
+            "SELECT \"kind\", \"changed\" FROM \"events\" ORDER BY \"id\"",
+        );
+        let ev =
+            t.db.fetch_all(
+                &sql,
+                &[
+                    trellis_form::model::ColKind::Text,
+                    trellis_form::model::ColKind::Json,
+                ],
+            )
+            .await
+            .unwrap();
+        let ev: Vec<(String, Value)> = ev
+            .into_iter()
+            .map(|r| match (&r[0], &r[1]) {
+                (trellis_form::db::Value::Text(k), trellis_form::db::Value::Json(c)) => {
+                    (k.clone(), c.clone())
+                }
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            ev,
+            [
+                ("created".into(), json!(["name", "reason", "stage"])),
+                ("updated".into(), json!(["name", "amount", "reason"]))
+            ]
+        );
+        // A write whose transaction is rolled back leaves neither row nor event.
+        let mut tx = t.db.begin().await.unwrap();
+        store::create(&mut tx, &app, deal, &json!({"name": "ghost"}), &ctx(admin))
+            .await
+            .unwrap();
+        drop(tx);
+        assert_eq!(count(&t.db, "zoo__deal", "").await, 1);
+        assert_eq!(count(&t.db, "events", "").await, 2);
+        // Retention: non-stage history older than 30 days goes, stage history stays.
+        let removed = store::purge_history(&t.db, &app, t0() + chrono::Duration::days(31))
+            .await
+            .unwrap();
+        assert_eq!(removed, 4);
+        let left: Vec<String> = store::history(&t.db, &app, deal, r.meta.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.field)
+            .collect();
+        assert_eq!(left, ["stage"]);
+        // Delete writes an event.
+        let mut tx = t.db.begin().await.unwrap();
+        store::delete(&mut tx, &app, deal, r.meta.id, Some(2), &later)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(matches!(
+            store::get(&t.db, deal, r.meta.id).await,
+            Err(FormError::RecordNotFound)
+        ));
+        assert_eq!(
+            count(&t.db, "events", "WHERE \"kind\" = 'deleted'").await,
+            1
+        );
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn stages_check_entry_criteria_and_keep_entry_times() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        let deal = app.entity("deal").unwrap();
+        let acc = create(&t.db, &app, "account", json!({"name": "Acme"}), admin)
+            .await
+            .unwrap();
+        // Entering "proposal" directly needs account and amount.
+        let e = create(
+            &t.db,
+            &app,
+            "deal",
+            json!({"name": "x", "stage": "proposal"}),
+            admin,
+        )
+        .await
+        .unwrap_err();
+        match e {
+            FormError::Invalid(ps) => {
+                assert_eq!(ps.len(), 1);
+                assert_eq!(
+                    (ps[0].path.as_str(), ps[0].code),
+                    ("/stage", "stage_criteria")
+                );
+                assert_eq!(
+                    ps[0].message,
+                    "To enter the stage Proposal, fill in: account, amount."
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = create(&t.db, &app, "deal", json!({"name": "x"}), admin)
+            .await
+            .unwrap();
+        let j = r.to_json();
+        assert_eq!(
+            j["stage__entered_new"],
+            json!("2026-03-02T09:00:00.000000Z")
+        );
+        assert_eq!(j["stage__changed_at"], json!("2026-03-02T09:00:00.000000Z"));
+        assert_eq!(j["stage__entered_qualified"], Value::Null);
+        let step = |h: i64, patch: Value| {
+            let db = t.db.clone();
+            let app = &app;
+            async move {
+                let mut tx = db.begin().await.unwrap();
+                let c = WriteCtx {
+                    now: t0() + chrono::Duration::hours(h),
+                    ..ctx(admin)
+                };
+                let out = store::update(&mut tx, app, deal, r.meta.id, &patch, None, &c).await;
+                if out.is_ok() {
+                    tx.commit().await.unwrap();
+                }
+                out
+            }
+        };
+        let e = step(1, json!({"stage": "qualified"})).await.unwrap_err();
+        assert_eq!(problems(e), [("/stage".to_owned(), "stage_criteria")]);
+        step(
+            2,
+            json!({"stage": "qualified", "account": acc.meta.id.to_string()}),
+        )
+        .await
+        .unwrap();
+        step(3, json!({"stage": "new"})).await.unwrap();
+        let j = step(4, json!({"stage": "qualified"}))
+            .await
+            .unwrap()
+            .to_json();
+        // Re-entering keeps the first entry time; the last change moves.
+        assert_eq!(
+            j["stage__entered_qualified"],
+            json!("2026-03-02T11:00:00.000000Z")
+        );
+        assert_eq!(j["stage__changed_at"], json!("2026-03-02T13:00:00.000000Z"));
+        let stages: Vec<Value> = store::history(&t.db, &app, deal, r.meta.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|h| h.field == "stage")
+            .map(|h| h.new)
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                json!("new"),
+                json!("qualified"),
+                json!("new"),
+                json!("qualified")
+            ]
+        );
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn batches_are_all_or_nothing_and_can_import_funnel_history() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        let deal = app.entity("deal").unwrap();
+        let imp = WriteCtx {
+            import: true,
+            ..ctx(admin)
+        };
+        let batch = [
+            json!({"name": "ok"}),
+            json!({"name": 5, "stage": "nope"}),
+            json!({"name": "ok2"}),
+            json!({"stage": "won"}),
+        ];
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::create_batch(&mut tx, &app, deal, &batch, &imp)
+            .await
+            .unwrap_err();
+        drop(tx);
+        assert_eq!(
+            problems(e),
+            [
+                ("/records/1/name".to_owned(), "wrong_type"),
+                ("/records/1/stage".to_owned(), "unknown_stage"),
+                ("/records/3/name".to_owned(), "required")
+            ]
+        );
+        assert_eq!(
+            count(&t.db, "zoo__deal", "").await,
+            0,
+            "nothing was written"
+        );
+        assert_eq!(count(&t.db, "events", "").await, 0);
+        // Historical data keeps its funnel: created_at and stage_history.
+        let acc = create(&t.db, &app, "account", json!({"name": "Acme"}), admin)
+            .await
+            .unwrap();
+        let rec = json!({
+            "name": "old deal", "account": acc.meta.id.to_string(), "amount": "5000",
+            "created_at": "2025-01-10T08:00:00Z",
+            "stage_history": [
+                {"stage": "new", "at": "2025-01-10T08:00:00Z"},
+                {"stage": "qualified", "at": "2025-01-20T08:00:00Z"},
+                {"stage": "won", "at": "2025-02-01T08:00:00Z"}
+            ]
+        });
+        let mut tx = t.db.begin().await.unwrap();
+        let ids = store::create_batch(&mut tx, &app, deal, &[rec.clone()], &imp)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let j = store::get(&t.db, deal, ids[0]).await.unwrap().to_json();
+        assert_eq!(j["stage"], json!("won"));
+        assert_eq!(j["created_at"], json!("2025-01-10T08:00:00.000000Z"));
+        assert_eq!(
+            j["stage__entered_qualified"],
+            json!("2025-01-20T08:00:00.000000Z")
+        );
+        assert_eq!(
+            j["stage__entered_won"],
+            json!("2025-02-01T08:00:00.000000Z")
+        );
+        assert_eq!(j["stage__changed_at"], json!("2025-02-01T08:00:00.000000Z"));
+        assert_eq!(j["stage__entered_proposal"], Value::Null);
+        let h: Vec<(Value, Value, Value)> = store::history(&t.db, &app, deal, ids[0])
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|h| h.field == "stage")
+            .map(|h| (h.old, h.new, h.at))
+            .collect();
+        assert_eq!(
+            h[2],
+            (
+                json!("qualified"),
+                json!("won"),
+                json!("2025-02-01T08:00:00.000000Z")
+            )
+        );
+        // Without the import privilege, created_at and stage_history are read-only.
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::create_batch(&mut tx, &app, deal, &[rec], &ctx(admin))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            problems(e),
+            [
+                ("/records/0/created_at".to_owned(), "read_only"),
+                ("/records/0/stage_history".to_owned(), "read_only")
+            ]
+        );
+        drop(tx);
+        // Out-of-order or unknown stages in a history are refused.
+        let bad = json!({"name": "x", "stage_history": [{"stage": "won", "at": "2025-02-01T00:00:00Z"}, {"stage": "new", "at": "2025-01-01T00:00:00Z"}, {"stage": "zzz", "at": "2025-03-01T00:00:00Z"}]});
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::create_batch(&mut tx, &app, deal, &[bad], &imp)
+            .await
+            .unwrap_err();
+        let got = problems(e);
+        assert!(
+            got.contains(&("/records/0/stage_history/1/at".to_owned(), "out_of_order")),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&(
+                "/records/0/stage_history/2/stage".to_owned(),
+                "unknown_stage"
+            )),
+            "{got:?}"
+        );
+        drop(tx);
+        // Too many records.
+        let many = vec![json!({"name": "n"}); store::MAX_BATCH + 1];
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::create_batch(&mut tx, &app, deal, &many, &imp)
+            .await
+            .unwrap_err();
+        assert_eq!(problems(e), [("/records".to_owned(), "too_many")]);
+        drop(tx);
+        t.cleanup().await;
+    }
+}
