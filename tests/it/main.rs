@@ -1,2 +1,7 @@
-#[test]
-fn smoke() {}
+//! End-to-end tests: a real `trellis` server on 127.0.0.1 (port 0), driven over HTTP with
+//! reqwest, on SQLite and on PostgreSQL.
+
+mod api_surface;
+mod apps_api;
+mod helpers;
+mod records_api;

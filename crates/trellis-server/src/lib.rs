@@ -103,3 +103,14 @@ async fn healthz(
         .await?;
     Ok(Json(serde_json::json!({"status": "ok"})))
 }
+
+/// Serve `state` on `listener` until `shutdown` resolves (used by `trellis serve` and tests).
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,178 @@
+//! The HTTP surface as a whole: authentication on every route, the OpenAPI document, problem
+//! JSON for malformed requests.
+
+use crate::helpers::{json, TestApp, TOKEN};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// Every route the API must have, as (method, path template).
+const ROUTES: &[(&str, &str)] = &[
+    ("get", "/api/v1/apps"),
+    ("post", "/api/v1/apps"),
+    ("get", "/api/v1/apps/{app}"),
+    ("put", "/api/v1/apps/{app}"),
+    ("get", "/api/v1/apps/{app}/versions"),
+    ("get", "/api/v1/apps/{app}/versions/{version}"),
+    ("get", "/api/v1/apps/{app}/entities/{entity}/schema"),
+    ("get", "/api/v1/apps/{app}/records/{entity}"),
+    ("post", "/api/v1/apps/{app}/records/{entity}"),
+    ("post", "/api/v1/apps/{app}/records/{entity}/query"),
+    ("post", "/api/v1/apps/{app}/records/{entity}/batch"),
+    ("get", "/api/v1/apps/{app}/records/{entity}/{id}"),
+    ("patch", "/api/v1/apps/{app}/records/{entity}/{id}"),
+    ("delete", "/api/v1/apps/{app}/records/{entity}/{id}"),
+    ("get", "/api/v1/apps/{app}/records/{entity}/{id}/history"),
+    ("get", "/api/v1/users"),
+    ("post", "/api/v1/users"),
+    ("get", "/api/v1/users/{id}"),
+    ("patch", "/api/v1/users/{id}"),
+    ("get", "/api/v1/teams"),
+    ("post", "/api/v1/teams"),
+];
+
+fn concrete(path: &str) -> String {
+    path.replace("{app}", "crm")
+        .replace("{entity}", "lead")
+        .replace("{id}", "01900000-0000-7000-8000-000000000000")
+        .replace("{version}", "1")
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route_and_every_route_needs_a_token() {
+    let app = TestApp::start(trellis_form::testing::sqlite().await).await;
+    let (status, doc) = app.call(Method::GET, "/api/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut documented: Vec<(String, String)> = vec![];
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+        {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut expected: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        documented, expected,
+        "the OpenAPI document and the route list differ"
+    );
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+
+    for (method, path) in &documented {
+        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let url = app.url(&concrete(path));
+        // Without a token: 401 problem JSON.
+        let r = app.client.request(m.clone(), &url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        // With a wrong token: 401 too.
+        let r = app
+            .client
+            .request(m.clone(), &url)
+            .bearer_auth("nope")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        // With the token the route exists (whatever it answers, it is not the router's fallback).
+        let r = app
+            .client
+            .request(m, &url)
+            .bearer_auth(TOKEN)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json(r).await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(
+            !body["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no such route"),
+            "{method} {path} is not routed"
+        );
+    }
+    // The only public routes.
+    for path in trellis_server::auth::PUBLIC_ROUTES {
+        let r = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_problem_json() {
+    let app = TestApp::start(trellis_form::testing::sqlite().await).await;
+    let lead = "/api/v1/apps/crm/records/lead";
+    // Malformed JSON.
+    let r = app
+        .req(Method::POST, lead)
+        .header("content-type", "application/json")
+        .body("{\"name\": ")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "malformed_json");
+    assert_eq!(body["type"], "urn:trellis:problem:malformed_json");
+    assert_eq!(body["status"], 400);
+    // No content type.
+    let r = app.req(Method::POST, lead).body("{}").send().await.unwrap();
+    assert_eq!(json(r).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Oversized body (over 2 MiB on a single-record route).
+    let big = json!({"name": "x".repeat(3 * 1024 * 1024)});
+    let r = app.req(Method::POST, lead).json(&big).send().await.unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["code"], "payload_too_large");
+    // Unknown route, unknown app, unknown entity, malformed id.
+    for (path, code) in [
+        ("/api/v1/nothing", 404),
+        ("/api/v1/apps/nope/records/lead", 404),
+        ("/api/v1/apps/crm/records/nope", 404),
+        ("/api/v1/apps/crm/records/lead/not-a-uuid", 404),
+    ] {
+        let (status, body) = app.call(Method::GET, path, None).await;
+        assert_eq!(status.as_u16(), code, "{path}");
+        assert_eq!(body["code"], "not_found", "{path}");
+    }
+    // Wrong method.
+    let (status, body) = app.call(Method::PUT, lead, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["code"], "method_not_allowed");
+    // A bad query string.
+    let (status, body) = app
+        .call(Method::GET, &format!("{lead}?limit=many"), None)
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("invalid_query"))
+    );
+    let (status, body) = app
+        .call(Method::GET, &format!("{lead}?filter=notjson"), None)
+        .await;
+    assert_eq!(
+        (status, body["errors"][0]["path"].clone()),
+        (StatusCode::BAD_REQUEST, json!("/filter"))
+    );
+    // Nothing was written by any of it.
+    let (_, page) = app
+        .call(Method::GET, &format!("{lead}?count=true"), None)
+        .await;
+    assert_eq!(page["total"], 0);
+    // Health.
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(json(r).await, (StatusCode::OK, json!({"status": "ok"})));
+    let _ = Value::Null;
+    app.stop().await;
+}

@@ -1,0 +1,226 @@
+//! Records over HTTP on both backends: the CRM as a user meets it.
+
+use crate::helpers::{problem_paths, TestApp};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn crm_records_round_trip_over_http() {
+    for app in TestApp::each().await {
+        let be = app.backend;
+        // Create an account and an opportunity.
+        let (s, acc) = app.call(Method::POST, "/api/v1/apps/crm/records/account", Some(json!({"name": "Acme 上海", "industry": "manufacturing", "company_size": "200_1000"}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{be}: {acc}");
+        let r = app
+            .req(Method::POST, "/api/v1/apps/crm/records/opportunity")
+            .json(&json!({"name": "Acme ERP", "account": acc["id"], "amount": "120000.50", "source": "trade_show", "expected_close_date": "2026-06-30"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(r.headers()["etag"], "\"1\"");
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let opp: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            location,
+            format!(
+                "/api/v1/apps/crm/records/opportunity/{}",
+                opp["id"].as_str().unwrap()
+            )
+        );
+        assert_eq!(opp["stage"], "mql");
+        assert_eq!(
+            opp["amount"],
+            json!({"amount": "120000.50", "currency": "CNY"})
+        );
+        let path = location.clone();
+        // Moving to proposal without its entry criteria is refused, naming the missing field.
+        let (s, body) = app
+            .call(Method::PATCH, &path, Some(json!({"stage": "proposal"})))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{be}");
+        assert_eq!(
+            problem_paths(&body),
+            [("/stage".to_owned(), "stage_criteria".to_owned())]
+        );
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Needs summary"),
+            "{body}"
+        );
+        // With them, and with the right version, it moves.
+        let r = app
+            .req(Method::PATCH, &path)
+            .header("if-match", "\"1\"")
+            .json(&json!({"stage": "proposal", "needs_summary": "ERP for 3 plants"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["etag"], "\"2\"");
+        // A stale If-Match is a 409 with the current version, and changes nothing.
+        let r = app
+            .req(Method::PATCH, &path)
+            .header("if-match", "\"1\"")
+            .json(&json!({"name": "stale"}))
+            .send()
+            .await
+            .unwrap();
+        let (s, body) = crate::helpers::json(r).await;
+        assert_eq!(
+            (s, body["code"].clone(), body["current_version"].clone()),
+            (StatusCode::CONFLICT, json!("version_conflict"), json!(2))
+        );
+        let (_, now) = app.call(Method::GET, &path, None).await;
+        assert_eq!(
+            (
+                now["name"].clone(),
+                now["stage"].clone(),
+                now["version"].clone()
+            ),
+            (json!("Acme ERP"), json!("proposal"), json!(2))
+        );
+        assert!(now["stage__entered_proposal"].is_string());
+        // History.
+        let (s, h) = app
+            .call(Method::GET, &format!("{path}/history"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let stage_moves: Vec<_> = h["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["field"] == "stage")
+            .map(|r| (r["old"].clone(), r["new"].clone()))
+            .collect();
+        assert_eq!(
+            stage_moves,
+            [
+                (json!(null), json!("mql")),
+                (json!("mql"), json!("proposal"))
+            ]
+        );
+        // Listing with a filter, GET and POST forms.
+        let filter =
+            urlencode(&json!([{"field": "stage", "op": "eq", "value": "proposal"}]).to_string());
+        let (s, page) = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/apps/crm/records/opportunity?filter={filter}&count=true"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        assert_eq!(
+            (page["total"].clone(), page["records"][0]["id"].clone()),
+            (json!(1), opp["id"].clone())
+        );
+        let (_, page) = app.call(Method::POST, "/api/v1/apps/crm/records/opportunity/query", Some(json!({"filters": [{"field": "amount", "op": "gt", "value": "200000"}], "count": true}))).await;
+        assert_eq!(page["total"], 0);
+        // The account cannot be deleted while the opportunity points to it; the opportunity can.
+        let acc_path = format!(
+            "/api/v1/apps/crm/records/account/{}",
+            acc["id"].as_str().unwrap()
+        );
+        let (s, body) = app.call(Method::DELETE, &acc_path, None).await;
+        assert_eq!(
+            (s, body["code"].clone()),
+            (StatusCode::CONFLICT, json!("conflict"))
+        );
+        let r = app.req(Method::DELETE, &path).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        assert_eq!(
+            app.call(Method::GET, &path, None).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            app.call(Method::DELETE, &acc_path, None).await.0,
+            StatusCode::NO_CONTENT
+        );
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_records_are_refused_with_every_problem_and_nothing_changes() {
+    for app in TestApp::each().await {
+        let lead = "/api/v1/apps/crm/records/lead";
+        let (s, body) = app
+            .call(Method::POST, lead, Some(json!({"name": "", "source": "tv", "email": "nope", "phone": 12, "status": "won", "owner": "not-a-uuid", "bogus": true, "converted_opportunity": "01900000-0000-7000-8000-000000000000"})))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body["code"], "validation_failed");
+        assert_eq!(
+            problem_paths(&body),
+            [
+                ("/bogus", "unknown_field"),
+                ("/converted_opportunity", "not_found"),
+                ("/email", "format"),
+                ("/name", "required"),
+                ("/owner", "format"),
+                ("/phone", "wrong_type"),
+                ("/source", "unknown_option"),
+                ("/status", "unknown_option"),
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        );
+        // Batch: all or nothing, with the record index in each path.
+        let (s, body) = app
+            .call(Method::POST, &format!("{lead}/batch"), Some(json!({"records": [{"name": "ok"}, {"name": "bad", "source": "radio"}, {"name": "ok too"}]})))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            problem_paths(&body),
+            [("/records/1/source".to_owned(), "unknown_option".to_owned())]
+        );
+        let (_, page) = app
+            .call(Method::GET, &format!("{lead}?count=true"), None)
+            .await;
+        assert_eq!(page["total"], 0, "nothing was written");
+        let records: Vec<_> = (0..500)
+            .map(|i| json!({"name": format!("Lead {i}"), "source": "website", "region": "east"}))
+            .collect();
+        let (s, body) = app
+            .call(
+                Method::POST,
+                &format!("{lead}/batch"),
+                Some(json!({"records": records})),
+            )
+            .await;
+        assert_eq!(
+            (s, body["created"].clone()),
+            (StatusCode::CREATED, json!(500))
+        );
+        // Pages of 200 cover all 500.
+        let mut seen = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            let q = match &cursor {
+                Some(c) => format!("{lead}?limit=200&sort=-name&cursor={c}"),
+                None => format!("{lead}?limit=200&sort=-name"),
+            };
+            let (s, page) = app.call(Method::GET, &q, None).await;
+            assert_eq!(s, StatusCode::OK, "{page}");
+            seen += page["records"].as_array().unwrap().len();
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 500);
+        app.stop().await;
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
