@@ -66,7 +66,16 @@ pub async fn postgres() -> Option<TestDb> {
     let mut conn = match sqlx::PgConnection::connect(&admin_url).await {
         Ok(c) => c,
         Err(e) if !required => {
-            eprintln!("SKIPPED the PostgreSQL half of this test: cannot reach {admin_url} ({e}). Set TRELLIS_REQUIRE_POSTGRES=1 to make this an error.");
+            // Written to stderr directly, not with eprintln!, so the test harness does not
+            // swallow it: a skipped backend must be visible in the test output.
+            use std::io::Write;
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "SKIPPED: the PostgreSQL halves of these tests: cannot reach {admin_url} ({e}). Set TRELLIS_REQUIRE_POSTGRES=1 to make this an error."
+                );
+            });
             return None;
         }
         Err(e) => panic!("PostgreSQL is required (TRELLIS_REQUIRE_POSTGRES=1) but {admin_url} is not reachable: {e}"),

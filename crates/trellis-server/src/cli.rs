@@ -227,6 +227,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(t) = token {
         println!("Admin token (shown once, store it now): {t}");
     }
+    tokio::spawn(purge_history_hourly(state.clone()));
+    tokio::spawn(follow_app_versions(state.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -237,6 +239,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pick up app versions imported by other processes sharing the database.
+async fn follow_app_versions(state: AppState) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        every.tick().await;
+        match state.refresh().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(apps = n, "reloaded app definitions imported elsewhere"),
+            Err(e) => tracing::warn!(error = %e, "cannot check app versions"),
+        }
+    }
+}
+
+/// Apply each entity's history retention once an hour.
+async fn purge_history_hourly(state: AppState) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        for loaded in state.all_apps() {
+            match trellis_form::store::purge_history(&state.db, &loaded.app, state.clock.now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(app = %loaded.app.key, rows = n, "purged history past its retention"),
+                Err(e) => tracing::warn!(app = %loaded.app.key, error = %e, "history purge failed"),
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

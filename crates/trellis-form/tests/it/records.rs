@@ -619,3 +619,33 @@ async fn batches_are_all_or_nothing_and_can_import_funnel_history() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test]
+async fn concurrent_writers_never_fail_with_database_is_locked() {
+    // Two pools on one SQLite file behave like two processes: each has its own write connection,
+    // and BEGIN IMMEDIATE plus the busy timeout make them queue instead of failing.
+    let t = testing::sqlite().await;
+    let (app, admin) = install(&t.db, &zoo_def()).await;
+    let second = trellis_form::db::Db::connect(&t.url, &Default::default()).await.unwrap();
+    let app = std::sync::Arc::new(app);
+    let mut tasks = vec![];
+    for w in 0..8 {
+        let db = if w % 2 == 0 { t.db.clone() } else { second.clone() };
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let mut tx = db.begin().await?;
+                store::create(&mut tx, &app, app.entity("deal")?, &json!({"name": format!("w{w}-{i}")}), &ctx(admin)).await?;
+                tx.commit().await?;
+            }
+            Ok::<_, FormError>(())
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(count(&t.db, "zoo__deal", "").await, 200);
+    assert_eq!(count(&t.db, "events", "").await, 200);
+    second.close().await;
+    t.cleanup().await;
+}
