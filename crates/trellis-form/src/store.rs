@@ -75,9 +75,6 @@ impl Record {
     }
 }
 
-/// Keys a caller may send beside the fields.
-const SETTABLE_SYSTEM: [&str; 2] = ["owner", "version"];
-
 /// Column list and kinds of a full record select.
 pub(crate) fn select_list(e: &Entity) -> (String, Vec<ColKind>) {
     let mut names: Vec<String> = SYSTEM_COLUMNS.iter().map(|c| quote(c)).collect();
@@ -177,17 +174,18 @@ struct Prepared {
     expected_version: Option<i64>,
     created_at: Option<DateTime<Utc>>,
     stage_history: Vec<(String, DateTime<Utc>)>,
+    /// The app's default owner, known to exist.
+    default_owner: Option<Uuid>,
 }
 
-/// Validate `input` (a create if `old` is None, else a partial update of `old`).
-async fn prepare(
-    tx: &mut Tx,
-    app: &App,
+/// Validate `input` (a create if `old` is None, else a partial update of `old`) as far as that
+/// is possible without the database. Returns the prepared write and the problems found so far.
+fn validate(
     e: &Entity,
     input: &Json,
     old: Option<&Record>,
     ctx: &WriteCtx,
-) -> Result<Prepared> {
+) -> Result<(Prepared, Vec<Problem>)> {
     let Some(obj) = input.as_object() else {
         return Err(FormError::Invalid(vec![Problem::new(
             "",
@@ -264,7 +262,6 @@ async fn prepare(
             ));
         }
     }
-    debug_assert!(SETTABLE_SYSTEM.iter().all(|s| SYSTEM_COLUMNS.contains(s)));
     if old.is_none() {
         for f in &e.fields {
             if !candidate.contains_key(&f.key) {
@@ -354,6 +351,32 @@ async fn prepare(
             }
         }
     }
+    if old.is_none() && owner.is_none() {
+        owner = ctx.default_owner;
+    }
+    let p = Prepared {
+        fields,
+        columns,
+        owner,
+        expected_version,
+        created_at,
+        stage_history,
+        default_owner: ctx.default_owner,
+    };
+    Ok((p, problems))
+}
+
+/// The checks that need the database: references exist, unique values are free, the owner is a
+/// user. Fails with every problem, including those `validate` found.
+async fn verify(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    p: &Prepared,
+    old: Option<&Record>,
+    mut problems: Vec<Problem>,
+) -> Result<()> {
+    let (fields, columns, owner) = (&p.fields, &p.columns, p.owner);
     // References must exist; unique values must be free.
     let id = old.map(|r| r.meta.id);
     for f in &e.fields {
@@ -415,10 +438,11 @@ async fn prepare(
             _ => {}
         }
     }
-    if old.is_none() && owner.is_none() {
-        owner = ctx.default_owner;
-    }
-    if let Some(o) = owner.filter(|o| old.is_none_or(|r| r.meta.owner != Some(*o))) {
+    // The app's default owner was resolved from the users table when the app was loaded.
+    let default_owner = owner.is_some() && owner == p.default_owner;
+    if let Some(o) =
+        owner.filter(|o| !default_owner && old.is_none_or(|r| r.meta.owner != Some(*o)))
+    {
         if !exists(tx, "users", "id", Value::Uuid(o)).await? {
             problems.push(Problem::new(
                 "/owner",
@@ -431,14 +455,33 @@ async fn prepare(
         problems.sort_by(|a, b| a.path.cmp(&b.path));
         return Err(FormError::Invalid(problems));
     }
-    Ok(Prepared {
-        fields,
-        columns,
-        owner,
-        expected_version,
-        created_at,
-        stage_history,
-    })
+    Ok(())
+}
+
+async fn prepare(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    input: &Json,
+    old: Option<&Record>,
+    ctx: &WriteCtx,
+) -> Result<Prepared> {
+    let (p, problems) = validate(e, input, old, ctx)?;
+    verify(tx, app, e, &p, old, problems).await?;
+    Ok(p)
+}
+
+/// A create checked as far as possible without the database. Build it before taking the write
+/// lock, so the lock is held only for the checks and writes that need it.
+pub struct Draft {
+    p: Prepared,
+    problems: Vec<Problem>,
+}
+
+/// Validate a new record without the database (see [`insert`]).
+pub fn draft(e: &Entity, input: &Json, ctx: &WriteCtx) -> Result<Draft> {
+    let (p, problems) = validate(e, input, None, ctx)?;
+    Ok(Draft { p, problems })
 }
 
 fn is_empty(v: &Json) -> bool {
@@ -520,9 +563,29 @@ pub async fn create(
     input: &Json,
     ctx: &WriteCtx,
 ) -> Result<Record> {
-    let p = prepare(tx, app, e, input, None, ctx).await?;
+    insert(tx, app, e, draft(e, input, ctx)?, ctx).await
+}
+
+/// Finish a [`draft`]: the database checks, then the row, its history and its event.
+pub async fn insert(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    d: Draft,
+    ctx: &WriteCtx,
+) -> Result<Record> {
+    verify(tx, app, e, &d.p, None, d.problems).await?;
+    let p = d.p;
     let id = Uuid::now_v7();
     let created_at = p.created_at.unwrap_or(ctx.now);
+    let meta = Meta {
+        id,
+        created_at,
+        updated_at: ctx.now,
+        created_by: ctx.actor,
+        owner: p.owner,
+        version: 1,
+    };
     let mut cols: Vec<(String, Value)> = vec![
         ("id".into(), Value::Uuid(id)),
         ("created_at".into(), Value::DateTime(created_at)),
@@ -534,7 +597,10 @@ pub async fn create(
     cols.extend(p.columns.iter().cloned());
     // Stage times: from the imported history, else "entered now".
     let mut stage_rows: Vec<(Json, Json, DateTime<Utc>)> = vec![];
+    let mut stage_times = Map::new();
     if let Some(sf) = e.stage() {
+        let mut entered: Vec<(String, DateTime<Utc>)> = vec![];
+        let mut changed_at = None;
         if let Some(stage) = p.fields.get(&sf.key).and_then(Json::as_str) {
             let mut history = p.stage_history.clone();
             if history.is_empty() {
@@ -542,15 +608,32 @@ pub async fn create(
             }
             let mut prev = Json::Null;
             for (s, at) in &history {
-                let col = stage_entered_column(&sf.key, s);
-                if !cols.iter().any(|(c, _)| *c == col) {
-                    cols.push((col, Value::DateTime(*at)));
+                if !entered.iter().any(|(k, _)| k == s) {
+                    entered.push((s.clone(), *at));
                 }
                 stage_rows.push((prev.clone(), json!(s), *at));
                 prev = json!(s);
             }
-            let last = history.last().map(|(_, t)| *t).unwrap_or(created_at);
-            cols.push((stage_changed_column(&sf.key), Value::DateTime(last)));
+            changed_at = history.last().map(|(_, t)| *t);
+        }
+        if let Some(t) = changed_at {
+            cols.push((stage_changed_column(&sf.key), Value::DateTime(t)));
+        }
+        stage_times.insert(
+            stage_changed_column(&sf.key),
+            changed_at
+                .map(|t| values::datetime_json(&t))
+                .unwrap_or(Json::Null),
+        );
+        for s in &sf.stages {
+            let t = entered.iter().find(|(k, _)| *k == s.key).map(|(_, t)| *t);
+            if let Some(t) = t {
+                cols.push((stage_entered_column(&sf.key, &s.key), Value::DateTime(t)));
+            }
+            stage_times.insert(
+                stage_entered_column(&sf.key, &s.key),
+                t.map(|t| values::datetime_json(&t)).unwrap_or(Json::Null),
+            );
         }
     }
     let mut sql = Sql::new(format!("INSERT INTO {} (", quote(&e.table)));
@@ -573,6 +656,7 @@ pub async fn create(
     // History: every tracked field that got a value; the stage's whole imported path.
     let stage_key = e.stage().map(|f| f.key.as_str());
     let mut changed = vec![];
+    let mut rows: Vec<HistoryEntry> = vec![];
     for f in &e.fields {
         let v = &p.fields[&f.key];
         if v.is_null() {
@@ -581,38 +665,36 @@ pub async fn create(
         changed.push(f.key.clone());
         if Some(f.key.as_str()) == stage_key {
             for (old, new, at) in &stage_rows {
-                write_history(tx, &app.key, e, id, &f.key, old, new, *at, ctx.actor).await?;
+                rows.push(HistoryEntry {
+                    field: f.key.clone(),
+                    old: old.clone(),
+                    new: new.clone(),
+                    at: *at,
+                });
             }
         } else if e.tracks(&f.key) {
-            write_history(
-                tx,
-                &app.key,
-                e,
-                id,
-                &f.key,
-                &Json::Null,
-                v,
-                created_at,
-                ctx.actor,
-            )
-            .await?;
+            rows.push(HistoryEntry {
+                field: f.key.clone(),
+                old: Json::Null,
+                new: v.clone(),
+                at: created_at,
+            });
         }
     }
     if p.owner.is_some() {
-        write_history(
-            tx,
-            &app.key,
-            e,
-            id,
-            "owner",
-            &Json::Null,
-            &json!(p.owner),
-            created_at,
-            ctx.actor,
-        )
-        .await?;
+        rows.push(HistoryEntry {
+            field: "owner".into(),
+            old: Json::Null,
+            new: json!(p.owner),
+            at: created_at,
+        });
     }
-    let record = get_in(tx, e, id).await?;
+    write_history(tx, &app.key, e, id, &rows, ctx.actor).await?;
+    let record = Record {
+        meta,
+        fields: p.fields,
+        stage_times,
+    };
     write_event(
         tx,
         &app.key,
@@ -700,38 +782,28 @@ pub async fn update(
         });
     }
     let mut names = vec![];
+    let mut rows = vec![];
     for f in &changed {
         names.push(f.key.clone());
         if e.tracks(&f.key) {
-            write_history(
-                tx,
-                &app.key,
-                e,
-                id,
-                &f.key,
-                &old.fields[&f.key],
-                &p.fields[&f.key],
-                ctx.now,
-                ctx.actor,
-            )
-            .await?;
+            rows.push(HistoryEntry {
+                field: f.key.clone(),
+                old: old.fields[&f.key].clone(),
+                new: p.fields[&f.key].clone(),
+                at: ctx.now,
+            });
         }
     }
     if owner_changed {
         names.push("owner".into());
-        write_history(
-            tx,
-            &app.key,
-            e,
-            id,
-            "owner",
-            &json!(old.meta.owner),
-            &json!(p.owner),
-            ctx.now,
-            ctx.actor,
-        )
-        .await?;
+        rows.push(HistoryEntry {
+            field: "owner".into(),
+            old: json!(old.meta.owner),
+            new: json!(p.owner),
+            at: ctx.now,
+        });
     }
+    write_history(tx, &app.key, e, id, &rows, ctx.actor).await?;
     let record = get_in(tx, e, id).await?;
     let mut event = record.to_json();
     event["old"] = Json::Object(
@@ -797,6 +869,12 @@ pub async fn create_batch(
     records: &[Json],
     ctx: &WriteCtx,
 ) -> Result<Vec<Uuid>> {
+    let drafts = draft_batch(e, records, ctx)?;
+    insert_batch(tx, app, e, drafts, ctx).await
+}
+
+/// Validate a batch without the database (see [`draft`]).
+pub fn draft_batch(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<Draft>> {
     if records.len() > MAX_BATCH {
         return Err(FormError::Invalid(vec![Problem::new(
             "/records",
@@ -807,10 +885,35 @@ pub async fn create_batch(
             ),
         )]));
     }
+    let mut drafts = Vec::with_capacity(records.len());
     let mut problems = vec![];
-    let mut ids = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        match create(tx, app, e, r, ctx).await {
+        match draft(e, r, ctx) {
+            Ok(d) => drafts.push(d),
+            Err(FormError::Invalid(ps)) => {
+                problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}"))))
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(FormError::Invalid(problems));
+    }
+    Ok(drafts)
+}
+
+/// Insert drafted records in one transaction; every problem of every record is reported.
+pub async fn insert_batch(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    drafts: Vec<Draft>,
+    ctx: &WriteCtx,
+) -> Result<Vec<Uuid>> {
+    let mut problems = vec![];
+    let mut ids = Vec::with_capacity(drafts.len());
+    for (i, d) in drafts.into_iter().enumerate() {
+        match insert(tx, app, e, d, ctx).await {
             Ok(rec) => ids.push(rec.meta.id),
             Err(FormError::Invalid(ps)) => {
                 problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}"))))
@@ -850,27 +953,42 @@ async fn execute_write(tx: &mut Tx, e: &Entity, sql: &Sql) -> Result<u64> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One history row to write.
+struct HistoryEntry {
+    field: String,
+    old: Json,
+    new: Json,
+    at: DateTime<Utc>,
+}
+
+/// Write history rows in one statement.
 async fn write_history(
     tx: &mut Tx,
     app: &str,
     e: &Entity,
     id: Uuid,
-    field: &str,
-    old: &Json,
-    new: &Json,
-    at: DateTime<Utc>,
+    rows: &[HistoryEntry],
     actor: Option<Uuid>,
 ) -> Result<()> {
-    let mut sql = Sql::new("INSERT INTO \"history\" (\"app\", \"entity\", \"record_id\", \"field\", \"old_value\", \"new_value\", \"at\", \"actor\") VALUES (");
-    sql.bind(Value::Text(app.into())).push(", ");
-    sql.bind(Value::Text(e.key.clone())).push(", ");
-    sql.bind(Value::Uuid(id)).push(", ");
-    sql.bind(Value::Text(field.into())).push(", ");
-    sql.bind(Value::Json(old.clone())).push(", ");
-    sql.bind(Value::Json(new.clone())).push(", ");
-    sql.bind(Value::DateTime(at)).push(", ");
-    sql.bind(Value::opt_uuid(actor)).push(")");
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut sql = Sql::new("INSERT INTO \"history\" (\"app\", \"entity\", \"record_id\", \"field\", \"old_value\", \"new_value\", \"at\", \"actor\") VALUES ");
+    let (app_p, entity_p, id_p, actor_p) = (
+        sql.param(Value::Text(app.into())),
+        sql.param(Value::Text(e.key.clone())),
+        sql.param(Value::Uuid(id)),
+        sql.param(Value::opt_uuid(actor)),
+    );
+    for (i, r) in rows.iter().enumerate() {
+        sql.push(if i == 0 { "(" } else { ", (" });
+        sql.push(&format!("{app_p}, {entity_p}, {id_p}, "));
+        sql.bind(Value::Text(r.field.clone())).push(", ");
+        sql.bind(Value::Json(r.old.clone())).push(", ");
+        sql.bind(Value::Json(r.new.clone())).push(", ");
+        sql.bind(Value::DateTime(r.at))
+            .push(&format!(", {actor_p})"));
+    }
     tx.execute(&sql).await?;
     Ok(())
 }

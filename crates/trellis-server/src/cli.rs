@@ -260,9 +260,13 @@ async fn purge_history_hourly(state: AppState) {
     loop {
         every.tick().await;
         for loaded in state.all_apps() {
-            match trellis_form::store::purge_history(&state.db, &loaded.app, state.clock.now()).await {
+            match trellis_form::store::purge_history(&state.db, &loaded.app, state.clock.now())
+                .await
+            {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(app = %loaded.app.key, rows = n, "purged history past its retention"),
+                Ok(n) => {
+                    tracing::info!(app = %loaded.app.key, rows = n, "purged history past its retention")
+                }
                 Err(e) => tracing::warn!(app = %loaded.app.key, error = %e, "history purge failed"),
             }
         }

@@ -70,11 +70,23 @@ impl AppState {
     /// may have imported a new version into a shared PostgreSQL database).
     pub async fn refresh(&self) -> Result<usize> {
         let sql = trellis_form::db::Sql::new("SELECT \"key\", \"version\" FROM \"apps\"");
-        let kinds = [trellis_form::model::ColKind::Text, trellis_form::model::ColKind::Int];
+        let kinds = [
+            trellis_form::model::ColKind::Text,
+            trellis_form::model::ColKind::Int,
+        ];
         let mut reloaded = 0;
         for row in self.db.fetch_all(&sql, &kinds).await? {
-            let (trellis_form::db::Value::Text(key), trellis_form::db::Value::Int(version)) = (&row[0], &row[1]) else { continue };
-            let cached = self.apps.read().expect("apps lock").get(key).map(|l| l.app.version);
+            let (trellis_form::db::Value::Text(key), trellis_form::db::Value::Int(version)) =
+                (&row[0], &row[1])
+            else {
+                continue;
+            };
+            let cached = self
+                .apps
+                .read()
+                .expect("apps lock")
+                .get(key)
+                .map(|l| l.app.version);
             if cached != Some(*version) {
                 if let Some(app) = trellis_form::apps::load(&self.db, key).await? {
                     self.install(app).await?;

@@ -3,8 +3,16 @@
 use std::process::Command;
 
 fn trellis(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_trellis")).args(args).env_remove("TRELLIS_DATABASE_URL").output().expect("run trellis");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env_remove("TRELLIS_DATABASE_URL")
+        .output()
+        .expect("run trellis");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn manifest(p: &str) -> String {
@@ -51,11 +59,20 @@ fn app_plan_and_import_against_a_database() {
     let crm = manifest("../../examples/crm");
     let (code, out, err) = trellis(&["app", "plan", &crm, "--database-url", &url]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("Plan for app `crm` (nothing installed → version 1):"), "{out}");
-    assert!(out.contains("+ create_entity  create entity `opportunity` (18 fields)"), "{out}");
+    assert!(
+        out.contains("Plan for app `crm` (nothing installed → version 1):"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+ create_entity  create entity `opportunity` (18 fields)"),
+        "{out}"
+    );
     let (code, out, err) = trellis(&["app", "import", &crm, "--database-url", &url]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("Applied: app `crm` is now at version 1."), "{out}");
+    assert!(
+        out.contains("Applied: app `crm` is now at version 1."),
+        "{out}"
+    );
     let (code, out, _) = trellis(&["app", "import", &crm, "--database-url", &url]);
     assert_eq!(code, 0);
     assert!(out.contains("Nothing to change"), "{out}");
@@ -77,9 +94,19 @@ fn app_plan_and_import_against_a_database() {
     assert_eq!(plan["steps"][0]["destructive"], true);
     let (code, _, err) = trellis(&["app", "import", copy, "--database-url", &url]);
     assert_eq!(code, 1);
-    assert!(err.contains("[destructive] drop entity `review` and ALL its records"), "{err}");
+    assert!(
+        err.contains("[destructive] drop entity `review` and ALL its records"),
+        "{err}"
+    );
     assert!(err.contains("Nothing was changed."), "{err}");
-    let (code, out, _) = trellis(&["app", "import", copy, "--database-url", &url, "--allow-destructive"]);
+    let (code, out, _) = trellis(&[
+        "app",
+        "import",
+        copy,
+        "--database-url",
+        &url,
+        "--allow-destructive",
+    ]);
     assert_eq!(code, 0);
     assert!(out.contains("now at version 2"), "{out}");
 }
@@ -92,7 +119,13 @@ fn the_embedded_crm_is_the_examples_folder() {
         .collect();
     files.push("app.json".into());
     files.sort();
-    let mut embedded: Vec<String> = trellis_server::crm::FILES.iter().map(|(n, _)| n.to_string()).collect();
+    let mut embedded: Vec<String> = trellis_server::crm::FILES
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
     embedded.sort();
-    assert_eq!(embedded, files, "list every file of examples/crm in crates/trellis-server/src/crm.rs");
+    assert_eq!(
+        embedded, files,
+        "list every file of examples/crm in crates/trellis-server/src/crm.rs"
+    );
 }

@@ -626,16 +626,29 @@ async fn concurrent_writers_never_fail_with_database_is_locked() {
     // and BEGIN IMMEDIATE plus the busy timeout make them queue instead of failing.
     let t = testing::sqlite().await;
     let (app, admin) = install(&t.db, &zoo_def()).await;
-    let second = trellis_form::db::Db::connect(&t.url, &Default::default()).await.unwrap();
+    let second = trellis_form::db::Db::connect(&t.url, &Default::default())
+        .await
+        .unwrap();
     let app = std::sync::Arc::new(app);
     let mut tasks = vec![];
     for w in 0..8 {
-        let db = if w % 2 == 0 { t.db.clone() } else { second.clone() };
+        let db = if w % 2 == 0 {
+            t.db.clone()
+        } else {
+            second.clone()
+        };
         let app = app.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..25 {
                 let mut tx = db.begin().await?;
-                store::create(&mut tx, &app, app.entity("deal")?, &json!({"name": format!("w{w}-{i}")}), &ctx(admin)).await?;
+                store::create(
+                    &mut tx,
+                    &app,
+                    app.entity("deal")?,
+                    &json!({"name": format!("w{w}-{i}")}),
+                    &ctx(admin),
+                )
+                .await?;
                 tx.commit().await?;
             }
             Ok::<_, FormError>(())

@@ -177,8 +177,10 @@ async fn create_record(
     let e = loaded.app.entity(&entity)?;
     let mut c = ctx(&state, &loaded, &actor);
     c.import = false;
+    // Validate before taking the write lock; only the database checks and writes hold it.
+    let draft = store::draft(e, &input, &c)?;
     let mut tx = state.db.begin().await?;
-    let r = store::create(&mut tx, &loaded.app, e, &input, &c).await?;
+    let r = store::insert(&mut tx, &loaded.app, e, draft, &c).await?;
     tx.commit().await?;
     Ok(record_response(StatusCode::CREATED, &app, &entity, &r))
 }
@@ -207,8 +209,9 @@ async fn batch_create(
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let c = ctx(&state, &loaded, &actor);
+    let drafts = store::draft_batch(e, &b.records, &c)?;
     let mut tx = state.db.begin().await?;
-    let ids = store::create_batch(&mut tx, &loaded.app, e, &b.records, &c).await?;
+    let ids = store::insert_batch(&mut tx, &loaded.app, e, drafts, &c).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
