@@ -407,15 +407,14 @@ async fn verify(
                     ));
                 }
             }
-            FieldType::User => {
-                if !exists(tx, "users", "id", value).await? {
-                    problems.push(Problem::new(
-                        path,
-                        "not_found",
-                        format!("{} points to a user that does not exist.", f.label),
-                    ));
-                }
+            FieldType::User if !exists(tx, "users", "id", value.clone()).await? => {
+                problems.push(Problem::new(
+                    path,
+                    "not_found",
+                    format!("{} points to a user that does not exist.", f.label),
+                ));
             }
+            FieldType::User => {}
             _ if f.def.unique => {
                 let mut sql = Sql::new(format!(
                     "SELECT 1 FROM {} WHERE {} = ",

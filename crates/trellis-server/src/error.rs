@@ -47,7 +47,7 @@ pub struct ApiError {
     code: &'static str,
     detail: String,
     errors: Vec<Problem>,
-    extra: Option<(&'static str, serde_json::Value)>,
+    extra: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
 #[derive(Serialize)]
@@ -130,7 +130,7 @@ impl IntoResponse for ApiError {
             errors: &self.errors,
         })
         .unwrap_or_default();
-        if let Some((k, v)) = self.extra {
+        if let Some((k, v)) = self.extra.map(|b| *b) {
             body[k] = v;
         }
         let mut resp = (status, body.to_string()).into_response();
@@ -164,7 +164,7 @@ impl From<FormError> for ApiError {
             | FormError::NotFound(_) => ApiError::not_found(detail),
             FormError::VersionConflict { current, .. } => {
                 let mut err = ApiError::new("version_conflict", detail);
-                err.extra = Some(("current_version", serde_json::json!(current)));
+                err.extra = Some(Box::new(("current_version", serde_json::json!(current))));
                 err
             }
             FormError::Database(e) => ApiError::internal(e),

@@ -544,7 +544,7 @@ async fn batches_are_all_or_nothing_and_can_import_funnel_history() {
             ]
         });
         let mut tx = t.db.begin().await.unwrap();
-        let ids = store::create_batch(&mut tx, &app, deal, &[rec.clone()], &imp)
+        let ids = store::create_batch(&mut tx, &app, deal, std::slice::from_ref(&rec), &imp)
             .await
             .unwrap();
         tx.commit().await.unwrap();
