@@ -73,7 +73,7 @@ async fn app_versions_and_destructive_changes() {
         );
         assert_eq!(
             problem_paths(&body),
-            [("/entities/lead".to_owned(), "destructive".to_owned())]
+            [("/entities/0".to_owned(), "destructive".to_owned())]
         );
         let (_, schema) = app
             .call(Method::GET, "/api/v1/apps/crm/entities/lead/schema", None)
@@ -148,17 +148,36 @@ async fn a_second_server_on_the_same_database_follows_new_versions() {
     let url = db.url.clone();
     let app = TestApp::start(db).await;
     // A second process on the same database.
-    let other_db = trellis_form::db::Db::connect(&url, &Default::default()).await.unwrap();
-    let (other, _) = trellis_server::cli::prepare(other_db.clone(), std::sync::Arc::new(trellis_form::SystemClock), None, None).await.unwrap();
+    let other_db = trellis_form::db::Db::connect(&url, &Default::default())
+        .await
+        .unwrap();
+    let (other, _) = trellis_server::cli::prepare(
+        other_db.clone(),
+        std::sync::Arc::new(trellis_form::SystemClock),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(other.app("crm").unwrap().app.version, 1);
     let (_, crm) = app.call(Method::GET, "/api/v1/apps/crm", None).await;
     let mut def = crm["definition"].clone();
-    def["entities"][0]["fields"].as_array_mut().unwrap().push(json!({"key": "wechat", "type": "text"}));
+    def["entities"][0]["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"key": "wechat", "type": "text"}));
     let (s, _) = app.call(Method::PUT, "/api/v1/apps/crm", Some(def)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(other.refresh().await.unwrap(), 1);
     assert_eq!(other.app("crm").unwrap().app.version, 2);
-    assert!(other.app("crm").unwrap().app.entity("lead").unwrap().field("wechat").is_some());
+    assert!(other
+        .app("crm")
+        .unwrap()
+        .app
+        .entity("lead")
+        .unwrap()
+        .field("wechat")
+        .is_some());
     assert_eq!(other.refresh().await.unwrap(), 0);
     other_db.close().await;
     app.stop().await;

@@ -61,13 +61,7 @@ pub async fn import(
             .steps
             .iter()
             .filter(|s| s.destructive)
-            .map(|s| {
-                Problem::new(
-                    format!("/entities/{}", s.entity),
-                    "destructive",
-                    s.description.clone(),
-                )
-            })
+            .map(|s| Problem::new(s.path.clone(), "destructive", s.description.clone()))
             .collect();
         return Err(FormError::Destructive(problems));
     }
@@ -93,7 +87,7 @@ pub async fn import(
             match tx.execute(sql).await {
                 Err(FormError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
                     return Err(FormError::MigrationConflict(vec![Problem::new(
-                        format!("/entities/{}", step.entity),
+                        step.path.clone(),
                         "duplicates",
                         format!(
                             "cannot {}: existing records share a value",
@@ -160,7 +154,7 @@ async fn run_checks(tx: &mut crate::db::Tx, p: &Plan) -> Result<()> {
             };
             if n > 0 {
                 problems.push(Problem::new(
-                    format!("/entities/{}", step.entity),
+                    step.path.clone(),
                     "data_conflict",
                     format!("{msg} ({n} record(s))"),
                 ));

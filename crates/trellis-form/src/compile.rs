@@ -19,13 +19,29 @@ static KEY: LazyLock<Regex> = LazyLock::new(|| Regex::new("^[a-z][a-z0-9_]*$").u
 
 /// Parse a definition from JSON, reporting serde errors with their path.
 pub fn parse(json: &Value) -> Result<AppDef> {
-    serde_json::from_value::<AppDef>(json.clone()).map_err(|e| {
+    serde_path_to_error::deserialize::<_, AppDef>(json).map_err(|e| {
+        let path = pointer(e.path());
         FormError::Definition(vec![Problem::new(
-            "",
+            path,
             "malformed",
-            format!("The app definition is malformed: {e}."),
+            format!("The app definition is malformed: {}.", e.inner()),
         )])
     })
+}
+
+/// A serde path (`entities[0].fields[2].type`) as a JSON pointer (`/entities/0/fields/2/type`).
+fn pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(format!("/{index}")),
+            Segment::Map { key } => Some(format!("/{}", crate::error::pointer_segment(key))),
+            Segment::Enum { variant } => {
+                Some(format!("/{}", crate::error::pointer_segment(variant)))
+            }
+            Segment::Unknown => None,
+        })
+        .collect()
 }
 
 /// Check a definition completely and compile it. `version` is the number it will carry.
@@ -281,6 +297,14 @@ impl Checker {
             for (k, s) in f.stages.iter().enumerate() {
                 let sp = format!("{fp}/stages/{k}");
                 self.key(&format!("{sp}/key"), &s.key, 20, "stage");
+                let column = crate::model::stage_entered_column(&f.key, &s.key);
+                if column.len() > 63 {
+                    self.err(
+                        &format!("{sp}/key"),
+                        "too_long",
+                        format!("The stage key `{}` is too long together with the field key `{}`: the column `{column}` would exceed 63 characters.", s.key, f.key),
+                    );
+                }
                 if !seen.insert(s.key.as_str()) {
                     self.err(
                         &format!("{sp}/key"),

@@ -138,7 +138,7 @@ pub enum TrackKeyword {
 }
 
 /// The type of a field. The JSON form and the SQL column of each are listed in
-/// `docs/reference/entities.md`.
+/// `docs/reference/app-definition.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FieldType {

@@ -74,8 +74,9 @@ pub enum FormError {
         /// Version in the database.
         current: i64,
     },
-    /// A unique value is already taken (found by the database rather than the pre-check).
-    #[error("a unique value is already taken")]
+    /// The write conflicts with existing data: a unique value taken by a concurrent writer, or a
+    /// record still referenced by others.
+    #[error("the write conflicts with existing data")]
     Conflict(Vec<Problem>),
     /// The database failed.
     #[error("database error: {0}")]

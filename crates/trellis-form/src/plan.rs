@@ -55,6 +55,9 @@ pub struct Step {
     /// The field, where it touches one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// JSON pointer of what the step is about in the new definition (`/entities/3/fields/2`),
+    /// or `/entities` for an entity that is gone.
+    pub path: String,
     /// Whether applying it loses data.
     pub destructive: bool,
     /// A sentence describing it.
@@ -234,6 +237,7 @@ pub fn plan(backend: Backend, old: Option<&App>, new: &App) -> Plan {
                 kind: StepKind::CreateEntity,
                 entity: e.key.clone(),
                 field: None,
+                path: String::new(),
                 destructive: false,
                 description: format!("create entity `{}` ({} fields)", e.key, e.fields.len()),
                 sql: create_entity_sql(backend, e),
@@ -249,6 +253,7 @@ pub fn plan(backend: Backend, old: Option<&App>, new: &App) -> Plan {
                     kind: StepKind::DropEntity,
                     entity: oe.key.clone(),
                     field: None,
+                    path: String::new(),
                     destructive: true,
                     description: format!("drop entity `{}` and ALL its records", oe.key),
                     sql: vec![Sql::new(format!("DROP TABLE {}", quote(&oe.table)))],
@@ -256,6 +261,19 @@ pub fn plan(backend: Backend, old: Option<&App>, new: &App) -> Plan {
                 });
             }
         }
+    }
+    for s in &mut steps {
+        s.path = match new.entities.iter().position(|e| e.key == s.entity) {
+            Some(i) => match s
+                .field
+                .as_ref()
+                .and_then(|f| new.entities[i].fields.iter().position(|x| &x.key == f))
+            {
+                Some(j) => format!("/entities/{i}/fields/{j}"),
+                None => format!("/entities/{i}"),
+            },
+            None => "/entities".to_owned(),
+        };
     }
     Plan { steps }
 }
@@ -265,6 +283,7 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
         kind,
         entity: e.key.clone(),
         field: Some(field.to_owned()).filter(|f| !f.is_empty()),
+        path: String::new(),
         destructive,
         description,
         sql,
@@ -368,10 +387,11 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
             ));
         }
         // Options and stages.
+        // Options only matter while the field stays a select (a new type drops them anyway).
         let removed: Vec<&String> = of
             .options
             .iter()
-            .filter(|o| !f.options.contains(o))
+            .filter(|o| of.ty == f.ty && !f.options.contains(o))
             .collect();
         if !removed.is_empty() {
             steps.push(step(
@@ -472,7 +492,8 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                 .collect()
         };
         let stages_edited = common(f, of) != common(of, f);
-        if strip(&of.def) != strip(&f.def)
+        let type_changed = of.ty != f.ty;
+        if !type_changed && strip(&of.def) != strip(&f.def)
             || options_added
             || stages_edited
             || (of.def.required && !f.def.required)

@@ -97,6 +97,16 @@ fn column<'a>(e: &'a Entity, name: &str) -> Option<Col<'a>> {
 
 /// Parse a filter operand into a column value.
 fn operand(col: &Col, v: &Json, path: &str) -> std::result::Result<Value, Problem> {
+    if v.is_null() {
+        return Err(Problem::new(
+            path,
+            "bad_value",
+            format!(
+                "Compare `{}` with null using the is_null operator.",
+                col.name
+            ),
+        ));
+    }
     if let Some(f) = col.field {
         // Option and stage values must exist, so a typo is an error rather than an empty list.
         let allowed: Vec<&String> = match f.ty {
@@ -121,6 +131,44 @@ fn operand(col: &Col, v: &Json, path: &str) -> std::result::Result<Value, Proble
                     ),
                 )),
             };
+        }
+        // A filter value is read by the field's type but not held to its write constraints
+        // (bounds, scale, pattern): `amount gte -1` is a fine question on a field with min 0.
+        let bad = || {
+            Problem::new(
+                path,
+                "bad_value",
+                format!("`{v}` is not a valid value for {}.", f.label),
+            )
+        };
+        match f.ty {
+            FieldType::Integer => return v.as_i64().map(Value::Int).ok_or_else(bad),
+            FieldType::Decimal | FieldType::Money => {
+                let v = v.get("amount").unwrap_or(v);
+                let text = match v {
+                    Json::String(s) => s.clone(),
+                    Json::Number(n) => n.to_string(),
+                    _ => return Err(bad()),
+                };
+                return text
+                    .parse::<rust_decimal::Decimal>()
+                    .map(Value::Decimal)
+                    .map_err(|_| bad());
+            }
+            FieldType::Date => {
+                return v
+                    .as_str()
+                    .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                    .map(Value::Date)
+                    .ok_or_else(bad)
+            }
+            FieldType::Text | FieldType::LongText => {
+                return v
+                    .as_str()
+                    .map(|s| Value::Text(s.to_owned()))
+                    .ok_or_else(bad)
+            }
+            _ => {}
         }
         return crate::values::to_sql(f, v, path)
             .map(|mut vals| vals.remove(0))
@@ -202,7 +250,7 @@ fn where_clause(
                         format!("{path}/op"),
                         "bad_op",
                         format!(
-                            "`{}` cannot be compared with {}; use contains.",
+                            "`{}` holds a list or JSON and cannot be compared with {}; use contains (multiselect) or is_null.",
                             f.field, f.op
                         ),
                     ));
@@ -250,7 +298,7 @@ fn where_clause(
                     problems.push(Problem::new(
                         format!("{path}/op"),
                         "bad_op",
-                        format!("`{}` cannot be used with in; use contains.", f.field),
+                        format!("`{}` holds a list or JSON and cannot be used with in; use contains (multiselect) or is_null.", f.field),
                     ));
                     continue;
                 }
@@ -300,8 +348,15 @@ fn where_clause(
                 }
             }
             "contains" => match (col.field.map(|f| f.ty), &f.value) {
-                (Some(FieldType::Multiselect), Json::String(s)) => {
-                    let p = sql_param(sql, Value::Text(s.clone()));
+                (Some(FieldType::Multiselect), Json::String(_)) => {
+                    let v = match operand(&col, &f.value, &vpath) {
+                        Ok(v) => v,
+                        Err(p) => {
+                            problems.push(p);
+                            continue;
+                        }
+                    };
+                    let p = sql_param(sql, v);
                     backend.json_array_contains(&c, &p)
                 }
                 (_, Json::String(s)) if col.kind == ColKind::Text => {

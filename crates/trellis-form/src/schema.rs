@@ -78,13 +78,14 @@ pub(crate) fn field_schema(
                 s.insert("maxLength".into(), json!(max));
             }
             if let Some(p) = &f.pattern {
-                s.insert("pattern".into(), json!(p));
+                // JSON Schema patterns match anywhere; a definition's pattern must match whole.
+                s.insert("pattern".into(), json!(format!("^(?:{p})$")));
             }
         }
         FieldType::Email => {
             text(&mut s);
             s.insert("format".into(), json!("email"));
-            s.insert("maxLength".into(), json!(254));
+            s.entry("maxLength").or_insert(json!(254));
         }
         FieldType::Phone => {
             text(&mut s);
@@ -93,7 +94,7 @@ pub(crate) fn field_schema(
         FieldType::Url => {
             text(&mut s);
             s.insert("pattern".into(), json!(URL_PATTERN));
-            s.insert("maxLength".into(), json!(2048));
+            s.entry("maxLength").or_insert(json!(2048));
         }
         FieldType::Integer => {
             s.insert("type".into(), json!("integer"));
@@ -147,9 +148,12 @@ pub(crate) fn field_schema(
             s.insert("type".into(), json!("array"));
             s.insert("items".into(), json!({"type": "string", "enum": options}));
             s.insert("uniqueItems".into(), json!(true));
-            if let Some(n) = f.min_length {
-                s.insert("minItems".into(), json!(n));
-            }
+            match f.min_length {
+                Some(n) => s.insert("minItems".into(), json!(n)),
+                // A required multiselect needs at least one choice.
+                None if f.required => s.insert("minItems".into(), json!(1)),
+                None => None,
+            };
             if let Some(n) = f.max_length {
                 s.insert("maxItems".into(), json!(n));
             }
@@ -175,7 +179,10 @@ pub(crate) fn entity_schema(fields: &[Field]) -> Value {
             &f.options,
             &f.stages.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
         );
-        let schema = if f.ty == FieldType::Json {
+        let schema = if f.ty == FieldType::Json && f.def.required {
+            required.push(f.key.clone());
+            json!({"type": ["object", "array", "string", "number", "boolean"]})
+        } else if f.ty == FieldType::Json {
             inner
         } else if f.def.required {
             required.push(f.key.clone());
@@ -329,6 +336,7 @@ fn describe(
             p("out_of_range", format!("{name} must be at most {limit}."))
         }
         ValidationErrorKind::MinLength { limit: 1 }
+        | ValidationErrorKind::MinItems { limit: 1 }
             if field.is_some_and(|f| f.def.required && f.def.min_length.is_none()) =>
         {
             p("required", format!("{name} is required."))

@@ -354,6 +354,13 @@ fn validate(
     if old.is_none() && owner.is_none() {
         owner = ctx.default_owner;
     }
+    // "X is required" says it all; drop other complaints about the same missing value.
+    let required: Vec<String> = problems
+        .iter()
+        .filter(|p| p.code == "required")
+        .map(|p| p.path.clone())
+        .collect();
+    problems.retain(|p| p.code == "required" || !required.contains(&p.path));
     let p = Prepared {
         fields,
         columns,
@@ -396,9 +403,9 @@ async fn verify(
         match f.ty {
             FieldType::Relation => {
                 let target = app.entity(f.def.entity.as_deref().unwrap_or_default())?;
-                if !exists(tx, &target.table, "id", value).await? {
+                if !exists(tx, &target.table, "id", value.clone()).await? {
                     problems.push(Problem::new(
-                        path,
+                        path.clone(),
                         "not_found",
                         format!(
                             "{} points to a {} that does not exist.",
@@ -407,34 +414,36 @@ async fn verify(
                     ));
                 }
             }
-            FieldType::User if !exists(tx, "users", "id", value.clone()).await? => {
+            FieldType::User if !active_user(tx, value.clone()).await? => {
                 problems.push(Problem::new(
-                    path,
+                    path.clone(),
                     "not_found",
-                    format!("{} points to a user that does not exist.", f.label),
+                    format!(
+                        "{} points to a user that does not exist or is inactive.",
+                        f.label
+                    ),
                 ));
-            }
-            FieldType::User => {}
-            _ if f.def.unique => {
-                let mut sql = Sql::new(format!(
-                    "SELECT 1 FROM {} WHERE {} = ",
-                    quote(&e.table),
-                    quote(&f.key)
-                ));
-                sql.bind(value);
-                if let Some(id) = id {
-                    sql.push(" AND \"id\" <> ").bind(Value::Uuid(id));
-                }
-                sql.push(" LIMIT 1");
-                if tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some() {
-                    problems.push(Problem::new(
-                        path,
-                        "unique",
-                        format!("Another {} already has this {}: {v}.", e.label, f.label),
-                    ));
-                }
             }
             _ => {}
+        }
+        if f.def.unique {
+            let mut sql = Sql::new(format!(
+                "SELECT 1 FROM {} WHERE {} = ",
+                quote(&e.table),
+                quote(&f.key)
+            ));
+            sql.bind(value);
+            if let Some(id) = id {
+                sql.push(" AND \"id\" <> ").bind(Value::Uuid(id));
+            }
+            sql.push(" LIMIT 1");
+            if tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some() {
+                problems.push(Problem::new(
+                    path,
+                    "unique",
+                    format!("Another {} already has this {}: {v}.", e.label, f.label),
+                ));
+            }
         }
     }
     // The app's default owner was resolved from the users table when the app was loaded.
@@ -442,11 +451,11 @@ async fn verify(
     if let Some(o) =
         owner.filter(|o| !default_owner && old.is_none_or(|r| r.meta.owner != Some(*o)))
     {
-        if !exists(tx, "users", "id", Value::Uuid(o)).await? {
+        if !active_user(tx, Value::Uuid(o)).await? {
             problems.push(Problem::new(
                 "/owner",
                 "not_found",
-                "The owner is not an existing user.",
+                "The owner is not an existing, active user.",
             ));
         }
     }
@@ -542,6 +551,14 @@ fn parse_stage_history(
         }
     }
     out
+}
+
+async fn active_user(tx: &mut Tx, id: Value) -> Result<bool> {
+    let mut sql = Sql::new("SELECT 1 FROM \"users\" WHERE \"id\" = ");
+    sql.bind(id)
+        .push(" AND \"active\" = ")
+        .bind(Value::Bool(true));
+    Ok(tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some())
 }
 
 async fn exists(tx: &mut Tx, table: &str, col: &str, v: Value) -> Result<bool> {
@@ -720,6 +737,16 @@ pub async fn update(
     ctx: &WriteCtx,
 ) -> Result<Record> {
     let old = get_in(tx, e, id).await?;
+    // A stale write is refused before its values are looked at.
+    let body_version = patch.get("version").and_then(Json::as_i64);
+    if let Some(expected) = expected_version.or(body_version) {
+        if expected != old.meta.version {
+            return Err(FormError::VersionConflict {
+                expected,
+                current: old.meta.version,
+            });
+        }
+    }
     let p = prepare(tx, app, e, patch, Some(&old), ctx).await?;
     if let Some(expected) = expected_version.or(p.expected_version) {
         if expected != old.meta.version {
@@ -842,7 +869,7 @@ pub async fn delete(
                 problems.push(Problem::new(
                     "",
                     "referenced",
-                    format!("This {} is still referenced by the field {} of a {}; change or delete those records first.", e.label, f.label, other.label),
+                    format!("This {} is still referenced by {} records (field {}); change or delete those records first.", e.label, other.label, f.label),
                 ));
             }
         }

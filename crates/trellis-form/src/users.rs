@@ -368,7 +368,7 @@ pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> 
             "A team key is 1 to 64 characters of a-z, 0-9 and _.",
         ));
     }
-    let name = input.name.clone().unwrap_or_else(|| key.clone());
+    let name = input.name.clone();
     let mut users = input.members.clone().unwrap_or_default();
     if let Some(Some(l)) = input.lead_id {
         users.push(l);
@@ -395,8 +395,11 @@ pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> 
     let existing = tx.fetch_optional(&sql, &[ColKind::Uuid]).await?;
     let id = match existing.map(|r| r[0].clone()) {
         Some(Value::Uuid(id)) => {
-            let mut sql = Sql::new("UPDATE \"teams\" SET \"name\" = ");
-            sql.bind(Value::Text(name));
+            // Only what was sent changes.
+            let mut sql = Sql::new("UPDATE \"teams\" SET \"key\" = \"key\"");
+            if let Some(n) = name {
+                sql.push(", \"name\" = ").bind(Value::Text(n));
+            }
             if let Some(l) = input.lead_id {
                 sql.push(", \"lead_id\" = ").bind(Value::opt_uuid(l));
             }
@@ -408,8 +411,8 @@ pub async fn upsert_team(tx: &mut Tx, input: &TeamInput, now: DateTime<Utc>) -> 
             let id = Uuid::now_v7();
             let mut sql = Sql::new("INSERT INTO \"teams\" (\"id\", \"key\", \"name\", \"lead_id\", \"created_at\") VALUES (");
             sql.bind(Value::Uuid(id)).push(", ");
-            sql.bind(Value::Text(key)).push(", ");
-            sql.bind(Value::Text(name)).push(", ");
+            sql.bind(Value::Text(key.clone())).push(", ");
+            sql.bind(Value::Text(name.unwrap_or(key))).push(", ");
             sql.bind(Value::opt_uuid(input.lead_id.flatten()))
                 .push(", ");
             sql.bind(Value::DateTime(now)).push(")");

@@ -15,6 +15,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("validation_failed", 422, "The record is invalid"),
     ("invalid_definition", 422, "The app definition is invalid"),
     ("invalid_query", 400, "The query is invalid"),
+    ("invalid_header", 400, "A request header is invalid"),
     ("malformed_json", 400, "The request body is not valid JSON"),
     ("invalid_body", 422, "The request body has the wrong shape"),
     (

@@ -7,4 +7,5 @@ mod definitions;
 mod listing;
 mod migrations;
 mod records;
+mod regressions;
 mod users;

@@ -111,7 +111,8 @@ async fn import_app(
 /// Import a new version of app `{app}` (the definition's key must match).
 #[utoipa::path(put, path = "/api/v1/apps/{app}", tag = "apps", params(("app" = String, Path, description = "App key"), ImportParams),
     request_body(content = Object, description = "The whole app definition"),
-    responses((status = 200, description = "Applied (or dry run)", body = Object),
+    responses((status = 201, description = "A new app was installed", body = Object),
+              (status = 200, description = "Applied (or dry run, or nothing changed)", body = Object),
               (status = 409, description = "Destructive change without allow_destructive", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 422, description = "The definition is invalid", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn replace_app(

@@ -247,7 +247,7 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
         .trim_matches('"');
     s.parse::<i64>().map(Some).map_err(|_| {
         ApiError::new(
-            "invalid_query",
+            "invalid_header",
             "If-Match must hold the record's version, as in If-Match: \"3\".",
         )
     })
