@@ -129,3 +129,29 @@ pub fn load(path: &Path) -> Result<Bundle, BundleError> {
     }
     from_files(files)
 }
+
+/// Split a definition into the files of an app folder: `app.json` and one file per item of each
+/// section, numbered so that name order is definition order (`entities/01-lead.json`).
+pub fn to_files(definition: &Value) -> Vec<(String, String)> {
+    let mut root = definition.as_object().cloned().unwrap_or_default();
+    let mut files = vec![];
+    for section in SECTIONS {
+        let Some(Value::Array(items)) = root.remove(section) else {
+            continue;
+        };
+        let width = items.len().to_string().len().max(2);
+        for (i, item) in items.iter().enumerate() {
+            let key = item.get("key").and_then(Value::as_str).unwrap_or("item");
+            let text = serde_json::to_string_pretty(item).expect("JSON serializes") + "\n";
+            files.push((format!("{section}/{:0width$}-{key}.json", i + 1), text));
+        }
+    }
+    files.insert(
+        0,
+        (
+            "app.json".to_owned(),
+            serde_json::to_string_pretty(&Value::Object(root)).expect("JSON serializes") + "\n",
+        ),
+    );
+    files
+}

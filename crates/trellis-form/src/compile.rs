@@ -57,6 +57,16 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
             );
         }
     }
+    if def.timezone.parse::<chrono_tz::Tz>().is_err() {
+        c.err(
+            "/timezone",
+            "bad_timezone",
+            format!(
+                "`{}` is not an IANA time zone such as Asia/Shanghai or UTC.",
+                def.timezone
+            ),
+        );
+    }
     let entity_keys: Vec<&str> = def.entities.iter().map(|e| e.key.as_str()).collect();
     if def.entities.is_empty() {
         c.err("/entities", "required", "An app needs at least one entity.");

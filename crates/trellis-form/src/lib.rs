@@ -20,6 +20,7 @@ pub mod model;
 pub mod plan;
 pub mod query;
 pub(crate) mod schema;
+pub mod sheet;
 pub mod store;
 pub mod testing;
 pub mod users;

@@ -43,6 +43,50 @@ enum Command {
     /// Work with app definitions.
     #[command(subcommand)]
     App(AppCommand),
+    /// Import a spreadsheet (CSV or XLSX) into an entity, all or nothing.
+    Import(ImportArgs),
+    /// Export an entity's records as CSV or XLSX.
+    Export(ExportArgs),
+}
+
+/// Options of `trellis import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// App key.
+    #[arg(long)]
+    pub app: String,
+    /// Entity key.
+    #[arg(long)]
+    pub entity: String,
+    /// The file: `.csv` (UTF-8, header row first) or `.xlsx` (first sheet).
+    pub file: PathBuf,
+    /// Check every cell and list every problem, but write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// Options of `trellis export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// App key.
+    #[arg(long)]
+    pub app: String,
+    /// Entity key.
+    #[arg(long)]
+    pub entity: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: crate::sheets::Format,
+    /// Only records matching these conditions: a JSON list of {"field", "op", "value"}.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Write to this file (required for xlsx; CSV goes to standard output without it).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArgs,
 }
 
 /// Where the database is.
@@ -105,6 +149,15 @@ enum AppCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write an installed app's definition as a folder (app.json + entities/…).
+    Export {
+        /// App key.
+        app: String,
+        /// Folder to write (created if missing; existing files of the same names are replaced).
+        dir: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Apply a definition (with its migration plan) to the database.
     Import {
         /// App folder or JSON file.
@@ -128,6 +181,9 @@ pub async fn main() -> anyhow::Result<i32> {
         Command::Serve(args) => serve(args).await.map(|_| 0),
         Command::App(AppCommand::Check { dir }) => Ok(check(&dir)),
         Command::App(AppCommand::Plan { dir, db, json }) => plan(&dir, &db, json).await,
+        Command::App(AppCommand::Export { app, dir, db }) => export_app(&app, &dir, &db).await,
+        Command::Import(args) => import_sheet(&args).await,
+        Command::Export(args) => export_sheet(&args).await,
         Command::App(AppCommand::Import {
             dir,
             db,
@@ -421,4 +477,134 @@ async fn import(dir: &Path, db: &DbArgs, opts: ImportOptions) -> anyhow::Result<
         }
         Err(e) => Err(e.into()),
     }
+}
+
+async fn export_app(key: &str, dir: &Path, db: &DbArgs) -> anyhow::Result<i32> {
+    let db = open_db(db).await?;
+    let Some(app) = apps::load(&db, key).await? else {
+        eprintln!("There is no app `{key}`.");
+        return Ok(1);
+    };
+    let def = serde_json::to_value(&app.def)?;
+    for (name, text) in trellis_form::bundle::to_files(&def) {
+        let path = dir.join(&name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "Exported app `{key}` version {} to {}.",
+        app.version,
+        dir.display()
+    );
+    Ok(0)
+}
+
+/// The app's default owner: its `default_owner` user, else the administrator.
+async fn default_owner(
+    db: &Db,
+    app: &trellis_form::model::App,
+    admin: uuid::Uuid,
+) -> anyhow::Result<uuid::Uuid> {
+    Ok(match &app.def.default_owner {
+        Some(email) => trellis_form::users::by_email(db, email)
+            .await?
+            .map(|u| u.id)
+            .unwrap_or(admin),
+        None => admin,
+    })
+}
+
+async fn import_sheet(args: &ImportArgs) -> anyhow::Result<i32> {
+    let sheet = crate::sheets::read(&args.file)?;
+    let db = open_db(&args.db).await?;
+    let Some(app) = apps::load(&db, &args.app).await? else {
+        eprintln!("There is no app `{}`.", args.app);
+        return Ok(1);
+    };
+    let e = app.entity(&args.entity)?;
+    let admin = crate::auth::ensure_admin(&db, SystemClock.now()).await?;
+    let ctx = trellis_form::store::WriteCtx {
+        actor: Some(admin),
+        now: SystemClock.now(),
+        default_owner: Some(default_owner(&db, &app, admin).await?),
+        import: true,
+    };
+    use std::io::IsTerminal;
+    let progress = std::io::stderr().is_terminal();
+    match crate::sheets::import(&db, &app, e, &sheet, &ctx, args.dry_run, progress).await? {
+        crate::sheets::Outcome::Ok {
+            records,
+            written: true,
+        } => {
+            println!(
+                "Imported {records} record(s) into {}.{}.",
+                args.app, args.entity
+            );
+            Ok(0)
+        }
+        crate::sheets::Outcome::Ok {
+            records,
+            written: false,
+        } => {
+            println!("Dry run: all {records} row(s) are valid; nothing was written.");
+            Ok(0)
+        }
+        crate::sheets::Outcome::Refused(problems) => {
+            for p in &problems {
+                eprintln!(
+                    "row {}, column {} ({}): [{}] {}",
+                    p.row, p.column, p.header, p.code, p.message
+                );
+            }
+            eprintln!("{} problem(s); nothing was written.", problems.len());
+            Ok(1)
+        }
+    }
+}
+
+async fn export_sheet(args: &ExportArgs) -> anyhow::Result<i32> {
+    let db = open_db(&args.db).await?;
+    let Some(app) = apps::load(&db, &args.app).await? else {
+        eprintln!("There is no app `{}`.", args.app);
+        return Ok(1);
+    };
+    let e = app.entity(&args.entity)?;
+    let filters: Vec<trellis_form::query::Filter> = match &args.filter {
+        Some(f) => serde_json::from_str(f)
+            .context("--filter must be a JSON list of {\"field\", \"op\", \"value\"} objects")?,
+        None => vec![],
+    };
+    let (headers, rows) = match crate::sheets::table(&db, e, filters).await {
+        Ok(t) => t,
+        Err(err) => match err.downcast::<FormError>() {
+            Ok(FormError::Query(ps)) => {
+                print_problems(None, &ps);
+                return Ok(1);
+            }
+            Ok(other) => return Err(other.into()),
+            Err(err) => return Err(err),
+        },
+    };
+    match (args.format, &args.output) {
+        (crate::sheets::Format::Csv, None) => {
+            crate::sheets::write_csv(std::io::stdout().lock(), &headers, &rows)?
+        }
+        (crate::sheets::Format::Csv, Some(p)) => crate::sheets::write_csv(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+            &headers,
+            &rows,
+        )?,
+        (crate::sheets::Format::Xlsx, Some(p)) => crate::sheets::write_xlsx(p, &headers, &rows)?,
+        (crate::sheets::Format::Xlsx, None) => {
+            eprintln!("An XLSX export needs --output FILE.");
+            return Ok(1);
+        }
+    }
+    if let Some(p) = &args.output {
+        eprintln!("Exported {} record(s) to {}.", rows.len(), p.display());
+    }
+    Ok(0)
 }

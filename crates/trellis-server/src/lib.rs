@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod crm;
 pub mod error;
+pub mod sheets;
 pub mod state;
 
 use axum::extract::DefaultBodyLimit;

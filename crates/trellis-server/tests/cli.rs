@@ -129,3 +129,179 @@ fn the_embedded_crm_is_the_examples_folder() {
         "list every file of examples/crm in crates/trellis-server/src/crm.rs"
     );
 }
+
+#[test]
+fn app_export_then_import_on_an_empty_database_reproduces_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = format!("sqlite://{}", dir.path().join("a.db").display());
+    let second = format!("sqlite://{}", dir.path().join("b.db").display());
+    let crm = manifest("../../examples/crm");
+    assert_eq!(
+        trellis(&["app", "import", &crm, "--database-url", &first]).0,
+        0
+    );
+    let out = dir.path().join("exported");
+    let (code, stdout, err) = trellis(&[
+        "app",
+        "export",
+        "crm",
+        out.to_str().unwrap(),
+        "--database-url",
+        &first,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("Exported app `crm` version 1"), "{stdout}");
+    assert_eq!(trellis(&["app", "check", out.to_str().unwrap()]).0, 0);
+    assert_eq!(
+        trellis(&[
+            "app",
+            "import",
+            out.to_str().unwrap(),
+            "--database-url",
+            &second
+        ])
+        .0,
+        0
+    );
+    // Both databases hold the same definition, and importing the original into the copy changes nothing.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let defs: Vec<serde_json::Value> = [&first, &second]
+        .iter()
+        .map(|url| {
+            rt.block_on(async {
+                let db = trellis_form::db::Db::connect(url, &Default::default())
+                    .await
+                    .unwrap();
+                let app = trellis_form::apps::load(&db, "crm").await.unwrap().unwrap();
+                db.close().await;
+                serde_json::to_value(&app.def).unwrap()
+            })
+        })
+        .collect();
+    assert_eq!(defs[0], defs[1]);
+    let (code, stdout, _) = trellis(&["app", "import", &crm, "--database-url", &second]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("Nothing to change"), "{stdout}");
+    let names: Vec<String> = std::fs::read_dir(out.join("entities"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 7);
+}
+
+#[test]
+fn import_and_export_spreadsheets_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    assert_eq!(
+        trellis(&[
+            "app",
+            "import",
+            &manifest("../../examples/crm"),
+            "--database-url",
+            &url
+        ])
+        .0,
+        0
+    );
+    let csv = dir.path().join("leads.csv");
+    std::fs::write(
+        &csv,
+        "姓名,商机来源,状态
+王芳,展会,新建
+坏,电视,won
+",
+    )
+    .unwrap();
+    let (code, _, err) = trellis(&[
+        "import",
+        "--app",
+        "crm",
+        "--entity",
+        "lead",
+        csv.to_str().unwrap(),
+        "--database-url",
+        &url,
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "row 3, column B (商机来源): [bad_cell] Source channel: `电视` is not one of online_ad, trade_show, website, partner.",
+            "row 3, column C (状态): [bad_cell] Status: `won` is not one of new, contacted, qualified, disqualified.",
+            "2 problem(s); nothing was written.",
+        ]
+    );
+    std::fs::write(
+        &csv,
+        "姓名,商机来源,状态
+王芳,展会,新建
+Li Lei,website,contacted
+",
+    )
+    .unwrap();
+    let (code, out, _) = trellis(&[
+        "import",
+        "--app",
+        "crm",
+        "--entity",
+        "lead",
+        csv.to_str().unwrap(),
+        "--database-url",
+        &url,
+        "--dry-run",
+    ]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "Dry run: all 2 row(s) are valid; nothing was written.")
+    );
+    let (code, out, _) = trellis(&[
+        "import",
+        "--app",
+        "crm",
+        "--entity",
+        "lead",
+        csv.to_str().unwrap(),
+        "--database-url",
+        &url,
+    ]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "Imported 2 record(s) into crm.lead.")
+    );
+    let (code, out, _) = trellis(&[
+        "export",
+        "--app",
+        "crm",
+        "--entity",
+        "lead",
+        "--database-url",
+        &url,
+        "--filter",
+        r#"[{"field": "source", "op": "eq", "value": "trade_show"}]"#,
+    ]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "id,owner,created_at,name,company,phone,email,source,region,product_interest,status,converted_opportunity,notes");
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines[1].contains(",admin@localhost,")
+            && lines[1].contains(",王芳,")
+            && lines[1].contains(",trade_show,"),
+        "{}",
+        lines[1]
+    );
+    let (code, _, err) = trellis(&[
+        "export",
+        "--app",
+        "crm",
+        "--entity",
+        "lead",
+        "--database-url",
+        &url,
+        "--filter",
+        r#"[{"field": "nope", "op": "eq", "value": 1}]"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/filters/0/field [unknown_field]"), "{err}");
+}

@@ -1,0 +1,317 @@
+//! Spreadsheet files in and out: CSV (csv crate) and XLSX (calamine to read, rust_xlsxwriter to
+//! write). The mapping of cells onto fields lives in `trellis_form::sheet`; this module reads and
+//! writes files and runs an import as one all-or-nothing transaction.
+
+use anyhow::{bail, Context};
+use serde_json::Value as Json;
+use std::collections::HashMap;
+use std::path::Path;
+use trellis_form::db::{quote, Db, Sql, Value};
+use trellis_form::model::{App, ColKind, Entity};
+use trellis_form::query::{Filter, ListQuery};
+use trellis_form::sheet::{self, Cell, CellProblem, Lookups};
+use trellis_form::store::{self, WriteCtx};
+use trellis_form::FormError;
+
+/// Header row and data rows of the first sheet of a file.
+pub type Sheet = (Vec<String>, Vec<Vec<Cell>>);
+
+/// Read a `.csv` or `.xlsx` (also `.xls`, `.ods`) file.
+pub fn read(path: &Path) -> anyhow::Result<Sheet> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_lowercase();
+    match ext.as_str() {
+        "csv" | "txt" => read_csv(path),
+        "xlsx" | "xlsm" | "xls" | "ods" => read_workbook(path),
+        other => bail!("cannot read `.{other}` files: use .csv or .xlsx"),
+    }
+}
+
+fn read_csv(path: &Path) -> anyhow::Result<Sheet> {
+    let mut r = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let headers = r
+        .headers()
+        .context("cannot read the header row")?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_owned())
+        .collect();
+    let mut rows = vec![];
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.with_context(|| format!("row {}: not valid CSV", i + 2))?;
+        rows.push(
+            rec.iter()
+                .map(|c| {
+                    if c.trim().is_empty() {
+                        Cell::Empty
+                    } else {
+                        Cell::Text(c.to_owned())
+                    }
+                })
+                .collect(),
+        );
+    }
+    Ok((headers, rows))
+}
+
+fn read_workbook(path: &Path) -> anyhow::Result<Sheet> {
+    use calamine::{Data, Reader};
+    let mut wb = calamine::open_workbook_auto(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let range = wb
+        .worksheet_range_at(0)
+        .context("the workbook has no sheet")?
+        .context("cannot read the first sheet")?;
+    let mut rows = range.rows();
+    let cell = |d: &Data| match d {
+        Data::Empty => Cell::Empty,
+        Data::String(s) => Cell::Text(s.clone()),
+        Data::Int(i) => Cell::Number(*i as f64),
+        Data::Float(f) => Cell::Number(*f),
+        Data::Bool(b) => Cell::Bool(*b),
+        Data::DateTime(t) => t
+            .as_datetime()
+            .map(Cell::DateTime)
+            .unwrap_or(Cell::Number(t.as_f64())),
+        Data::DateTimeIso(s) | Data::DurationIso(s) => Cell::Text(s.clone()),
+        Data::Error(e) => Cell::Text(format!("#{e:?}")),
+    };
+    let headers = rows
+        .next()
+        .map(|r| r.iter().map(|d| cell(d).text()).collect())
+        .unwrap_or_default();
+    Ok((
+        headers,
+        rows.map(|r| r.iter().map(cell).collect()).collect(),
+    ))
+}
+
+/// Users by email and related records by their first unique text field, for cells that name them.
+pub async fn lookups(db: &Db, app: &App, e: &Entity) -> anyhow::Result<Lookups> {
+    let mut l = Lookups::default();
+    for u in trellis_form::users::list(db).await? {
+        l.users.insert(u.email.to_lowercase(), u.id);
+    }
+    for f in e
+        .fields
+        .iter()
+        .filter(|f| f.ty == trellis_form::def::FieldType::Relation)
+    {
+        let target = app.entity(f.def.entity.as_deref().unwrap_or_default())?;
+        let Some(key) = target
+            .fields
+            .iter()
+            .find(|t| t.def.unique && t.col_kind() == ColKind::Text)
+        else {
+            continue;
+        };
+        let sql = Sql::new(format!(
+            "SELECT \"id\", {} FROM {}",
+            quote(&key.key),
+            quote(&target.table)
+        ));
+        let mut m = HashMap::new();
+        for row in db.fetch_all(&sql, &[ColKind::Uuid, ColKind::Text]).await? {
+            if let (Value::Uuid(id), Value::Text(v)) = (&row[0], &row[1]) {
+                m.insert(v.trim().to_lowercase(), *id);
+            }
+        }
+        l.relations.insert(f.key.clone(), m);
+    }
+    Ok(l)
+}
+
+/// What an import did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every row was valid; `written` tells whether they were committed (false on a dry run).
+    Ok { records: usize, written: bool },
+    /// Nothing was written; every bad cell.
+    Refused(Vec<CellProblem>),
+}
+
+/// Import a sheet into `e`, all or nothing, with the same validation as the API.
+pub async fn import(
+    db: &Db,
+    app: &App,
+    e: &Entity,
+    sheet: &Sheet,
+    ctx: &WriteCtx,
+    dry_run: bool,
+    progress: bool,
+) -> anyhow::Result<Outcome> {
+    let tz: chrono_tz::Tz = app.def.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let l = lookups(db, app, e).await?;
+    let mapped = sheet::map(e, &sheet.0, &sheet.1, tz, &l);
+    let mut problems = mapped.problems.clone();
+    let seen = |problems: &[CellProblem], p: &CellProblem| {
+        problems
+            .iter()
+            .any(|q| q.row == p.row && q.column == p.column && !q.column.is_empty())
+    };
+    let mut drafts = vec![];
+    for (i, rec) in mapped.records.iter().enumerate() {
+        match store::draft(e, rec, ctx) {
+            Ok(d) => drafts.push((i, d)),
+            Err(FormError::Invalid(ps)) => {
+                for p in ps {
+                    let cp = mapped.locate(e, i, &p);
+                    // A cell that could not be read is reported once, not again as "required".
+                    if !seen(&problems, &cp) {
+                        problems.push(cp);
+                    }
+                }
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(drafts.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} {eta}")
+                .expect("template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut tx = db.begin().await?;
+    let count = drafts.len();
+    for (i, d) in drafts {
+        match store::insert(&mut tx, app, e, d, ctx).await {
+            Ok(_) => {}
+            Err(FormError::Invalid(ps) | FormError::Conflict(ps)) => {
+                problems.extend(ps.iter().map(|p| mapped.locate(e, i, p)))
+            }
+            Err(other) => return Err(other.into()),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if !problems.is_empty() {
+        problems.sort_by(|a, b| (a.row, &a.column).cmp(&(b.row, &b.column)));
+        return Ok(Outcome::Refused(problems));
+    }
+    if dry_run {
+        return Ok(Outcome::Ok {
+            records: count,
+            written: false,
+        });
+    }
+    tx.commit().await?;
+    Ok(Outcome::Ok {
+        records: count,
+        written: true,
+    })
+}
+
+/// Output formats of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Comma-separated values, UTF-8.
+    Csv,
+    /// An Excel workbook.
+    Xlsx,
+}
+
+/// Every record of `e` matching `filters`, as a header row and text rows: `id`, `owner` (email),
+/// `created_at`, then each field (money as amount plus a `<field>__currency` column).
+pub async fn table(
+    db: &Db,
+    e: &Entity,
+    filters: Vec<Filter>,
+) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
+    let emails: HashMap<uuid::Uuid, String> = trellis_form::users::list(db)
+        .await?
+        .into_iter()
+        .map(|u| (u.id, u.email))
+        .collect();
+    let mut headers = vec!["id".to_owned(), "owner".to_owned(), "created_at".to_owned()];
+    for f in &e.fields {
+        headers.push(f.key.clone());
+        if f.ty == trellis_form::def::FieldType::Money {
+            headers.push(trellis_form::model::currency_column(&f.key));
+        }
+    }
+    let mut rows = vec![];
+    let mut cursor = None;
+    loop {
+        let q = ListQuery {
+            filters: filters.clone(),
+            limit: Some(1000),
+            cursor,
+            ..Default::default()
+        };
+        let page = trellis_form::query::list(db, e, &q).await?;
+        for r in &page.records {
+            let owner = r
+                .meta
+                .owner
+                .map(|o| emails.get(&o).cloned().unwrap_or_else(|| o.to_string()))
+                .unwrap_or_default();
+            let mut row = vec![
+                r.meta.id.to_string(),
+                owner,
+                r.meta
+                    .created_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ];
+            for f in &e.fields {
+                let v = r.fields.get(&f.key).unwrap_or(&Json::Null);
+                row.push(sheet::cell_text(f, v));
+                if f.ty == trellis_form::def::FieldType::Money {
+                    row.push(
+                        v.get("currency")
+                            .and_then(Json::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                }
+            }
+            rows.push(row);
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok((headers, rows))
+}
+
+/// Write a table as CSV to `out`.
+pub fn write_csv(
+    out: impl std::io::Write,
+    headers: &[String],
+    rows: &[Vec<String>],
+) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(headers)?;
+    for r in rows {
+        w.write_record(r)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Write a table as an XLSX workbook at `path`.
+pub fn write_xlsx(path: &Path, headers: &[String], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let mut wb = rust_xlsxwriter::Workbook::new();
+    let ws = wb.add_worksheet();
+    for (c, h) in headers.iter().enumerate() {
+        ws.write_string(0, c as u16, h)?;
+    }
+    for (r, row) in rows.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            if !v.is_empty() {
+                ws.write_string(r as u32 + 1, c as u16, v)?;
+            }
+        }
+    }
+    wb.save(path)?;
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! Spreadsheet import and export on SQLite and PostgreSQL: headers by key or label in any
+//! language, options by key or label, all-or-nothing, every bad cell by row and column.
+
+use std::path::Path;
+use std::sync::Arc;
+use trellis_form::store::WriteCtx;
+use trellis_form::testing;
+use trellis_server::sheets::{self, Outcome};
+
+async fn setup(db: &trellis_form::db::Db) -> (trellis_form::model::App, WriteCtx) {
+    let (state, _) = trellis_server::cli::prepare(
+        db.clone(),
+        Arc::new(trellis_form::SystemClock),
+        None,
+        Some("t"),
+    )
+    .await
+    .unwrap();
+    let loaded = state.app("crm").unwrap();
+    let app = trellis_form::apps::load(db, "crm").await.unwrap().unwrap();
+    let ctx = WriteCtx {
+        actor: Some(state.admin_user),
+        now: trellis_form::Clock::now(&trellis_form::SystemClock),
+        default_owner: Some(loaded.default_owner),
+        import: true,
+    };
+    (app, ctx)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+async fn count(db: &trellis_form::db::Db, app: &trellis_form::model::App, entity: &str) -> i64 {
+    let q = trellis_form::query::ListQuery {
+        count: true,
+        limit: Some(1),
+        ..Default::default()
+    };
+    trellis_form::query::list(db, app.entity(entity).unwrap(), &q)
+        .await
+        .unwrap()
+        .total
+        .unwrap()
+}
+
+#[tokio::test]
+async fn csv_import_matches_labels_in_any_language_and_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for t in testing::each().await {
+        let (app, ctx) = setup(&t.db).await;
+        let lead = app.entity("lead").unwrap();
+        let good = write(dir.path(), "good.csv", "\u{feff}姓名,Company,商机来源,区域,电话,状态\n王芳,杭州机器人,展会,华东,+86 571 8888 0000,新建\nLi Lei,Acme,Website inquiry,east,,Contacted\n,,,,,\n");
+        let sheet = sheets::read(&good).unwrap();
+        match sheets::import(&t.db, &app, lead, &sheet, &ctx, true, false)
+            .await
+            .unwrap()
+        {
+            Outcome::Ok {
+                records: 2,
+                written: false,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            count(&t.db, &app, "lead").await,
+            0,
+            "a dry run writes nothing"
+        );
+        assert!(matches!(
+            sheets::import(&t.db, &app, lead, &sheet, &ctx, false, false)
+                .await
+                .unwrap(),
+            Outcome::Ok {
+                records: 2,
+                written: true
+            }
+        ));
+        let (headers, rows) = sheets::table(&t.db, lead, vec![]).await.unwrap();
+        let col = |h: &str| headers.iter().position(|x| x == h).unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (
+                    r[col("name")].as_str(),
+                    r[col("source")].as_str(),
+                    r[col("region")].as_str(),
+                    r[col("status")].as_str()
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("王芳", "trade_show", "east", "new"),
+                ("Li Lei", "website", "east", "contacted")
+            ]
+        );
+        // Bad cells: every one by row and column, and nothing written.
+        let bad = write(
+            dir.path(),
+            "bad.csv",
+            "name,source,status,email,owner,fax\nok,website,new,,,\n,tv,won,not-an-email,nobody@x.example,\n",
+        );
+        let sheet = sheets::read(&bad).unwrap();
+        let Outcome::Refused(ps) = sheets::import(&t.db, &app, lead, &sheet, &ctx, false, false)
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let got: Vec<(usize, &str, &str)> = ps
+            .iter()
+            .map(|p| (p.row, p.column.as_str(), p.code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, "F", "unknown_column"),
+                (3, "A", "required"),
+                (3, "B", "bad_cell"),
+                (3, "C", "bad_cell"),
+                (3, "D", "format"),
+                (3, "E", "not_found")
+            ],
+            "{}",
+            t.backend
+        );
+        assert_eq!(count(&t.db, &app, "lead").await, 2);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn xlsx_round_trip_with_numbers_dates_relations_and_unique_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    for t in testing::each().await {
+        let (app, ctx) = setup(&t.db).await;
+        // Accounts: a duplicate name (unique) refuses the whole file.
+        let accounts = write(
+            dir.path(),
+            "accounts.csv",
+            "客户名称,行业\nAcme,制造业\nBeta,Finance\nAcme,retail\n",
+        );
+        let Outcome::Refused(ps) = sheets::import(
+            &t.db,
+            &app,
+            app.entity("account").unwrap(),
+            &sheets::read(&accounts).unwrap(),
+            &ctx,
+            false,
+            false,
+        )
+        .await
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            ps.iter()
+                .map(|p| (p.row, p.column.as_str(), p.code))
+                .collect::<Vec<_>>(),
+            [(4, "A", "unique")]
+        );
+        let accounts = write(
+            dir.path(),
+            "accounts.csv",
+            "客户名称,行业\nAcme,制造业\nBeta,Finance\n",
+        );
+        sheets::import(
+            &t.db,
+            &app,
+            app.entity("account").unwrap(),
+            &sheets::read(&accounts).unwrap(),
+            &ctx,
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        // An XLSX of opportunities: numbers, spreadsheet dates, accounts by name, stages by label.
+        let path = dir.path().join("opps.xlsx");
+        let mut wb = rust_xlsxwriter::Workbook::new();
+        let ws = wb.add_worksheet();
+        for (c, h) in [
+            "商机名称",
+            "客户",
+            "金额",
+            "预计成交日期",
+            "阶段",
+            "赢单关键因素",
+            "Needs summary",
+        ]
+        .iter()
+        .enumerate()
+        {
+            ws.write_string(0, c as u16, *h).unwrap();
+        }
+        ws.write_string(1, 0, "Acme ERP").unwrap();
+        ws.write_string(1, 1, "acme").unwrap();
+        ws.write_number(1, 2, 120000.5).unwrap();
+        ws.write_string(1, 3, "2026/6/30").unwrap();
+        ws.write_string(1, 4, "方案").unwrap();
+        ws.write_string(1, 5, "价格、服务").unwrap();
+        ws.write_string(1, 6, "ERP rollout").unwrap();
+        ws.write_string(2, 0, "Beta deal").unwrap();
+        ws.write_string(2, 1, "Beta").unwrap();
+        ws.write_string(2, 2, "¥8,000").unwrap();
+        wb.save(&path).unwrap();
+        let opp = app.entity("opportunity").unwrap();
+        let out = sheets::import(
+            &t.db,
+            &app,
+            opp,
+            &sheets::read(&path).unwrap(),
+            &ctx,
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                out,
+                Outcome::Ok {
+                    records: 2,
+                    written: true
+                }
+            ),
+            "{}: {out:?}",
+            t.backend
+        );
+        let (headers, rows) = sheets::table(&t.db, opp, vec![]).await.unwrap();
+        let col = |h: &str| headers.iter().position(|x| x == h).unwrap();
+        assert_eq!(rows[0][col("amount")], "120000.50");
+        assert_eq!(rows[0][col("amount__currency")], "CNY");
+        assert_eq!(rows[0][col("expected_close_date")], "2026-06-30");
+        assert_eq!(rows[0][col("stage")], "proposal");
+        assert_eq!(rows[0][col("win_factors")], "price, service");
+        assert_eq!(rows[1][col("amount")], "8000.00");
+        // The export reads back: XLSX out, dry-run import in.
+        let out = dir.path().join("export.xlsx");
+        sheets::write_xlsx(&out, &headers, &rows).unwrap();
+        let again = sheets::import(
+            &t.db,
+            &app,
+            opp,
+            &sheets::read(&out).unwrap(),
+            &ctx,
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                again,
+                Outcome::Ok {
+                    records: 2,
+                    written: false
+                }
+            ),
+            "{again:?}"
+        );
+        t.cleanup().await;
+    }
+}
