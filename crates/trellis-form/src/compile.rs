@@ -57,7 +57,8 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
             );
         }
     }
-    if def.timezone.parse::<chrono_tz::Tz>().is_err() {
+    c.timezone = def.timezone.parse::<chrono_tz::Tz>().ok();
+    if c.timezone.is_none() {
         c.err(
             "/timezone",
             "bad_timezone",
@@ -101,6 +102,8 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
 #[derive(Default)]
 struct Checker {
     problems: Vec<Problem>,
+    engine: Option<std::sync::Arc<rhai::Engine>>,
+    timezone: Option<chrono_tz::Tz>,
 }
 
 impl Checker {
@@ -157,7 +160,13 @@ impl Checker {
                 }
                 stage_field = Some(j);
             }
-            if let Some(field) = self.field(f, &fp, entity_keys, &field_keys) {
+            let siblings: Vec<(String, FieldType)> = e
+                .fields
+                .iter()
+                .filter(|x| x.key != f.key)
+                .map(|x| (x.key.clone(), x.ty))
+                .collect();
+            if let Some(field) = self.field(f, &fp, entity_keys, &field_keys, &siblings) {
                 fields.push(field);
             }
         }
@@ -212,6 +221,7 @@ impl Checker {
             stage_field,
             tracked,
             retention_days: e.history.retention_days,
+            timezone: self.timezone.unwrap_or(chrono_tz::UTC),
             meta: (e.label.clone(), e.history.clone()),
             validator,
         })
@@ -223,6 +233,7 @@ impl Checker {
         fp: &str,
         entity_keys: &[&str],
         field_keys: &[&str],
+        siblings: &[(String, FieldType)],
     ) -> Option<Field> {
         let before = self.problems.len();
         let ty = f.ty;
@@ -408,7 +419,12 @@ impl Checker {
             );
         }
         let scale = f.scale.unwrap_or(2);
-        if f.scale.is_some() && !matches!(ty, FieldType::Decimal | FieldType::Money) {
+        if f.scale.is_some()
+            && !matches!(
+                ty,
+                FieldType::Decimal | FieldType::Money | FieldType::Formula
+            )
+        {
             self.err(
                 &format!("{fp}/scale"),
                 "not_allowed",
@@ -493,6 +509,51 @@ impl Checker {
                 "The bounds of an integer field must be whole numbers.",
             );
         }
+        // A formula: compiled once, with the app's shared sandboxed engine.
+        let formula = match (ty, &f.formula) {
+            (FieldType::Formula, Some(text)) => {
+                let engine = self
+                    .engine
+                    .get_or_insert_with(|| std::sync::Arc::new(crate::formula::engine()))
+                    .clone();
+                let result = f.result.unwrap_or(crate::formula::ResultType::Decimal);
+                match crate::formula::compile(&engine, text, result, siblings) {
+                    Ok(x) => Some(std::sync::Arc::new(x)),
+                    Err(e) => {
+                        self.err(
+                            &format!("{fp}/formula"),
+                            "bad_formula",
+                            format!("The formula does not compile: {e}"),
+                        );
+                        None
+                    }
+                }
+            }
+            (FieldType::Formula, None) => {
+                self.err(
+                    &format!("{fp}/formula"),
+                    "required",
+                    "A formula field needs a formula.",
+                );
+                None
+            }
+            (_, Some(_)) | (_, None) if f.formula.is_some() || f.result.is_some() => {
+                self.err(
+                    &format!("{fp}/formula"),
+                    "not_allowed",
+                    format!("Only formula fields take a formula and a result, not {name}."),
+                );
+                None
+            }
+            _ => None,
+        };
+        if ty == FieldType::Formula && (f.required || f.unique || f.default.is_some()) {
+            self.err(
+                &format!("{fp}/required"),
+                "not_allowed",
+                "A formula field is computed: it cannot be required, unique or have a default.",
+            );
+        }
         // The schema of a json field's value, compiled on its own.
         let json_validator = match (&f.schema, ty) {
             (Some(s), FieldType::Json) => match schema::build_validator(s) {
@@ -537,6 +598,7 @@ impl Checker {
             min_date,
             max_date,
             json_validator,
+            formula,
         };
         // The default must itself be a valid value.
         if let Some(d) = &f.default {

@@ -176,6 +176,8 @@ pub enum FieldType {
     Stage,
     /// Any JSON, optionally checked against a JSON Schema.
     Json,
+    /// Computed from the other fields by a rhai expression on every write; read-only.
+    Formula,
 }
 
 impl FieldType {
@@ -199,6 +201,7 @@ impl FieldType {
             FieldType::Relation => "relation",
             FieldType::Stage => "stage",
             FieldType::Json => "json",
+            FieldType::Formula => "formula",
         }
     }
 }
@@ -260,6 +263,12 @@ pub struct FieldDef {
     /// A JSON Schema for the value of a json field. Only local `$ref`s are allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<serde_json::Value>,
+    /// The expression of a formula field (rhai), e.g. `amount * 0.13`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formula: Option<String>,
+    /// The stored type of a formula field's result (default `decimal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<crate::formula::ResultType>,
     /// Help text shown beside the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<Label>,

@@ -16,6 +16,7 @@ pub mod compile;
 pub mod db;
 pub mod def;
 pub mod error;
+pub mod formula;
 pub mod model;
 pub mod plan;
 pub mod query;

@@ -57,6 +57,8 @@ pub struct Entity {
     pub tracked: Vec<String>,
     /// Days to keep non-stage history rows.
     pub retention_days: Option<u32>,
+    /// The app's time zone (formulas see `today` in it).
+    pub timezone: chrono_tz::Tz,
     /// The entity's label and history policy as defined (to detect metadata changes).
     pub meta: (Option<crate::def::Label>, crate::def::HistoryDef),
     pub(crate) validator: jsonschema::Validator,
@@ -112,6 +114,8 @@ pub struct Field {
     /// Date bounds.
     pub max_date: Option<chrono::NaiveDate>,
     pub(crate) json_validator: Option<jsonschema::Validator>,
+    /// The compiled expression of a formula field.
+    pub formula: Option<std::sync::Arc<crate::formula::Formula>>,
 }
 
 /// A compiled stage.
@@ -176,7 +180,10 @@ impl Field {
 
     /// The column kind of the field's main column.
     pub fn col_kind(&self) -> ColKind {
-        col_kind(self.ty)
+        match &self.formula {
+            Some(f) => f.result.col_kind(),
+            None => col_kind(self.ty),
+        }
     }
 
     /// All columns of this field: the main one, a money field's currency, a stage field's times.
@@ -234,6 +241,8 @@ pub fn col_kind(ty: FieldType) -> ColKind {
         FieldType::Datetime => ColKind::DateTime,
         FieldType::User | FieldType::Relation => ColKind::Uuid,
         FieldType::Multiselect | FieldType::Json => ColKind::Json,
+        // The real kind comes from the formula's result type (see `Field::col_kind`).
+        FieldType::Formula => ColKind::Text,
     }
 }
 

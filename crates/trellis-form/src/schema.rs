@@ -164,7 +164,7 @@ pub(crate) fn field_schema(
         }
         // The optional user schema of a json field is compiled as its own validator, so that its
         // local `$ref`s resolve against itself.
-        FieldType::Json => {}
+        FieldType::Json | FieldType::Formula => {}
     }
     Value::Object(s)
 }

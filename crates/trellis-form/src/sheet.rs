@@ -171,7 +171,10 @@ pub fn map(
             match_header(e, h)
         };
         // System columns of an export (id, created_at …) are read-only: skipped, not refused.
-        let system = crate::model::SYSTEM_COLUMNS.contains(&norm(h).as_str());
+        // Formula columns of an export are computed again on import.
+        let computed = matches!(t, Some(Target::Field(i)) if e.fields[i].ty == FieldType::Formula);
+        let t = if computed { None } else { t };
+        let system = computed || crate::model::SYSTEM_COLUMNS.contains(&norm(h).as_str());
         if t.is_none() && !h.trim().is_empty() && !system {
             problems.push(CellProblem {
                 row: 1,
@@ -440,6 +443,9 @@ fn convert(f: &Field, cell: &Cell, tz: chrono_tz::Tz, lookups: &Lookups) -> Resu
         },
         FieldType::Json => {
             serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?
+        }
+        FieldType::Formula => {
+            return Err("is computed by its formula; leave the column out.".into())
         }
     })
 }

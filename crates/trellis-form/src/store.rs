@@ -198,13 +198,23 @@ fn validate(
         Some(r) => r.fields.clone(),
         None => Map::new(),
     };
+    // Formula values are computed below, never validated as input.
+    for f in e.fields.iter().filter(|f| f.ty == FieldType::Formula) {
+        candidate.remove(&f.key);
+    }
     let mut owner = old.and_then(|r| r.meta.owner);
     let mut expected_version = None;
     let mut created_at = None;
     let mut stage_history = vec![];
     for (k, v) in obj {
         let path = format!("/{}", pointer_segment(k));
-        if e.field(k).is_some() {
+        if e.field(k).is_some_and(|f| f.ty == FieldType::Formula) {
+            problems.push(Problem::new(
+                path,
+                "read_only",
+                format!("`{k}` is computed by its formula and cannot be written."),
+            ));
+        } else if e.field(k).is_some() {
             candidate.insert(k.clone(), v.clone());
         } else if k == "owner" {
             match v {
@@ -302,7 +312,7 @@ fn validate(
     let cand = candidate.as_object().expect("object");
     let mut fields = Map::new();
     let mut columns = vec![];
-    for f in &e.fields {
+    for f in e.fields.iter().filter(|f| f.ty != FieldType::Formula) {
         let v = cand.get(&f.key).cloned().unwrap_or(Json::Null);
         let path = format!("/{}", f.key);
         if bad_fields.contains(&f.key) {
@@ -319,6 +329,31 @@ fn validate(
                 }
             }
             Err(p) => problems.push(p),
+        }
+    }
+    // Formulas, in definition order, over the values just checked (and earlier formulas).
+    if problems.is_empty() {
+        let today = ctx.now.with_timezone(&e.timezone).date_naive().to_string();
+        for f in e.fields.iter().filter(|f| f.ty == FieldType::Formula) {
+            let path = format!("/{}", f.key);
+            let formula = f.formula.as_ref().expect("compiled formula");
+            let computed = formula
+                .eval(f, &e.fields, &fields, &today)
+                .map_err(|m| {
+                    Problem::new(
+                        path.clone(),
+                        "formula",
+                        format!("{} could not be computed: {m}.", f.label),
+                    )
+                })
+                .and_then(|v| values::to_sql(f, &v, &path));
+            match computed {
+                Ok(vals) => {
+                    fields.insert(f.key.clone(), values::to_json(f, &vals));
+                    columns.extend(f.columns().into_iter().map(|c| c.name).zip(vals));
+                }
+                Err(p) => problems.push(p),
+            }
         }
     }
     // Stage entry criteria: checked when a record enters a stage (on create, or when it changes).

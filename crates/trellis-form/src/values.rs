@@ -130,6 +130,35 @@ pub fn to_sql(field: &Field, v: &Json, path: &str) -> Result<Vec<Value>, Problem
                 })?,
         )],
         FieldType::Multiselect | FieldType::Json => vec![Value::Json(v.clone())],
+        FieldType::Formula => {
+            use crate::formula::ResultType;
+            let result = field
+                .formula
+                .as_ref()
+                .map(|f| f.result)
+                .unwrap_or(ResultType::Decimal);
+            let bad =
+                |what: &str| Problem::new(path, "wrong_type", format!("{label} must be {what}."));
+            match result {
+                ResultType::Decimal => vec![Value::Decimal(decimal(field, v, path)?)],
+                ResultType::Integer => {
+                    vec![Value::Int(v.as_i64().ok_or_else(|| bad("a whole number"))?)]
+                }
+                ResultType::Text => vec![Value::Text(
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string()),
+                )],
+                ResultType::Boolean => vec![Value::Bool(
+                    v.as_bool().ok_or_else(|| bad("true or false"))?,
+                )],
+                ResultType::Date => vec![Value::Date(
+                    v.as_str()
+                        .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                        .ok_or_else(|| bad("a date"))?,
+                )],
+            }
+        }
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 mod definitions;
+mod formulas;
 mod listing;
 mod migrations;
 mod records;
