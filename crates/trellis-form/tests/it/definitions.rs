@@ -176,9 +176,15 @@ fn json_schemas_never_fetch_remote_or_file_refs() {
 }
 
 #[test]
-fn every_example_in_the_definition_reference_compiles() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs/reference/app-definition.md");
+fn every_example_in_the_definition_references_compiles() {
+    for doc in ["app-definition.md", "formulas.md"] {
+        examples_compile(doc);
+    }
+}
+
+#[track_caller]
+fn examples_compile(doc: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/reference").join(doc);
     let text = std::fs::read_to_string(&path).unwrap();
     let mut blocks = vec![];
     let mut current: Option<String> = None;
@@ -199,9 +205,9 @@ fn every_example_in_the_definition_reference_compiles() {
     assert!(!blocks.is_empty(), "the reference has no ```json examples");
     for (i, b) in blocks.iter().enumerate() {
         let v: serde_json::Value =
-            serde_json::from_str(b).unwrap_or_else(|e| panic!("example {i} is not JSON: {e}\n{b}"));
+            serde_json::from_str(b).unwrap_or_else(|e| panic!("{doc}: example {i} is not JSON: {e}\n{b}"));
         if let Err(e) = parse(&v).and_then(|d| compile(d, 1)) {
-            panic!("example {i} does not compile: {e:?}\n{b}");
+            panic!("{doc}: example {i} does not compile: {e:?}\n{b}");
         }
     }
 }
