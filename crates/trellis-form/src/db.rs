@@ -264,6 +264,14 @@ impl Db {
         }
     }
 
+    /// `SQLite` or `PostgreSQL`.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Db::Sqlite { .. } => "SQLite",
+            Db::Postgres(_) => "PostgreSQL",
+        }
+    }
+
     /// Begin a write transaction (`BEGIN IMMEDIATE` on SQLite).
     pub async fn begin(&self) -> Result<Tx> {
         Ok(match self {

@@ -303,11 +303,28 @@ fn option_key(f: &Field, text: &str) -> Result<String, String> {
         })
 }
 
-/// Strip currency signs, spaces and thousands separators from a number a person typed.
-fn number_text(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_digit() || *c == '.' || *c == '-' || *c == 'e' || *c == 'E')
-        .collect()
+/// A number as a person typed it: currency signs and spaces are dropped, commas are accepted only
+/// as thousands separators (`1,200.50`); anything else (`2 to 3`, `5%`, `0,05`) is refused.
+fn number_text(s: &str) -> Option<String> {
+    static PLAIN: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"^-?[0-9]+(\.[0-9]+)?$").unwrap());
+    static GROUPED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?$").unwrap()
+    });
+    let t: String = s
+        .trim()
+        .trim_start_matches(['¥', '￥', '$', '€', '£'])
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let t = t.trim_start_matches(['¥', '￥', '$', '€', '£']);
+    if PLAIN.is_match(t) {
+        Some(t.to_owned())
+    } else if GROUPED.is_match(t) {
+        Some(t.replace(',', ""))
+    } else {
+        None
+    }
 }
 
 /// Dates as spreadsheets and people write them.
@@ -357,18 +374,16 @@ fn convert(f: &Field, cell: &Cell, tz: chrono_tz::Tz, lookups: &Lookups) -> Resu
         FieldType::Integer => match cell {
             Cell::Number(n) if n.fract() == 0.0 => json!(*n as i64),
             _ => json!(number_text(&text)
-                .parse::<i64>()
-                .map_err(|_| format!("`{text}` is not a whole number."))?),
+                .and_then(|t| t.parse::<i64>().ok())
+                .ok_or_else(|| format!("`{text}` is not a whole number."))?),
         },
         FieldType::Decimal | FieldType::Money => match cell {
             // Spreadsheet numbers are binary floats; their shortest text is what the user saw.
             Cell::Number(n) => json!(n.to_string()),
             _ => {
-                let t = number_text(&text);
-                if t.parse::<f64>().is_err() {
-                    return Err(format!("`{text}` is not a number."));
-                }
-                json!(t)
+                json!(number_text(&text).ok_or_else(|| format!(
+                    "`{text}` is not a number such as 1200.50 or ¥1,200.50."
+                ))?)
             }
         },
         FieldType::Boolean => match cell {

@@ -1,4 +1,5 @@
-//! The `trellis` command line: `serve`, `app check`, `app plan`, `app import`.
+//! The `trellis` command line: `serve`, `app check|plan|import|export`, `import`, `export`,
+//! `bench writes`.
 
 use crate::state::AppState;
 use anyhow::Context;
@@ -47,6 +48,28 @@ enum Command {
     Import(ImportArgs),
     /// Export an entity's records as CSV or XLSX.
     Export(ExportArgs),
+    /// Benchmarks with their own data generators and same-run baselines.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Write speed: HTTP single creates, batch import and CSV import, each beside raw inserts.
+    Writes {
+        /// An EMPTY database to use (default: a temporary SQLite file).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Single creates to make; batch and file imports write four times as many.
+        #[arg(long, default_value_t = 5000)]
+        records: usize,
+        /// Concurrent HTTP clients for single creates.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Print the figures as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of `trellis import`.
@@ -183,6 +206,20 @@ pub async fn main() -> anyhow::Result<i32> {
         Command::App(AppCommand::Plan { dir, db, json }) => plan(&dir, &db, json).await,
         Command::App(AppCommand::Export { app, dir, db }) => export_app(&app, &dir, &db).await,
         Command::Import(args) => import_sheet(&args).await,
+        Command::Bench(BenchCommand::Writes {
+            database_url,
+            records,
+            clients,
+            json,
+        }) => {
+            let (db, _dir) = crate::bench::open(database_url.as_deref()).await?;
+            eprintln!("Write benchmark on {} ({records} single creates, {} batch/file records, {clients} clients)", db.backend_name(), records * 4);
+            let figures = crate::bench::writes(db, records, clients).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            }
+            Ok(0)
+        }
         Command::Export(args) => export_sheet(&args).await,
         Command::App(AppCommand::Import {
             dir,
@@ -581,7 +618,9 @@ async fn export_sheet(args: &ExportArgs) -> anyhow::Result<i32> {
         Ok(t) => t,
         Err(err) => match err.downcast::<FormError>() {
             Ok(FormError::Query(ps)) => {
-                print_problems(None, &ps);
+                for p in &ps {
+                    eprintln!("--filter: {} [{}] {}", p.path, p.code, p.message);
+                }
                 return Ok(1);
             }
             Ok(other) => return Err(other.into()),
@@ -592,11 +631,14 @@ async fn export_sheet(args: &ExportArgs) -> anyhow::Result<i32> {
         (crate::sheets::Format::Csv, None) => {
             crate::sheets::write_csv(std::io::stdout().lock(), &headers, &rows)?
         }
-        (crate::sheets::Format::Csv, Some(p)) => crate::sheets::write_csv(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-            &headers,
-            &rows,
-        )?,
+        (crate::sheets::Format::Csv, Some(p)) => {
+            use std::io::Write;
+            let mut file = std::fs::File::create(p)
+                .with_context(|| format!("cannot create {}", p.display()))?;
+            // A byte order mark, so that Excel reads the UTF-8 (Chinese text) correctly.
+            file.write_all("\u{feff}".as_bytes())?;
+            crate::sheets::write_csv(file, &headers, &rows)?
+        }
         (crate::sheets::Format::Xlsx, Some(p)) => crate::sheets::write_xlsx(p, &headers, &rows)?,
         (crate::sheets::Format::Xlsx, None) => {
             eprintln!("An XLSX export needs --output FILE.");

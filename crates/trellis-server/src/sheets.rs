@@ -26,7 +26,11 @@ pub fn read(path: &Path) -> anyhow::Result<Sheet> {
     match ext.as_str() {
         "csv" | "txt" => read_csv(path),
         "xlsx" | "xlsm" | "xls" | "ods" => read_workbook(path),
-        other => bail!("cannot read `.{other}` files: use .csv or .xlsx"),
+        "" => bail!(
+            "cannot tell the format of {}: name it .csv or .xlsx",
+            path.display()
+        ),
+        other => bail!("cannot read `.{other}` files: use .csv (or .txt) or .xlsx (or .xls, .ods)"),
     }
 }
 
@@ -263,7 +267,13 @@ pub async fn table(
             ];
             for f in &e.fields {
                 let v = r.fields.get(&f.key).unwrap_or(&Json::Null);
-                row.push(sheet::cell_text(f, v));
+                // Users by email, like the owner column, so a sheet reads the same in any database.
+                match (f.ty, v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok())) {
+                    (trellis_form::def::FieldType::User, Some(id)) => {
+                        row.push(emails.get(&id).cloned().unwrap_or_else(|| id.to_string()))
+                    }
+                    _ => row.push(sheet::cell_text(f, v)),
+                }
                 if f.ty == trellis_form::def::FieldType::Money {
                     row.push(
                         v.get("currency")

@@ -184,7 +184,9 @@ fn every_example_in_the_definition_references_compiles() {
 
 #[track_caller]
 fn examples_compile(doc: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/reference").join(doc);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs/reference")
+        .join(doc);
     let text = std::fs::read_to_string(&path).unwrap();
     let mut blocks = vec![];
     let mut current: Option<String> = None;
@@ -204,8 +206,8 @@ fn examples_compile(doc: &str) {
     }
     assert!(!blocks.is_empty(), "the reference has no ```json examples");
     for (i, b) in blocks.iter().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(b).unwrap_or_else(|e| panic!("{doc}: example {i} is not JSON: {e}\n{b}"));
+        let v: serde_json::Value = serde_json::from_str(b)
+            .unwrap_or_else(|e| panic!("{doc}: example {i} is not JSON: {e}\n{b}"));
         if let Err(e) = parse(&v).and_then(|d| compile(d, 1)) {
             panic!("{doc}: example {i} does not compile: {e:?}\n{b}");
         }
