@@ -186,15 +186,34 @@ pub async fn import(
     };
     let mut tx = db.begin().await?;
     let count = drafts.len();
-    for (i, d) in drafts {
-        match store::insert(&mut tx, app, e, d, ctx).await {
+    // Multi-row writes in chunks of a batch's size; each chunk's problems map back to its rows.
+    let mut drafts = drafts.into_iter().peekable();
+    while drafts.peek().is_some() {
+        let chunk: Vec<(usize, store::Draft)> = drafts.by_ref().take(store::MAX_BATCH).collect();
+        let (index, chunk): (Vec<usize>, Vec<store::Draft>) = chunk.into_iter().unzip();
+        let n = chunk.len() as u64;
+        match store::insert_batch(&mut tx, app, e, chunk, ctx).await {
             Ok(_) => {}
             Err(FormError::Invalid(ps) | FormError::Conflict(ps)) => {
-                problems.extend(ps.iter().map(|p| mapped.locate(e, i, p)))
+                for p in ps {
+                    // `/records/<k>/field…` → the k-th draft of this chunk.
+                    let rest = p.path.trim_start_matches("/records/");
+                    let (k, tail) = rest
+                        .split_once('/')
+                        .map(|(k, t)| (k, format!("/{t}")))
+                        .unwrap_or((rest, String::new()));
+                    let i = k
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|k| index.get(k).copied())
+                        .unwrap_or(0);
+                    let p = trellis_form::Problem { path: tail, ..p };
+                    problems.push(mapped.locate(e, i, &p));
+                }
             }
             Err(other) => return Err(other.into()),
         }
-        bar.inc(1);
+        bar.inc(n);
     }
     bar.finish_and_clear();
     if !problems.is_empty() {
