@@ -224,3 +224,82 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn concurrent_creates_each_get_their_own_answer() {
+    // On SQLite concurrent creates share commits; a duplicate or an invalid record in a group
+    // must fail alone. On PostgreSQL the same requests take the direct path.
+    for app in TestApp::each().await {
+        let url = app.url("/api/v1/apps/crm/records/account");
+        let mut tasks = vec![];
+        for i in 0..60 {
+            // Names repeat in pairs (unique field); every seventh record is invalid.
+            let body = if i % 7 == 6 {
+                json!({"name": format!("Bad {i}"), "industry": "nope"})
+            } else {
+                json!({"name": format!("Account {}", i / 2)})
+            };
+            let (client, url) = (app.client.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(crate::helpers::TOKEN)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                (body, crate::helpers::json(r).await)
+            }));
+        }
+        let mut created = std::collections::BTreeMap::new();
+        for t in tasks {
+            let (body, (status, answer)) = t.await.unwrap();
+            let name = body["name"].as_str().unwrap().to_owned();
+            match status {
+                StatusCode::CREATED => {
+                    assert_eq!(answer["name"], body["name"]);
+                    *created.entry(name).or_insert(0) += 1;
+                }
+                StatusCode::UNPROCESSABLE_ENTITY | StatusCode::CONFLICT => {
+                    let code = &answer["errors"][0]["code"];
+                    assert!(
+                        code == "unique" || code == "unknown_option",
+                        "{}: {name}: {answer}",
+                        app.backend
+                    );
+                    if code == "unknown_option" {
+                        assert!(name.starts_with("Bad"), "{name}");
+                    }
+                }
+                other => panic!("{}: {other} {answer}", app.backend),
+            }
+        }
+        assert!(
+            created.values().all(|n| *n == 1),
+            "{}: a name was created twice: {created:?}",
+            app.backend
+        );
+        let valid_names: std::collections::BTreeSet<String> = (0..60)
+            .filter(|i| i % 7 != 6)
+            .map(|i| format!("Account {}", i / 2))
+            .collect();
+        assert_eq!(
+            created
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
+            valid_names,
+            "{}",
+            app.backend
+        );
+        let (_, page) = app
+            .call(
+                Method::GET,
+                "/api/v1/apps/crm/records/account?count=true",
+                None,
+            )
+            .await;
+        assert_eq!(page["total"], json!(valid_names.len()));
+        app.stop().await;
+    }
+}

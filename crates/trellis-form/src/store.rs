@@ -165,6 +165,7 @@ async fn get_in(tx: &mut Tx, e: &Entity, id: Uuid) -> Result<Record> {
 }
 
 /// A validated write, ready for SQL.
+#[derive(Debug, Clone)]
 struct Prepared {
     /// Normalized JSON of every field.
     fields: Map<String, Json>,
@@ -516,6 +517,7 @@ async fn prepare(
 
 /// A create checked as far as possible without the database. Build it before taking the write
 /// lock, so the lock is held only for the checks and writes that need it.
+#[derive(Debug, Clone)]
 pub struct Draft {
     p: Prepared,
     problems: Vec<Problem>,
@@ -632,8 +634,8 @@ pub async fn insert(
     Ok(record)
 }
 
-/// A record ready to be written: its columns, history rows and event.
-struct NewRow {
+/// A record ready to be written: its columns, history rows and event (see [`prepare_row`]).
+pub struct NewRow {
     cols: Vec<(String, Value)>,
     history: Vec<HistoryEntry>,
     changed: Vec<String>,
@@ -758,6 +760,38 @@ const MAX_PARAMS: usize = 1_000;
 
 /// Write new rows with multi-row statements: the entity rows (grouped by column set), their
 /// history rows and their events.
+/// Run the database checks of a draft and lay it out as a row, without writing it: for callers
+/// that group several creates into one commit (see [`write_new_rows`]).
+pub async fn prepare_row(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    d: Draft,
+    ctx: &WriteCtx,
+) -> Result<NewRow> {
+    verify(tx, app, e, &d.p, None, d.problems).await?;
+    Ok(new_row(e, d.p, ctx))
+}
+
+impl NewRow {
+    /// The record as it will be stored.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
+/// Write rows made by [`prepare_row`] with multi-row statements. Unique values shared by two
+/// of the rows fail the statement (the caller retries them one by one).
+pub async fn write_new_rows(
+    tx: &mut Tx,
+    app: &App,
+    e: &Entity,
+    rows: Vec<NewRow>,
+    ctx: &WriteCtx,
+) -> Result<()> {
+    write_rows(tx, app, e, rows, ctx).await
+}
+
 async fn write_rows(
     tx: &mut Tx,
     app: &App,
@@ -1096,6 +1130,7 @@ async fn execute_write(tx: &mut Tx, e: &Entity, sql: &Sql) -> Result<u64> {
 }
 
 /// One history row to write.
+#[derive(Debug, Clone)]
 struct HistoryEntry {
     field: String,
     old: Json,

@@ -12,6 +12,7 @@ pub mod crm;
 pub mod error;
 pub mod sheets;
 pub mod state;
+pub mod writer;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;

@@ -29,16 +29,21 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The bootstrap administrator.
     pub admin_user: Uuid,
+    /// Group commit for single creates (SQLite only).
+    pub writer: Option<crate::writer::Writer>,
     apps: Arc<RwLock<HashMap<String, Loaded>>>,
 }
 
 impl AppState {
     /// State over a migrated database; loads every installed app.
     pub async fn new(db: Db, clock: Arc<dyn Clock>, admin_user: Uuid) -> Result<Self> {
+        let writer = (db.backend() == trellis_form::db::Backend::Sqlite)
+            .then(|| crate::writer::Writer::spawn(db.clone()));
         let state = AppState {
             db,
             clock,
             admin_user,
+            writer,
             apps: Arc::default(),
         };
         for app in trellis_form::apps::load_all(&state.db).await? {

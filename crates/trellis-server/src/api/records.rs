@@ -179,9 +179,16 @@ async fn create_record(
     c.import = false;
     // Validate before taking the write lock; only the database checks and writes hold it.
     let draft = store::draft(e, &input, &c)?;
-    let mut tx = state.db.begin().await?;
-    let r = store::insert(&mut tx, &loaded.app, e, draft, &c).await?;
-    tx.commit().await?;
+    let r = match &state.writer {
+        // SQLite: concurrent creates share commits.
+        Some(w) => w.create(loaded.app.clone(), &entity, draft, c).await?,
+        None => {
+            let mut tx = state.db.begin().await?;
+            let r = store::insert(&mut tx, &loaded.app, e, draft, &c).await?;
+            tx.commit().await?;
+            r
+        }
+    };
     Ok(record_response(StatusCode::CREATED, &app, &entity, &r))
 }
 

@@ -1,0 +1,167 @@
+//! Group commit for single creates on SQLite.
+//!
+//! SQLite has one writer at a time, so concurrent creates queue for the write connection. Rather
+//! than weaken durability, one task takes every create that is waiting, checks each in one
+//! transaction, writes them with multi-row statements and commits once: each caller still gets
+//! its own answer (its record, or its own validation problems), and an acknowledged create is as
+//! durable as before. If the shared write fails (two creates in the group claim the same unique
+//! value), the group is rolled back and each create is retried alone, so one bad create never
+//! fails another. PostgreSQL has real concurrent writers and does not use this path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use trellis_form::db::Db;
+use trellis_form::model::App;
+use trellis_form::store::{self, Draft, Record, WriteCtx};
+use trellis_form::{FormError, Result};
+
+/// Most creates one commit takes.
+pub const MAX_GROUP: usize = 256;
+
+struct Job {
+    app: Arc<App>,
+    entity: String,
+    draft: Draft,
+    ctx: WriteCtx,
+    reply: oneshot::Sender<Result<Record>>,
+}
+
+/// A handle to the group-commit task.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({}.{})", self.app.key, self.entity)
+    }
+}
+
+impl Writer {
+    /// Start the task on `db`.
+    pub fn spawn(db: Db) -> Writer {
+        let (jobs, rx) = mpsc::channel(4 * MAX_GROUP);
+        tokio::spawn(run(db, rx));
+        Writer { jobs }
+    }
+
+    /// Create a record through the group commit; returns when its group has committed.
+    pub async fn create(
+        &self,
+        app: Arc<App>,
+        entity: &str,
+        draft: Draft,
+        ctx: WriteCtx,
+    ) -> Result<Record> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            app,
+            entity: entity.to_owned(),
+            draft,
+            ctx,
+            reply,
+        };
+        if self.jobs.send(job).await.is_err() {
+            return Err(FormError::Database(sqlx::Error::PoolClosed));
+        }
+        answer
+            .await
+            .unwrap_or(Err(FormError::Database(sqlx::Error::PoolClosed)))
+    }
+}
+
+async fn run(db: Db, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if jobs.len() == 1 {
+            let j = jobs.pop().expect("one job");
+            let out = alone(&db, &j).await;
+            let _ = j.reply.send(out);
+            continue;
+        }
+        if let Err(e) = group(&db, &mut jobs).await {
+            tracing::debug!(error = %e, size = jobs.len(), "group commit failed; retrying its creates one by one");
+            for j in jobs.drain(..) {
+                let out = alone(&db, &j).await;
+                let _ = j.reply.send(out);
+            }
+        }
+    }
+}
+
+/// One create in its own transaction.
+async fn alone(db: &Db, j: &Job) -> Result<Record> {
+    let e = j.app.entity(&j.entity)?;
+    let mut tx = db.begin().await?;
+    let r = store::insert(&mut tx, &j.app, e, j.draft.clone(), &j.ctx).await?;
+    tx.commit().await?;
+    Ok(r)
+}
+
+/// Check every job in one transaction, answer the invalid ones at once, write the rest together.
+/// On success every job in `jobs` has been answered and `jobs` is empty; on error the jobs left
+/// in `jobs` have not been answered (and nothing was committed).
+async fn group(db: &Db, jobs: &mut Vec<Job>) -> Result<()> {
+    let mut tx = db.begin().await?;
+    let mut ready: Vec<(Job, store::NewRow)> = vec![];
+    for j in std::mem::take(jobs) {
+        let e = match j.app.entity(&j.entity) {
+            Ok(e) => e,
+            Err(err) => {
+                let _ = j.reply.send(Err(err));
+                continue;
+            }
+        };
+        match store::prepare_row(&mut tx, &j.app, e, j.draft.clone(), &j.ctx).await {
+            Ok(row) => ready.push((j, row)),
+            Err(err @ FormError::Invalid(_)) => {
+                let _ = j.reply.send(Err(err));
+            }
+            Err(err) => {
+                jobs.push(j);
+                jobs.extend(ready.into_iter().map(|(j, _)| j));
+                return Err(err);
+            }
+        }
+    }
+    // One multi-row write per app, entity and actor.
+    let mut groups: HashMap<(String, String, Option<uuid::Uuid>), Vec<usize>> = HashMap::new();
+    for (i, (j, _)) in ready.iter().enumerate() {
+        groups
+            .entry((j.app.key.clone(), j.entity.clone(), j.ctx.actor))
+            .or_default()
+            .push(i);
+    }
+    let records: Vec<Record> = ready.iter().map(|(_, r)| r.record().clone()).collect();
+    let mut rows: Vec<Option<store::NewRow>> = Vec::with_capacity(ready.len());
+    let mut owners: Vec<Job> = Vec::with_capacity(ready.len());
+    for (j, r) in ready {
+        rows.push(Some(r));
+        owners.push(j);
+    }
+    for idx in groups.values() {
+        let first = &owners[idx[0]];
+        let e = first.app.entity(&first.entity)?;
+        let batch: Vec<store::NewRow> = idx.iter().filter_map(|i| rows[*i].take()).collect();
+        if let Err(err) = store::write_new_rows(&mut tx, &first.app, e, batch, &first.ctx).await {
+            jobs.extend(owners);
+            return Err(err);
+        }
+    }
+    if let Err(err) = tx.commit().await {
+        jobs.extend(owners);
+        return Err(err);
+    }
+    for (j, r) in owners.into_iter().zip(records) {
+        let _ = j.reply.send(Ok(r));
+    }
+    Ok(())
+}
