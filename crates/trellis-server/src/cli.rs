@@ -153,6 +153,10 @@ pub struct ServeArgs {
     /// App folder to install when the database has no app yet (default: the bundled CRM).
     #[arg(long, env = "TRELLIS_APP_DIR")]
     pub app_dir: Option<PathBuf>,
+    /// Add the sample sales organisation (users, teams, CRM records; all marked as sample data)
+    /// if it is not there yet.
+    #[arg(long, env = "TRELLIS_DEMO")]
+    pub demo: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,6 +323,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     if let Some(t) = token {
         println!("Admin token (shown once, store it now): {t}");
+    }
+    if args.demo {
+        match state.app("crm") {
+            Ok(loaded) => {
+                let s = crate::demo::install(
+                    &state.db,
+                    &loaded.app,
+                    state.admin_user,
+                    state.clock.now(),
+                )
+                .await?;
+                if s.users > 0 {
+                    println!(
+                        "Added the sample sales organisation: {} users, {} teams, records {:?}.",
+                        s.users, s.teams, s.records
+                    );
+                }
+            }
+            Err(_) => eprintln!("--demo needs the CRM app (`crm`); it is not installed."),
+        }
     }
     tokio::spawn(purge_history_hourly(state.clone()));
     tokio::spawn(follow_app_versions(state.clone()));

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod crm;
+pub mod demo;
 pub mod error;
 pub mod sheets;
 pub mod state;
