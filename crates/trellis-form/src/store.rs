@@ -754,9 +754,9 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
 }
 
 /// Bound parameters per multi-row statement. Both databases allow far more, but sqlx binds
-/// `$n` parameters on SQLite in time that grows faster than linearly: around a thousand per
-/// statement was fastest when measured with `trellis bench writes`.
-const MAX_PARAMS: usize = 1_000;
+/// `$n` parameters on SQLite in time that grows faster than linearly: 300 per statement beat
+/// 120, 1,000 and 30,000 when measured with `trellis bench writes` (see docs/benchmarks.md).
+const MAX_PARAMS: usize = 300;
 
 /// Write new rows with multi-row statements: the entity rows (grouped by column set), their
 /// history rows and their events.
