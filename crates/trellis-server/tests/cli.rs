@@ -64,7 +64,7 @@ fn app_plan_and_import_against_a_database() {
         "{out}"
     );
     assert!(
-        out.contains("+ create_entity  create entity `opportunity` (18 fields)"),
+        out.contains("+ create_entity  create entity `opportunity` (19 fields)"),
         "{out}"
     );
     let (code, out, err) = trellis(&["app", "import", &crm, "--database-url", &url]);
@@ -304,4 +304,22 @@ Li Lei,website,contacted
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("/filters/0/field [unknown_field]"), "{err}");
+}
+
+#[test]
+fn app_check_fixtures_match_their_snapshots() {
+    // One folder per kind of broken definition; each one's full error list is a snapshot.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 5);
+    for dir in dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let (code, out, err) = trellis(&["app", "check", dir.to_str().unwrap()]);
+        assert_eq!(code, 1, "{name}: {out}");
+        insta::assert_snapshot!(format!("check_{name}"), err);
+    }
 }

@@ -262,3 +262,56 @@ async fn xlsx_round_trip_with_numbers_dates_relations_and_unique_duplicates() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test]
+async fn a_formula_that_fails_on_a_row_is_reported_at_that_row() {
+    let dir = tempfile::tempdir().unwrap();
+    for t in testing::each().await {
+        let (_, ctx) = setup(&t.db).await;
+        let def = serde_json::json!({"key": "shop", "entities": [{"key": "line", "fields": [
+            {"key": "item", "type": "text", "required": true, "label": {"en": "Item", "zh-CN": "商品"}},
+            {"key": "qty", "type": "integer", "label": {"en": "Quantity", "zh-CN": "数量"}},
+            {"key": "unit_share", "type": "formula", "formula": "100 / qty", "result": "decimal"}
+        ]}]});
+        trellis_form::apps::import(&t.db, &def, Default::default(), ctx.actor, ctx.now)
+            .await
+            .unwrap();
+        let app = trellis_form::apps::load(&t.db, "shop")
+            .await
+            .unwrap()
+            .unwrap();
+        let file = write(dir.path(), "lines.csv", "商品,数量\nA,4\nB,0\nC,many\n");
+        let Outcome::Refused(ps) = sheets::import(
+            &t.db,
+            &app,
+            app.entity("line").unwrap(),
+            &sheets::read(&file).unwrap(),
+            &ctx,
+            false,
+            false,
+        )
+        .await
+        .unwrap() else {
+            panic!()
+        };
+        let got: Vec<(usize, &str, &str, &str)> = ps
+            .iter()
+            .map(|p| (p.row, p.column.as_str(), p.header.as_str(), p.code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, "", "unit_share", "formula"),
+                (4, "B", "数量", "bad_cell")
+            ],
+            "{}",
+            t.backend
+        );
+        assert!(
+            ps[0].message.contains("could not be computed"),
+            "{}",
+            ps[0].message
+        );
+        t.cleanup().await;
+    }
+}
