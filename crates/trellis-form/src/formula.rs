@@ -83,7 +83,10 @@ pub fn engine() -> Engine {
         |a: &str, n: rhai::INT| -> Result<String, Box<EvalAltResult>> {
             let d = chrono::NaiveDate::parse_from_str(a, "%Y-%m-%d")
                 .map_err(|_| format!("`{a}` is not a date"))?;
-            Ok((d + chrono::Duration::days(n)).to_string())
+            chrono::Duration::try_days(n)
+                .and_then(|days| d.checked_add_signed(days))
+                .map(|d| d.to_string())
+                .ok_or_else(|| format!("{n} days from {a} is out of range").into())
         },
     );
     e
@@ -106,8 +109,15 @@ pub fn compile(
     let ast = engine
         .compile_expression_with_scope(&scope, text)
         .map_err(|e| e.to_string())?;
+    // Every sample value is set, so a missing function here is a misspelt name or arguments of
+    // the wrong types, not an empty field.
     match engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast) {
-        Err(e) if matches!(*e, EvalAltResult::ErrorVariableNotFound(..)) => {
+        Err(e)
+            if matches!(
+                *e,
+                EvalAltResult::ErrorVariableNotFound(..) | EvalAltResult::ErrorFunctionNotFound(..)
+            ) =>
+        {
             return Err(e.to_string())
         }
         _ => {}

@@ -153,12 +153,14 @@ fn match_header(e: &Entity, h: &str) -> Option<Target> {
     None
 }
 
-/// Map a sheet (header row + data rows) onto entity `e`. Times without an offset are read in
-/// `tz` (the app's time zone).
+/// Map a sheet (header row + data rows) onto entity `e`; `header_row` is the sheet row number of
+/// the header (data rows follow it). Times without an offset are read in `tz` (the app's time
+/// zone).
 pub fn map(
     e: &Entity,
     headers: &[String],
     rows: &[Vec<Cell>],
+    header_row: usize,
     tz: chrono_tz::Tz,
     lookups: &Lookups,
 ) -> Mapped {
@@ -177,7 +179,7 @@ pub fn map(
         let system = computed || crate::model::SYSTEM_COLUMNS.contains(&norm(h).as_str());
         if t.is_none() && !h.trim().is_empty() && !system {
             problems.push(CellProblem {
-                row: 1,
+                row: header_row,
                 column: column_letter(c),
                 header: h.clone(),
                 code: "unknown_column",
@@ -190,7 +192,7 @@ pub fn map(
                 .position(|x: &Option<Target>| x.as_ref() == Some(t))
             {
                 problems.push(CellProblem {
-                    row: 1,
+                    row: header_row,
                     column: column_letter(c),
                     header: h.clone(),
                     code: "duplicate_column",
@@ -209,7 +211,7 @@ pub fn map(
         if row.iter().all(Cell::is_empty) {
             continue;
         }
-        let sheet_row = r + 2;
+        let sheet_row = header_row + 1 + r;
         let mut obj = Map::new();
         let mut currencies: Vec<(usize, String)> = vec![];
         for (c, cell) in row.iter().enumerate() {
@@ -379,7 +381,10 @@ fn convert(f: &Field, cell: &Cell, tz: chrono_tz::Tz, lookups: &Lookups) -> Resu
         },
         FieldType::Decimal | FieldType::Money => match cell {
             // Spreadsheet numbers are binary floats; their shortest text is what the user saw.
-            Cell::Number(n) => json!(n.to_string()),
+            // Excel keeps 15 significant digits; past them a float is noise (112.99999999999999).
+            Cell::Number(n) => json!(rust_decimal::Decimal::try_from(*n)
+                .map(|d| d.round_sf(15).unwrap_or(d).normalize().to_string())
+                .unwrap_or_else(|_| n.to_string())),
             _ => {
                 json!(number_text(&text).ok_or_else(|| format!(
                     "`{text}` is not a number such as 1200.50 or ¥1,200.50."

@@ -332,28 +332,45 @@ fn validate(
             Err(p) => problems.push(p),
         }
     }
-    // Formulas, in definition order, over the values just checked (and earlier formulas).
-    if problems.is_empty() {
+    // Formulas, over the values just checked. A formula may use another formula wherever it is
+    // defined: passes repeat (as many as there are formulas, so any chain settles) and only the
+    // last pass's values are kept. Old formula values are never inputs.
+    let formulas: Vec<&crate::model::Field> = e
+        .fields
+        .iter()
+        .filter(|f| f.ty == FieldType::Formula)
+        .collect();
+    if problems.is_empty() && !formulas.is_empty() {
         let today = ctx.now.with_timezone(&e.timezone).date_naive().to_string();
-        for f in e.fields.iter().filter(|f| f.ty == FieldType::Formula) {
-            let path = format!("/{}", f.key);
-            let formula = f.formula.as_ref().expect("compiled formula");
-            let computed = formula
-                .eval(f, &e.fields, &fields, &today)
-                .map_err(|m| {
-                    Problem::new(
-                        path.clone(),
-                        "formula",
-                        format!("{} could not be computed: {m}.", f.label),
-                    )
-                })
-                .and_then(|v| values::to_sql(f, &v, &path));
-            match computed {
-                Ok(vals) => {
-                    fields.insert(f.key.clone(), values::to_json(f, &vals));
-                    columns.extend(f.columns().into_iter().map(|c| c.name).zip(vals));
+        let mut results: Vec<std::result::Result<Vec<Value>, Problem>> = vec![];
+        for _pass in 0..formulas.len() {
+            results.clear();
+            for f in &formulas {
+                let path = format!("/{}", f.key);
+                let formula = f.formula.as_ref().expect("compiled formula");
+                let computed = formula
+                    .eval(f, &e.fields, &fields, &today)
+                    .map_err(|m| {
+                        Problem::new(
+                            path.clone(),
+                            "formula",
+                            format!("{} could not be computed: {m}.", f.label),
+                        )
+                    })
+                    .and_then(|v| values::to_sql(f, &v, &path));
+                if let Ok(vals) = &computed {
+                    fields.insert(f.key.clone(), values::to_json(f, vals));
                 }
-                Err(p) => problems.push(p),
+                results.push(computed);
+            }
+        }
+        for (f, r) in formulas.iter().zip(results) {
+            match r {
+                Ok(vals) => columns.extend(f.columns().into_iter().map(|c| c.name).zip(vals)),
+                Err(p) => {
+                    fields.remove(&f.key);
+                    problems.push(p);
+                }
             }
         }
     }
@@ -684,9 +701,13 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
             }
             changed_at = history.last().map(|(_, t)| *t);
         }
-        if let Some(t) = changed_at {
-            cols.push((stage_changed_column(&sf.key), Value::DateTime(t)));
-        }
+        // Every stage column, NULL where not entered, so rows of any stage share one statement.
+        cols.push((
+            stage_changed_column(&sf.key),
+            changed_at
+                .map(Value::DateTime)
+                .unwrap_or(Value::Null(ColKind::DateTime)),
+        ));
         stage_times.insert(
             stage_changed_column(&sf.key),
             changed_at
@@ -695,9 +716,11 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
         );
         for s in &sf.stages {
             let t = entered.iter().find(|(k, _)| *k == s.key).map(|(_, t)| *t);
-            if let Some(t) = t {
-                cols.push((stage_entered_column(&sf.key, &s.key), Value::DateTime(t)));
-            }
+            cols.push((
+                stage_entered_column(&sf.key, &s.key),
+                t.map(Value::DateTime)
+                    .unwrap_or(Value::Null(ColKind::DateTime)),
+            ));
             stage_times.insert(
                 stage_entered_column(&sf.key, &s.key),
                 t.map(|t| values::datetime_json(&t)).unwrap_or(Json::Null),

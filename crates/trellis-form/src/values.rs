@@ -43,21 +43,7 @@ pub fn to_sql(field: &Field, v: &Json, path: &str) -> Result<Vec<Value>, Problem
             let s = v
                 .as_str()
                 .ok_or_else(|| bad(format!("{label} must be text.")))?;
-            if let Some(re) = field.def.pattern.as_deref() {
-                // The JSON Schema pattern is unanchored; a definition's pattern must match whole.
-                let re =
-                    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?;
-                if !re.is_match(s) {
-                    return Err(Problem::new(
-                        path,
-                        "pattern",
-                        format!(
-                            "{label} must match the pattern {}.",
-                            field.def.pattern.as_deref().unwrap_or("")
-                        ),
-                    ));
-                }
-            }
+            // A definition pattern is enforced, anchored, by the entity's JSON Schema.
             vec![Value::Text(s.to_owned())]
         }
         FieldType::Integer => {

@@ -195,8 +195,8 @@ pub async fn install(
         users::upsert_team(&mut tx, &input, now).await?;
         summary.teams += 1;
     }
-    tx.commit().await?;
 
+    // Users, teams and records go in one transaction: a failed install leaves nothing behind.
     let ctx = WriteCtx {
         actor: Some(admin),
         now,
@@ -245,7 +245,6 @@ pub async fn install(
             })
         })
         .collect();
-    let mut tx = db.begin().await?;
     let account_ids =
         store::create_batch(&mut tx, app, app.entity("account")?, &accounts, &ctx).await?;
     summary.records.push(("account".into(), account_ids.len()));

@@ -13,8 +13,17 @@ use trellis_form::sheet::{self, Cell, CellProblem, Lookups};
 use trellis_form::store::{self, WriteCtx};
 use trellis_form::FormError;
 
-/// Header row and data rows of the first sheet of a file.
-pub type Sheet = (Vec<String>, Vec<Vec<Cell>>);
+/// The first sheet of a file: its header row, its data rows, and the sheet row number of the
+/// header (1 unless an XLSX sheet starts lower), so problems name the rows a person sees.
+#[derive(Debug, Clone)]
+pub struct Sheet {
+    /// Header cells, as text.
+    pub headers: Vec<String>,
+    /// Data rows.
+    pub rows: Vec<Vec<Cell>>,
+    /// Sheet row number of the header.
+    pub header_row: usize,
+}
 
 /// Read a `.csv` or `.xlsx` (also `.xls`, `.ods`) file.
 pub fn read(path: &Path) -> anyhow::Result<Sheet> {
@@ -60,7 +69,11 @@ fn read_csv(path: &Path) -> anyhow::Result<Sheet> {
                 .collect(),
         );
     }
-    Ok((headers, rows))
+    Ok(Sheet {
+        headers,
+        rows,
+        header_row: 1,
+    })
 }
 
 fn read_workbook(path: &Path) -> anyhow::Result<Sheet> {
@@ -85,14 +98,30 @@ fn read_workbook(path: &Path) -> anyhow::Result<Sheet> {
         Data::DateTimeIso(s) | Data::DurationIso(s) => Cell::Text(s.clone()),
         Data::Error(e) => Cell::Text(format!("#{e:?}")),
     };
-    let headers = rows
+    // The range starts at the first non-empty cell: pad columns so letters match the sheet, and
+    // remember the header's row number so problems name the rows a person sees.
+    let (top, left) = range
+        .start()
+        .map(|(r, c)| (r as usize, c as usize))
+        .unwrap_or((0, 0));
+    let pad = |mut v: Vec<Cell>| {
+        let mut out = vec![Cell::Empty; left];
+        out.append(&mut v);
+        out
+    };
+    let headers = pad(rows
         .next()
-        .map(|r| r.iter().map(|d| cell(d).text()).collect())
-        .unwrap_or_default();
-    Ok((
+        .map(|r| r.iter().map(cell).collect())
+        .unwrap_or_default())
+    .iter()
+    .map(Cell::text)
+    .collect();
+    let data = rows.map(|r| pad(r.iter().map(cell).collect())).collect();
+    Ok(Sheet {
         headers,
-        rows.map(|r| r.iter().map(cell).collect()).collect(),
-    ))
+        rows: data,
+        header_row: top + 1,
+    })
 }
 
 /// Users by email and related records by their first unique text field, for cells that name them.
@@ -151,7 +180,7 @@ pub async fn import(
 ) -> anyhow::Result<Outcome> {
     let tz: chrono_tz::Tz = app.def.timezone.parse().unwrap_or(chrono_tz::UTC);
     let l = lookups(db, app, e).await?;
-    let mapped = sheet::map(e, &sheet.0, &sheet.1, tz, &l);
+    let mapped = sheet::map(e, &sheet.headers, &sheet.rows, sheet.header_row, tz, &l);
     let mut problems = mapped.problems.clone();
     let seen = |problems: &[CellProblem], p: &CellProblem| {
         problems

@@ -112,7 +112,8 @@ async fn alone(db: &Db, j: &Job) -> Result<Record> {
 async fn group(db: &Db, jobs: &mut Vec<Job>) -> Result<()> {
     let mut tx = db.begin().await?;
     let mut ready: Vec<(Job, store::NewRow)> = vec![];
-    for j in std::mem::take(jobs) {
+    let mut pending = std::mem::take(jobs).into_iter();
+    while let Some(j) = pending.next() {
         let e = match j.app.entity(&j.entity) {
             Ok(e) => e,
             Err(err) => {
@@ -126,8 +127,10 @@ async fn group(db: &Db, jobs: &mut Vec<Job>) -> Result<()> {
                 let _ = j.reply.send(Err(err));
             }
             Err(err) => {
+                // Every job not answered yet goes back for one-by-one retries.
                 jobs.push(j);
                 jobs.extend(ready.into_iter().map(|(j, _)| j));
+                jobs.extend(pending);
                 return Err(err);
             }
         }
@@ -149,7 +152,13 @@ async fn group(db: &Db, jobs: &mut Vec<Job>) -> Result<()> {
     }
     for idx in groups.values() {
         let first = &owners[idx[0]];
-        let e = first.app.entity(&first.entity)?;
+        let e = match first.app.entity(&first.entity) {
+            Ok(e) => e,
+            Err(err) => {
+                jobs.extend(owners);
+                return Err(err);
+            }
+        };
         let batch: Vec<store::NewRow> = idx.iter().filter_map(|i| rows[*i].take()).collect();
         if let Err(err) = store::write_new_rows(&mut tx, &first.app, e, batch, &first.ctx).await {
             jobs.extend(owners);

@@ -315,3 +315,55 @@ async fn a_formula_that_fails_on_a_row_is_reported_at_that_row() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test]
+async fn xlsx_rows_and_columns_are_the_ones_a_person_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = testing::sqlite().await;
+    let (app, ctx) = setup(&t.db).await;
+    // The table starts at B3, and a decimal computed in Excel carries float noise.
+    let path = dir.path().join("offset.xlsx");
+    let mut wb = rust_xlsxwriter::Workbook::new();
+    let ws = wb.add_worksheet();
+    ws.write_string(2, 1, "商机名称").unwrap();
+    ws.write_string(2, 2, "金额").unwrap();
+    ws.write_string(2, 3, "阶段").unwrap();
+    ws.write_string(3, 1, "Good").unwrap();
+    ws.write_number(3, 2, 112.99999999999999).unwrap();
+    ws.write_string(4, 1, "Bad").unwrap();
+    ws.write_string(4, 3, "nowhere").unwrap();
+    wb.save(&path).unwrap();
+    let sheet = sheets::read(&path).unwrap();
+    assert_eq!(sheet.header_row, 3);
+    let opp = app.entity("opportunity").unwrap();
+    let Outcome::Refused(ps) = sheets::import(&t.db, &app, opp, &sheet, &ctx, true, false)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        ps.iter()
+            .map(|p| (p.row, p.column.as_str(), p.code))
+            .collect::<Vec<_>>(),
+        [(5, "D", "bad_cell")]
+    );
+    // Without the bad row the float is read as the 113 Excel shows.
+    let mut sheet = sheet;
+    sheet.rows.truncate(1);
+    assert!(matches!(
+        sheets::import(&t.db, &app, opp, &sheet, &ctx, false, false)
+            .await
+            .unwrap(),
+        Outcome::Ok {
+            records: 1,
+            written: true
+        }
+    ));
+    let (headers, rows) = sheets::table(&t.db, opp, vec![]).await.unwrap();
+    assert_eq!(
+        rows[0][headers.iter().position(|h| h == "amount").unwrap()],
+        "113.00"
+    );
+    t.cleanup().await;
+}

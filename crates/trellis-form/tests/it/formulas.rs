@@ -142,3 +142,42 @@ fn formula_definition_errors() {
         );
     }
 }
+
+#[tokio::test]
+async fn formulas_may_use_later_formulas_and_never_panic() {
+    let def = json!({"key": "g", "entities": [{"key": "e", "fields": [
+        {"key": "n", "type": "integer"},
+        {"key": "a", "type": "formula", "formula": "b + 1", "result": "integer"},
+        {"key": "b", "type": "formula", "formula": "n * 2", "result": "integer"},
+        {"key": "d", "type": "formula", "formula": "add_days(\"2026-01-01\", n)", "result": "date"}
+    ]}]});
+    let t = testing::sqlite().await;
+    let (app, admin) = install(&t.db, &def).await;
+    let r = create(&t.db, &app, "e", json!({"n": 3}), admin)
+        .await
+        .unwrap()
+        .to_json();
+    assert_eq!(
+        (r["a"].clone(), r["b"].clone(), r["d"].clone()),
+        (json!(7), json!(6), json!("2026-01-04"))
+    );
+    // A date far out of range is an error naming the field, not a crash.
+    let e = create(&t.db, &app, "e", json!({"n": 100_000_000_000i64}), admin)
+        .await
+        .unwrap_err();
+    assert_eq!(problems(e), [("/d".to_owned(), "formula")]);
+    t.cleanup().await;
+}
+
+#[test]
+fn misspelt_functions_are_definition_errors() {
+    let def = json!({"key": "f", "entities": [{"key": "e", "fields": [
+        {"key": "start", "type": "date"},
+        {"key": "x", "type": "formula", "formula": "days_betwen(start, today)", "result": "integer"}
+    ]}]});
+    let e = parse(&def).and_then(|d| compile(d, 1)).unwrap_err();
+    assert_eq!(
+        problems(e),
+        [("/entities/0/fields/1/formula".to_owned(), "bad_formula")]
+    );
+}
