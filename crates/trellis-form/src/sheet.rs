@@ -89,7 +89,8 @@ enum Target {
 pub struct Lookups {
     /// Lower-cased email → user id.
     pub users: HashMap<String, Uuid>,
-    /// Relation field key → (lower-cased unique value → record id).
+    /// Relation field key → (lower-cased unique value → record id; the nil id marks a name that
+    /// several records share in different cases).
     pub relations: HashMap<String, HashMap<String, Uuid>>,
 }
 
@@ -452,6 +453,11 @@ fn convert(f: &Field, cell: &Cell, tz: chrono_tz::Tz, lookups: &Lookups) -> Resu
             .get(&f.key)
             .and_then(|m| m.get(&norm(&text)))
         {
+            Some(id) if id.is_nil() => {
+                return Err(format!(
+                    "more than one record is called `{text}` (in different cases); use its id."
+                ))
+            }
             Some(id) => json!(id),
             None if Uuid::parse_str(&text).is_ok() => json!(text),
             None => {

@@ -865,9 +865,16 @@ async fn write_rows(
         .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
         .collect();
     write_history_rows(tx, &app.key, e, &history, ctx.actor).await?;
-    let events: Vec<(Uuid, Json, Json)> = rows
+    let events: Vec<(Uuid, Json, Json, DateTime<Utc>)> = rows
         .iter()
-        .map(|r| (r.record.meta.id, json!(r.changed), r.record.to_json()))
+        .map(|r| {
+            (
+                r.record.meta.id,
+                json!(r.changed),
+                r.record.to_json(),
+                r.record.meta.updated_at,
+            )
+        })
         .collect();
     write_events(tx, &app.key, e, "created", &events, ctx).await
 }
@@ -1220,7 +1227,7 @@ async fn write_event(
         app,
         e,
         kind,
-        &[(id, json!(changed), record.clone())],
+        &[(id, json!(changed), record.clone(), ctx.now)],
         ctx,
     )
     .await
@@ -1232,26 +1239,27 @@ async fn write_events(
     app: &str,
     e: &Entity,
     kind: &str,
-    events: &[(Uuid, Json, Json)],
+    events: &[(Uuid, Json, Json, DateTime<Utc>)],
     ctx: &WriteCtx,
 ) -> Result<()> {
-    for chunk in events.chunks(MAX_PARAMS / 3) {
+    for chunk in events.chunks(MAX_PARAMS / 4) {
         let mut sql = Sql::new("INSERT INTO \"events\" (\"app\", \"entity\", \"record_id\", \"kind\", \"changed\", \"record\", \"actor\", \"at\") VALUES ");
         let shared = [
             sql.param(Value::Text(app.into())),
             sql.param(Value::Text(e.key.clone())),
             sql.param(Value::Text(kind.into())),
             sql.param(Value::opt_uuid(ctx.actor)),
-            sql.param(Value::DateTime(ctx.now)),
         ];
-        for (i, (id, changed, record)) in chunk.iter().enumerate() {
+        for (i, (id, changed, record, at)) in chunk.iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
             sql.push(&format!("{}, {}, ", shared[0], shared[1]));
             sql.bind(Value::Uuid(*id))
                 .push(&format!(", {}, ", shared[2]));
             sql.bind(Value::Json(changed.clone())).push(", ");
             sql.bind(Value::Json(record.clone()))
-                .push(&format!(", {}, {})", shared[3], shared[4]));
+                .push(&format!(", {}, ", shared[3]));
+            // Each event carries its own write's time (a group commit mixes several).
+            sql.bind(Value::DateTime(*at)).push(")");
         }
         tx.execute(&sql).await?;
     }

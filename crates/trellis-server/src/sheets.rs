@@ -151,7 +151,11 @@ pub async fn lookups(db: &Db, app: &App, e: &Entity) -> anyhow::Result<Lookups> 
         let mut m = HashMap::new();
         for row in db.fetch_all(&sql, &[ColKind::Uuid, ColKind::Text]).await? {
             if let (Value::Uuid(id), Value::Text(v)) = (&row[0], &row[1]) {
-                m.insert(v.trim().to_lowercase(), *id);
+                // Two records whose names differ only in case are ambiguous: the nil id marks
+                // the name so a cell naming it is refused rather than linked to either.
+                m.entry(v.trim().to_lowercase())
+                    .and_modify(|x| *x = uuid::Uuid::nil())
+                    .or_insert(*id);
             }
         }
         l.relations.insert(f.key.clone(), m);
