@@ -4,4 +4,5 @@
 mod api_surface;
 mod apps_api;
 mod helpers;
+mod identity_api;
 mod records_api;

@@ -20,7 +20,7 @@ use trellis_form::Result;
 use uuid::Uuid;
 
 /// Routes reachable without a token. A test checks that every other route answers 401 without one.
-pub const PUBLIC_ROUTES: &[&str] = &["/healthz"];
+pub const PUBLIC_ROUTES: &[&str] = &["/healthz", "/api/v1/auth/login"];
 
 /// Email of the bootstrap administrator.
 pub const ADMIN_EMAIL: &str = "admin@localhost";
@@ -30,8 +30,10 @@ pub const ADMIN_EMAIL: &str = "admin@localhost";
 pub struct Actor {
     /// The user the token belongs to.
     pub user_id: Uuid,
-    /// Whether the user is an administrator.
+    /// Whether the caller may administer: an admin user with an `admin`-scope token.
     pub is_admin: bool,
+    /// The token's scope.
+    pub scope: crate::identity::Scope,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Actor {
@@ -77,32 +79,52 @@ pub async fn require_token(
         .ok_or_else(|| {
             ApiError::unauthorized("Send a token in the header Authorization: Bearer <token>.")
         })?;
-    let actor = lookup(&state.db, token)
+    let actor = lookup(&state.db, token, state.clock.now())
         .await
         .map_err(ApiError::from)?
-        .ok_or_else(|| ApiError::unauthorized("The token is unknown or revoked."))?;
+        .ok_or_else(|| ApiError::unauthorized("The token is unknown, expired or revoked."))?;
+    // A read-scope token reads; writing needs `write` (administration is checked by the routes).
+    let reading = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !reading && actor.scope < crate::identity::Scope::Write {
+        return Err(ApiError::new(
+            "forbidden",
+            "This token may only read (scope `read`).",
+        ));
+    }
     req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
 }
 
-async fn lookup(db: &Db, token: &str) -> Result<Option<Actor>> {
+async fn lookup(db: &Db, token: &str, now: chrono::DateTime<chrono::Utc>) -> Result<Option<Actor>> {
     let mut sql = Sql::new(
-        "SELECT u.\"id\", u.\"is_admin\" FROM \"api_tokens\" t JOIN \"users\" u ON u.\"id\" = t.\"user_id\" \
+        "SELECT u.\"id\", u.\"is_admin\", t.\"scope\" FROM \"api_tokens\" t JOIN \"users\" u ON u.\"id\" = t.\"user_id\" \
          WHERE t.\"token_hash\" = ",
     );
     sql.bind(Value::Text(hash_token(token)));
-    sql.push(" AND t.\"revoked_at\" IS NULL AND u.\"active\" = ")
-        .bind(Value::Bool(true));
+    sql.push(" AND t.\"revoked_at\" IS NULL AND (t.\"expires_at\" IS NULL OR t.\"expires_at\" > ")
+        .bind(Value::DateTime(now));
+    sql.push(") AND u.\"active\" = ").bind(Value::Bool(true));
     Ok(db
-        .fetch_optional(&sql, &[ColKind::Uuid, ColKind::Bool])
+        .fetch_optional(&sql, &[ColKind::Uuid, ColKind::Bool, ColKind::Text])
         .await?
-        .map(|r| Actor {
-            user_id: if let Value::Uuid(u) = r[0] {
-                u
-            } else {
-                Uuid::nil()
-            },
-            is_admin: matches!(r[1], Value::Bool(true)),
+        .map(|r| {
+            let scope = match &r[2] {
+                Value::Text(s) => crate::identity::Scope::parse(s),
+                _ => crate::identity::Scope::Read,
+            };
+            Actor {
+                user_id: if let Value::Uuid(u) = r[0] {
+                    u
+                } else {
+                    Uuid::nil()
+                },
+                is_admin: matches!(r[1], Value::Bool(true))
+                    && scope == crate::identity::Scope::Admin,
+                scope,
+            }
         }))
 }
 

@@ -51,6 +51,54 @@ enum Command {
     /// Benchmarks with their own data generators and same-run baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create a user. The password (at least 10 characters) is read from TRELLIS_PASSWORD.
+    Create {
+        /// Email (the login).
+        #[arg(long)]
+        email: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Email of the user's manager.
+        #[arg(long)]
+        manager: Option<String>,
+        /// Make the user an administrator.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create an API token for a user and print it (once).
+    Create {
+        /// The user's email.
+        #[arg(long)]
+        email: String,
+        /// A name to recognise the token by.
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum, default_value = "write")]
+        scope: crate::identity::Scope,
+        /// Days until it expires (default: never).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +258,20 @@ pub async fn main() -> anyhow::Result<i32> {
         Command::App(AppCommand::Plan { dir, db, json }) => plan(&dir, &db, json).await,
         Command::App(AppCommand::Export { app, dir, db }) => export_app(&app, &dir, &db).await,
         Command::Import(args) => import_sheet(&args).await,
+        Command::User(UserCommand::Create {
+            email,
+            name,
+            manager,
+            admin,
+            db,
+        }) => user_create(&email, &name, manager.as_deref(), admin, &db).await,
+        Command::Token(TokenCommand::Create {
+            email,
+            name,
+            scope,
+            expires_in_days,
+            db,
+        }) => token_create(&email, &name, scope, expires_in_days, &db).await,
         Command::Bench(BenchCommand::Writes {
             database_url,
             records,
@@ -672,5 +734,85 @@ async fn export_sheet(args: &ExportArgs) -> anyhow::Result<i32> {
     if let Some(p) = &args.output {
         eprintln!("Exported {} record(s) to {}.", rows.len(), p.display());
     }
+    Ok(0)
+}
+
+async fn user_create(
+    email: &str,
+    name: &str,
+    manager: Option<&str>,
+    admin: bool,
+    db: &DbArgs,
+) -> anyhow::Result<i32> {
+    let db = open_db(db).await?;
+    let manager_id = match manager {
+        Some(m) => match trellis_form::users::by_email(&db, m).await? {
+            Some(u) => Some(u.id),
+            None => {
+                eprintln!("There is no user `{m}` to be the manager.");
+                return Ok(1);
+            }
+        },
+        None => None,
+    };
+    let input = trellis_form::users::UserInput {
+        name: Some(name.to_owned()),
+        email: Some(email.to_owned()),
+        manager_id: Some(manager_id),
+        is_admin: Some(admin),
+        ..Default::default()
+    };
+    let mut tx = db.begin().await?;
+    let result = async {
+        let u = trellis_form::users::create(&mut tx, &input, SystemClock.now()).await?;
+        if let Ok(p) = std::env::var("TRELLIS_PASSWORD") {
+            crate::identity::set_password(&mut tx, u.id, &p).await?;
+        }
+        Ok::<_, FormError>(u)
+    }
+    .await;
+    match result {
+        Ok(u) => {
+            tx.commit().await?;
+            println!("Created user {} <{}> ({}).", u.name, u.email, u.id);
+            if std::env::var("TRELLIS_PASSWORD").is_err() {
+                println!("No password set (TRELLIS_PASSWORD was empty): the user cannot log in until one is set.");
+            }
+            Ok(0)
+        }
+        Err(FormError::Invalid(ps)) => {
+            for p in ps {
+                eprintln!("{} [{}] {}", p.path, p.code, p.message);
+            }
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn token_create(
+    email: &str,
+    name: &str,
+    scope: crate::identity::Scope,
+    expires_in_days: Option<u32>,
+    db: &DbArgs,
+) -> anyhow::Result<i32> {
+    let db = open_db(db).await?;
+    let Some(user) = trellis_form::users::by_email(&db, email).await? else {
+        eprintln!("There is no user `{email}`.");
+        return Ok(1);
+    };
+    let now = SystemClock.now();
+    let expires = expires_in_days.map(|d| now + chrono::Duration::days(i64::from(d)));
+    let mut tx = db.begin().await?;
+    let (token, id) =
+        crate::identity::create_token(&mut tx, user.id, name, "api", scope, expires, now).await?;
+    tx.commit().await?;
+    eprintln!(
+        "Token {id} for {} (scope {}), shown once:",
+        user.email,
+        scope.name()
+    );
+    println!("{token}");
     Ok(0)
 }

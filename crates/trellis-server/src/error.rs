@@ -25,6 +25,12 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ),
     ("payload_too_large", 413, "The request body is too large"),
     ("unauthorized", 401, "A valid bearer token is required"),
+    ("forbidden", 403, "The token's scope does not allow this"),
+    (
+        "too_many_requests",
+        429,
+        "Too many attempts; try again later",
+    ),
     ("not_found", 404, "Not found"),
     ("method_not_allowed", 405, "Method not allowed"),
     (
@@ -49,6 +55,7 @@ pub struct ApiError {
     detail: String,
     errors: Vec<Problem>,
     extra: Option<Box<(&'static str, serde_json::Value)>>,
+    retry_after: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -75,12 +82,19 @@ impl ApiError {
             detail: detail.into(),
             errors: vec![],
             extra: None,
+            retry_after: None,
         }
     }
 
     /// With a list of located problems.
     pub fn with_errors(mut self, errors: Vec<Problem>) -> Self {
         self.errors = errors;
+        self
+    }
+
+    /// Tell the client when to try again (429).
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
         self
     }
 
@@ -139,6 +153,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod crm;
 pub mod demo;
 pub mod error;
+pub mod identity;
 pub mod sheets;
 pub mod state;
 pub mod writer;
@@ -35,7 +36,8 @@ pub const MAX_BULK_BODY: usize = 64 * 1024 * 1024;
     security(("bearer" = [])),
     tags((name = "apps", description = "App definitions and versions"),
          (name = "records", description = "Records of an app's entities"),
-         (name = "users", description = "Users and teams"))
+         (name = "users", description = "Users and teams"),
+         (name = "identity", description = "Logging in and personal API tokens"))
 )]
 struct ApiDoc;
 
@@ -52,8 +54,9 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The router of every `/api/v1` route and its OpenAPI document.
-pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+/// The routers of every `/api/v1` route — those behind the token check and the public ones —
+/// and their OpenAPI document.
+pub fn api() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
     let bulk = OpenApiRouter::new()
         .merge(api::apps::router())
         .merge(api::records::bulk_router())
@@ -61,16 +64,22 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let normal = OpenApiRouter::new()
         .merge(api::records::router())
         .merge(api::users::router())
+        .merge(api::identity::router())
         .layer(DefaultBodyLimit::max(MAX_BODY));
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (private, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(bulk)
         .merge(normal)
-        .split_for_parts()
+        .split_for_parts();
+    let (public, public_doc) = api::identity::public_router()
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .split_for_parts();
+    doc.merge(public_doc);
+    (private, public, doc)
 }
 
 /// The whole application: API, OpenAPI document, health check, problem-JSON fallbacks.
 pub fn app(state: AppState) -> Router {
-    let (api_router, doc) = api();
+    let (api_router, public_router, doc) = api();
     let doc = std::sync::Arc::new(doc);
     let api_router = api_router
         .route(
@@ -84,6 +93,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api_router)
+        .merge(public_router)
         .fallback(|| async {
             ApiError::not_found("There is no such route; see /api/v1/openapi.json.")
         })

@@ -4,6 +4,7 @@
 //! same annotations that build the router and cannot drift from it.
 
 pub mod apps;
+pub mod identity;
 pub mod records;
 pub mod users;
 

@@ -30,6 +30,26 @@ fn admin(actor: &Actor) -> ApiResult<()> {
     }
 }
 
+/// Split a `password` out of a user body (passwords are hashed by the server, never stored as given).
+fn take_password(mut b: Value) -> ApiResult<(Value, Option<String>)> {
+    let password = match b.as_object_mut().and_then(|m| m.remove("password")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => Some(p),
+        Some(_) => {
+            return Err(
+                ApiError::new("validation_failed", "The password must be text.").with_errors(vec![
+                    trellis_form::Problem::new(
+                        "/password",
+                        "wrong_type",
+                        "The password must be text.",
+                    ),
+                ]),
+            )
+        }
+    };
+    Ok((b, password))
+}
+
 fn input<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
     serde_json::from_value(v)
         .map_err(|e| ApiError::new("invalid_body", format!("The body has the wrong shape: {e}")))
@@ -44,7 +64,7 @@ async fn list_users(State(state): State<AppState>, _actor: Actor) -> ApiResult<J
 
 /// Create a user.
 #[utoipa::path(post, path = "/api/v1/users", tag = "users",
-    request_body(content = Object, description = "`{name, email, manager_id?, active?, is_admin?}`"),
+    request_body(content = Object, description = "`{name, email, manager_id?, active?, is_admin?, password?}`"),
     responses((status = 201, description = "The user", body = Object),
               (status = 422, description = "Invalid", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn create_user(
@@ -53,9 +73,13 @@ async fn create_user(
     Body(b): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     admin(&actor)?;
+    let (b, password) = take_password(b)?;
     let i: UserInput = input(b)?;
     let mut tx = state.db.begin().await?;
     let u = users::create(&mut tx, &i, state.clock.now()).await?;
+    if let Some(p) = password {
+        crate::identity::set_password(&mut tx, u.id, &p).await?;
+    }
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(json!(u))))
 }
@@ -86,9 +110,13 @@ async fn update_user(
 ) -> ApiResult<Json<Value>> {
     admin(&actor)?;
     let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user not found"))?;
+    let (b, password) = take_password(b)?;
     let i: UserInput = input(b)?;
     let mut tx = state.db.begin().await?;
     let u = users::update(&mut tx, id, &i).await?;
+    if let Some(p) = password {
+        crate::identity::set_password(&mut tx, id, &p).await?;
+    }
     tx.commit().await?;
     Ok(Json(json!(u)))
 }
