@@ -323,3 +323,112 @@ fn app_check_fixtures_match_their_snapshots() {
         insta::assert_snapshot!(format!("check_{name}"), err);
     }
 }
+
+#[test]
+fn users_and_tokens_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let run = |args: &[&str], password: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        c.args(args)
+            .env_remove("TRELLIS_DATABASE_URL")
+            .env_remove("TRELLIS_PASSWORD");
+        if let Some(p) = password {
+            c.env("TRELLIS_PASSWORD", p);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(
+        &[
+            "user",
+            "create",
+            "--email",
+            "boss@x.example",
+            "--name",
+            "Boss",
+            "--database-url",
+            &url,
+        ],
+        Some("a long password"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("Created user Boss <boss@x.example>"),
+        "{out}"
+    );
+    let (code, _, err) = run(
+        &[
+            "user",
+            "create",
+            "--email",
+            "rep@x.example",
+            "--name",
+            "Rep",
+            "--manager",
+            "boss@x.example",
+            "--database-url",
+            &url,
+        ],
+        Some("short"),
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("/password [too_short]"), "{err}");
+    let (code, _, err) = run(
+        &[
+            "user",
+            "create",
+            "--email",
+            "boss@x.example",
+            "--name",
+            "Again",
+            "--database-url",
+            &url,
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("/email [unique]"), "{err}");
+    let (code, out, err) = run(
+        &[
+            "token",
+            "create",
+            "--email",
+            "boss@x.example",
+            "--name",
+            "ci",
+            "--scope",
+            "read",
+            "--database-url",
+            &url,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.trim().starts_with("trl_") && out.trim().len() == 68,
+        "{out}"
+    );
+    assert!(err.contains("scope read"), "{err}");
+    let (code, _, err) = run(
+        &[
+            "token",
+            "create",
+            "--email",
+            "ghost@x.example",
+            "--name",
+            "ci",
+            "--database-url",
+            &url,
+        ],
+        None,
+    );
+    assert_eq!(
+        (code, err.trim()),
+        (1, "There is no user `ghost@x.example`.")
+    );
+}
