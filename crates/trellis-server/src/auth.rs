@@ -1,9 +1,10 @@
 //! Bearer-token authentication.
 //!
 //! Tokens are 256-bit random strings (`trl_` + 64 hex digits) shown once; the database keeps only
-//! their SHA-256. Every `/api` route passes through [`require_token`]; the only public route is
-//! `/healthz` (see [`PUBLIC_ROUTES`]). Users, roles and record permissions arrive with their own
-//! issue; until then every valid token acts as its user, and the bootstrap token as the admin.
+//! their SHA-256. Every `/api` route passes through [`require_token`] except the
+//! [`PUBLIC_ROUTES`] (`/healthz` and the login). A token acts as its user within its scope
+//! (`read` / `write` / `admin`, see `identity`); it stops working when it expires, is revoked, or
+//! its user is deactivated. Roles and record permissions arrive with their own issue.
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -159,7 +160,11 @@ pub async fn bootstrap(
         None => {
             let mut sql = Sql::new("SELECT COUNT(*) FROM \"api_tokens\" WHERE \"user_id\" = ");
             sql.bind(Value::Uuid(admin))
-                .push(" AND \"revoked_at\" IS NULL");
+                .push(
+                    " AND \"revoked_at\" IS NULL AND (\"expires_at\" IS NULL OR \"expires_at\" > ",
+                )
+                .bind(Value::DateTime(now))
+                .push(")");
             let n = db
                 .fetch_optional(&sql, &[ColKind::Int])
                 .await?

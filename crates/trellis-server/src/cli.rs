@@ -1,5 +1,5 @@
 //! The `trellis` command line: `serve`, `app check|plan|import|export`, `import`, `export`,
-//! `bench writes`.
+//! `user create`, `token create`, `bench writes`.
 
 use crate::state::AppState;
 use anyhow::Context;
@@ -776,7 +776,7 @@ async fn user_create(
             tx.commit().await?;
             println!("Created user {} <{}> ({}).", u.name, u.email, u.id);
             if std::env::var("TRELLIS_PASSWORD").is_err() {
-                println!("No password set (TRELLIS_PASSWORD was empty): the user cannot log in until one is set.");
+                println!("No password set (TRELLIS_PASSWORD is not set): the user cannot log in until one is set.");
             }
             Ok(0)
         }
@@ -802,8 +802,14 @@ async fn token_create(
         eprintln!("There is no user `{email}`.");
         return Ok(1);
     };
+    if name.trim().is_empty() || name.chars().count() > 100 {
+        eprintln!("A token name is 1 to 100 characters long.");
+        return Ok(1);
+    }
     let now = SystemClock.now();
-    let expires = expires_in_days.map(|d| now + chrono::Duration::days(i64::from(d)));
+    // The same bounds as the API: 1 day to 10 years.
+    let expires =
+        expires_in_days.map(|d| now + chrono::Duration::days(i64::from(d.clamp(1, 3650))));
     let mut tx = db.begin().await?;
     let (token, id) =
         crate::identity::create_token(&mut tx, user.id, name, "api", scope, expires, now).await?;

@@ -12,7 +12,7 @@ use trellis_form::{FormError, Problem};
 
 /// code → (status, title). The one table of API error kinds.
 pub const CODES: &[(&str, u16, &str)] = &[
-    ("validation_failed", 422, "The record is invalid"),
+    ("validation_failed", 422, "The input is invalid"),
     ("invalid_definition", 422, "The app definition is invalid"),
     ("invalid_query", 400, "The query is invalid"),
     ("invalid_header", 400, "A request header is invalid"),

@@ -19,7 +19,7 @@ use uuid::Uuid;
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
-    /// Read only (GET).
+    /// Read only (GET and HEAD).
     Read,
     /// Read and write records.
     Write,
@@ -215,9 +215,7 @@ pub async fn login(
         };
         let lock =
             (count >= MAX_FAILURES).then(|| now + Duration::minutes(THROTTLE_WINDOW_MINUTES));
-        let mut del = Sql::new("DELETE FROM \"login_failures\" WHERE \"email\" = ");
-        del.bind(Value::Text(key.clone()));
-        tx.execute(&del).await?;
+        // One statement, so concurrent failures for one email cannot collide on its key.
         let mut ins = Sql::new("INSERT INTO \"login_failures\" (\"email\", \"failures\", \"window_start\", \"locked_until\") VALUES (");
         ins.bind(Value::Text(key))
             .push(", ")
@@ -228,9 +226,16 @@ pub async fn login(
         ins.bind(
             lock.map(Value::DateTime)
                 .unwrap_or(Value::Null(ColKind::DateTime)),
-        )
-        .push(")");
+        );
+        ins.push(") ON CONFLICT (\"email\") DO UPDATE SET \"failures\" = excluded.\"failures\", \"window_start\" = excluded.\"window_start\", \"locked_until\" = excluded.\"locked_until\"");
         tx.execute(&ins).await?;
+        // Forget old windows, so the table does not keep every email ever tried.
+        let mut old = Sql::new("DELETE FROM \"login_failures\" WHERE \"window_start\" < ");
+        old.bind(Value::DateTime(now - Duration::days(1)))
+            .push(" AND (\"locked_until\" IS NULL OR \"locked_until\" < ")
+            .bind(Value::DateTime(now))
+            .push(")");
+        tx.execute(&old).await?;
         tx.commit().await?;
         return Err(LoginError::Invalid);
     }

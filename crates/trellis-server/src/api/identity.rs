@@ -38,14 +38,18 @@ pub struct LoginBody {
 /// Log in with email and password; answers a session token (valid 12 hours). After 5 failures
 /// for one email within 15 minutes, logins for it are refused for 15 minutes (429).
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "identity", request_body = LoginBody, security(()),
-    responses((status = 200, description = "`{token, expires_at, user_id, scope}`", body = Object),
+    responses((status = 200, description = "`{id, token, expires_at, user_id, scope}` (revoke `id` to log out)", body = Object),
               (status = 401, description = "Wrong email or password", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 429, description = "Too many failures; see Retry-After", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn login(State(state): State<AppState>, Body(b): Body<LoginBody>) -> ApiResult<Json<Value>> {
     match identity::login(&state.db, &b.email, &b.password, state.clock.now()).await {
-        Ok((token, info)) => Ok(Json(
-            json!({"token": token, "expires_at": info.expires_at, "user_id": info.user_id, "scope": info.scope}),
-        )),
+        Ok((token, info)) => Ok(Json(json!({
+            "id": info.id,
+            "token": token,
+            "expires_at": info.expires_at.map(|t| trellis_form::values::datetime_json(&t)),
+            "user_id": info.user_id,
+            "scope": info.scope,
+        }))),
         Err(LoginError::Invalid) => Err(ApiError::unauthorized(
             "The email or the password is wrong.",
         )),
@@ -110,7 +114,7 @@ async fn create_token(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let scope = b.scope.unwrap_or(Scope::Write);
     let mut problems = vec![];
-    if b.name.trim().is_empty() || b.name.len() > 100 {
+    if b.name.trim().is_empty() || b.name.chars().count() > 100 {
         problems.push(trellis_form::Problem::new(
             "/name",
             "bad_value",
@@ -156,7 +160,9 @@ async fn create_token(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "token": token, "scope": scope, "expires_at": expires})),
+        Json(
+            json!({"id": id, "token": token, "scope": scope, "expires_at": expires.map(|t| trellis_form::values::datetime_json(&t))}),
+        ),
     ))
 }
 
