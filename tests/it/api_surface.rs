@@ -197,3 +197,66 @@ async fn malformed_requests_get_problem_json() {
     let _ = Value::Null;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn answers_carry_security_headers_and_cors_is_off_by_default() {
+    let app = TestApp::start(trellis_form::testing::sqlite().await).await;
+    let r = app.req(Method::GET, "/api/v1/apps").send().await.unwrap();
+    for (h, v) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+    ] {
+        assert_eq!(r.headers()[h], v, "{h}");
+    }
+    let pre = app
+        .client
+        .request(Method::OPTIONS, app.url("/api/v1/apps"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.headers().get("access-control-allow-origin").is_none());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn configured_cors_and_per_token_rate_limits() {
+    let http = trellis_server::limits::HttpSettings {
+        rate_per_second: 1.0,
+        burst: 3.0,
+        cors_origins: vec!["https://crm.example.com".into()],
+        timeout_seconds: 30,
+    };
+    let app = TestApp::start_with(trellis_form::testing::sqlite().await, http).await;
+    let pre = app
+        .client
+        .request(Method::OPTIONS, app.url("/api/v1/apps"))
+        .header("origin", "https://crm.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        pre.headers()["access-control-allow-origin"],
+        "https://crm.example.com"
+    );
+    // A burst of 3, then 429 with Retry-After, for this token only.
+    for _ in 0..3 {
+        assert_eq!(
+            app.call(Method::GET, "/api/v1/apps", None).await.0,
+            StatusCode::OK
+        );
+    }
+    let r = app.req(Method::GET, "/api/v1/apps").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(json(r).await.1["code"], "too_many_requests");
+    app.stop().await;
+}

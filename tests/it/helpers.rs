@@ -19,10 +19,16 @@ pub struct TestApp {
 impl TestApp {
     /// Start a server with the CRM app on `db`. It is listening when this returns.
     pub async fn start(db: TestDb) -> TestApp {
+        TestApp::start_with(db, trellis_server::limits::HttpSettings::default()).await
+    }
+
+    /// Start with other HTTP settings (rate limit, CORS, timeout).
+    pub async fn start_with(db: TestDb, http: trellis_server::limits::HttpSettings) -> TestApp {
         let clock = Arc::new(trellis_form::SystemClock);
         let (state, _) = trellis_server::cli::prepare(db.db.clone(), clock, None, Some(TOKEN))
             .await
             .expect("prepare");
+        let state = state.with_http(http);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -84,6 +84,13 @@ pub async fn require_token(
         .await
         .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::unauthorized("The token is unknown, expired or revoked."))?;
+    if let Err(retry) = state.limiter.check(&hash_token(token)) {
+        return Err(ApiError::new(
+            "too_many_requests",
+            format!("This token made too many requests; try again in {retry} second(s)."),
+        )
+        .retry_after(retry));
+    }
     // A read-scope token reads; writing needs `write` (administration is checked by the routes).
     let reading = matches!(
         *req.method(),

@@ -205,6 +205,18 @@ pub struct ServeArgs {
     /// if it is not there yet.
     #[arg(long, env = "TRELLIS_DEMO")]
     pub demo: bool,
+    /// Requests per second each token may make, sustained (0: no limit).
+    #[arg(long, env = "TRELLIS_RATE_LIMIT", default_value_t = 200.0)]
+    pub rate_limit: f64,
+    /// Requests a token may make at once before the sustained rate applies.
+    #[arg(long, env = "TRELLIS_RATE_BURST", default_value_t = 400.0)]
+    pub rate_burst: f64,
+    /// Browser origins allowed to call the API (comma-separated); CORS is off without them.
+    #[arg(long, env = "TRELLIS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Seconds a request may take before it is answered with 408.
+    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value_t = 60)]
+    pub request_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -406,6 +418,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Err(_) => eprintln!("--demo needs the CRM app (`crm`); it is not installed."),
         }
     }
+    let state = state.with_http(crate::limits::HttpSettings {
+        rate_per_second: args.rate_limit,
+        burst: args.rate_burst,
+        cors_origins: args.cors_origins.clone(),
+        timeout_seconds: args.request_timeout,
+    });
     tokio::spawn(purge_history_hourly(state.clone()));
     tokio::spawn(follow_app_versions(state.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)

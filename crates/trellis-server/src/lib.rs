@@ -12,6 +12,7 @@ pub mod crm;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod limits;
 pub mod sheets;
 pub mod state;
 pub mod writer;
@@ -79,6 +80,8 @@ pub fn api() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The whole application: API, OpenAPI document, health check, problem-JSON fallbacks.
 pub fn app(state: AppState) -> Router {
+    use axum::http::{header, HeaderValue};
+    use tower_http::set_header::SetResponseHeaderLayer as Set;
     let (api_router, public_router, doc) = api();
     let doc = std::sync::Arc::new(doc);
     let api_router = api_router
@@ -103,8 +106,62 @@ pub fn app(state: AppState) -> Router {
                 "This route does not accept this method.",
             )
         })
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            std::time::Duration::from_secs(state.http.timeout_seconds),
+        ))
+        .layer(cors(&state.http.cors_origins))
+        // Headers every answer carries: no sniffing, no framing, no caching of API data, no
+        // referrer, and a content policy that lets a browser run nothing from an API answer.
+        .layer(Set::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(Set::overriding(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(Set::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(Set::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(Set::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// CORS: off (no headers) unless origins are configured.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return tower_http::cors::CorsLayer::new();
+    }
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+        ])
+        .expose_headers([header::ETAG, header::LOCATION, header::RETRY_AFTER])
 }
 
 async fn healthz(

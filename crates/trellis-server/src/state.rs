@@ -31,6 +31,10 @@ pub struct AppState {
     pub admin_user: Uuid,
     /// Group commit for single creates (SQLite only).
     pub writer: Option<crate::writer::Writer>,
+    /// HTTP settings (rate limit, CORS, timeout).
+    pub http: crate::limits::HttpSettings,
+    /// Per-token rate limiter.
+    pub limiter: Arc<crate::limits::RateLimiter>,
     apps: Arc<RwLock<HashMap<String, Loaded>>>,
 }
 
@@ -39,17 +43,34 @@ impl AppState {
     pub async fn new(db: Db, clock: Arc<dyn Clock>, admin_user: Uuid) -> Result<Self> {
         let writer = (db.backend() == trellis_form::db::Backend::Sqlite)
             .then(|| crate::writer::Writer::spawn(db.clone()));
+        let http = crate::limits::HttpSettings::default();
+        let limiter = Arc::new(crate::limits::RateLimiter::new(
+            http.rate_per_second,
+            http.burst,
+        ));
         let state = AppState {
             db,
             clock,
             admin_user,
             writer,
+            http,
+            limiter,
             apps: Arc::default(),
         };
         for app in trellis_form::apps::load_all(&state.db).await? {
             state.install(app).await?;
         }
         Ok(state)
+    }
+
+    /// The same state with other HTTP settings (a new rate limiter with them).
+    pub fn with_http(mut self, http: crate::limits::HttpSettings) -> Self {
+        self.limiter = Arc::new(crate::limits::RateLimiter::new(
+            http.rate_per_second,
+            http.burst,
+        ));
+        self.http = http;
+        self
     }
 
     /// Put a compiled app into the cache.
