@@ -48,6 +48,14 @@ async fn users_log_in_and_tokens_obey_scope_expiry_and_revocation() {
         );
         let (s, rep) = app.call(Method::POST, "/api/v1/users", Some(json!({"name": "Rep", "email": "rep@x.example", "password": "correct horse battery"}))).await;
         assert_eq!(s, StatusCode::CREATED, "{be}: {rep}");
+        let (s, _) = app
+            .call(
+                Method::PUT,
+                &format!("/api/v1/apps/crm/members/{}", rep["id"].as_str().unwrap()),
+                Some(json!({"role": "sales_rep"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
         // Wrong password, unknown email: the same 401.
         assert_eq!(
             login(&app, "rep@x.example", "wrong password!").await.0,

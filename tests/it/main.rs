@@ -5,4 +5,5 @@ mod api_surface;
 mod apps_api;
 mod helpers;
 mod identity_api;
+mod permissions_api;
 mod records_api;

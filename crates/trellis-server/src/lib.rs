@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod identity;
 pub mod limits;
+pub mod policy;
 pub mod sheets;
 pub mod state;
 pub mod writer;

@@ -21,6 +21,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_versions))
         .routes(routes!(get_version))
         .routes(routes!(entity_schema))
+        .routes(routes!(list_members))
+        .routes(routes!(set_member, remove_member))
 }
 
 /// Import options in the query string.
@@ -76,9 +78,17 @@ async fn do_import(
 /// Every installed app.
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
     responses((status = 200, description = "`{apps: [{key, version, label, entities}]}`", body = Object)))]
-async fn list_apps(State(state): State<AppState>, _actor: Actor) -> Json<Value> {
-    let apps: Vec<Value> = state
-        .all_apps()
+async fn list_apps(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Value>> {
+    let mut visible = vec![];
+    for l in state.all_apps() {
+        if crate::policy::access(&state, &actor, &l.app.key)
+            .await
+            .is_ok()
+        {
+            visible.push(l);
+        }
+    }
+    let apps: Vec<Value> = visible
         .iter()
         .map(|l| {
             json!({
@@ -89,7 +99,7 @@ async fn list_apps(State(state): State<AppState>, _actor: Actor) -> Json<Value> 
             })
         })
         .collect();
-    Json(json!({ "apps": apps }))
+    Ok(Json(json!({ "apps": apps })))
 }
 
 /// Import an app definition (new app or new version). The response holds the migration plan.
@@ -142,9 +152,10 @@ async fn replace_app(
               (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn get_app(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path(app): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    crate::policy::access(&state, &actor, &app).await?;
     let l = state.app(&app)?;
     Ok(Json(
         json!({"key": l.app.key, "version": l.app.version, "definition": l.app.def}),
@@ -157,9 +168,10 @@ async fn get_app(
               (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_versions(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path(app): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    crate::policy::access(&state, &actor, &app).await?;
     let v = apps::versions(&state.db, &app).await?;
     Ok(Json(json!({ "versions": v })))
 }
@@ -171,9 +183,10 @@ async fn list_versions(
               (status = 404, description = "No such version", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn get_version(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path((app, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    crate::policy::access(&state, &actor, &app).await?;
     let version: i64 = version
         .parse()
         .map_err(|_| ApiError::not_found(format!("no version `{version}`")))?;
@@ -188,9 +201,130 @@ async fn get_version(
               (status = 404, description = "No such app or entity", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn entity_schema(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path((app, entity)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    crate::policy::access(&state, &actor, &app).await?;
     let l = state.app(&app)?;
     Ok(Json(l.app.entity(&entity)?.json_schema()))
+}
+
+/// The members of an app and their roles (app administrators only).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/members", tag = "apps", params(("app" = String, Path, description = "App key")),
+    responses((status = 200, description = "`{members: [{user_id, role}]}`", body = Object),
+              (status = 404, description = "No such app (or not yours to manage)", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn list_members(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Value>> {
+    manage(&state, &actor, &app).await?;
+    let mut sql = trellis_form::db::Sql::new(
+        "SELECT \"user_id\", \"role\" FROM \"app_members\" WHERE \"app\" = ",
+    );
+    sql.bind(trellis_form::db::Value::Text(app))
+        .push(" ORDER BY \"user_id\"");
+    let rows = state
+        .db
+        .fetch_all(
+            &sql,
+            &[
+                trellis_form::model::ColKind::Uuid,
+                trellis_form::model::ColKind::Text,
+            ],
+        )
+        .await?;
+    let members: Vec<Value> = rows.iter().map(|r| json!({"user_id": trellis_form::values::scalar_json(&r[0], 0), "role": trellis_form::values::scalar_json(&r[1], 0)})).collect();
+    Ok(Json(json!({ "members": members })))
+}
+
+async fn manage(state: &AppState, actor: &Actor, app: &str) -> ApiResult<()> {
+    let access = crate::policy::access(state, actor, app).await?;
+    state.app(app)?;
+    if access.admin {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "app `{app}` has no members you can manage"
+        )))
+    }
+}
+
+/// A member's role.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberBody {
+    /// `admin`, `manager`, `sales_rep` or `viewer`.
+    role: String,
+}
+
+/// Give a user a role in an app (replacing any role they had there).
+#[utoipa::path(put, path = "/api/v1/apps/{app}/members/{id}", tag = "apps",
+    params(("app" = String, Path, description = "App key"), ("id" = String, Path, description = "User id")),
+    request_body = MemberBody,
+    responses((status = 200, description = "`{user_id, role}`", body = Object),
+              (status = 422, description = "Unknown role", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn set_member(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, user)): Path<(String, String)>,
+    Body(b): Body<MemberBody>,
+) -> ApiResult<Json<Value>> {
+    manage(&state, &actor, &app).await?;
+    let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
+    trellis_form::users::get(&state.db, user).await?;
+    if !crate::policy::ROLES.contains(&b.role.as_str()) {
+        return Err(
+            ApiError::new("validation_failed", "Unknown role.").with_errors(vec![
+                trellis_form::Problem::new(
+                    "/role",
+                    "unknown_option",
+                    format!(
+                        "`{}` is not a role; use one of {}.",
+                        b.role,
+                        crate::policy::ROLES.join(", ")
+                    ),
+                ),
+            ]),
+        );
+    }
+    let mut tx = state.db.begin().await?;
+    let mut del = trellis_form::db::Sql::new("DELETE FROM \"app_members\" WHERE \"app\" = ");
+    del.bind(trellis_form::db::Value::Text(app.clone()))
+        .push(" AND \"user_id\" = ")
+        .bind(trellis_form::db::Value::Uuid(user));
+    tx.execute(&del).await?;
+    let mut ins = trellis_form::db::Sql::new(
+        "INSERT INTO \"app_members\" (\"app\", \"user_id\", \"role\") VALUES (",
+    );
+    ins.bind(trellis_form::db::Value::Text(app))
+        .push(", ")
+        .bind(trellis_form::db::Value::Uuid(user))
+        .push(", ")
+        .bind(trellis_form::db::Value::Text(b.role.clone()))
+        .push(")");
+    tx.execute(&ins).await?;
+    tx.commit().await?;
+    Ok(Json(json!({"user_id": user, "role": b.role})))
+}
+
+/// Take a user's role in an app away (they no longer see the app).
+#[utoipa::path(delete, path = "/api/v1/apps/{app}/members/{id}", tag = "apps",
+    params(("app" = String, Path, description = "App key"), ("id" = String, Path, description = "User id")),
+    responses((status = 204, description = "Removed")))]
+async fn remove_member(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, user)): Path<(String, String)>,
+) -> ApiResult<axum::http::StatusCode> {
+    manage(&state, &actor, &app).await?;
+    let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
+    let mut del = trellis_form::db::Sql::new("DELETE FROM \"app_members\" WHERE \"app\" = ");
+    del.bind(trellis_form::db::Value::Text(app))
+        .push(" AND \"user_id\" = ")
+        .bind(trellis_form::db::Value::Uuid(user));
+    let mut tx = state.db.begin().await?;
+    tx.execute(&del).await?;
+    tx.commit().await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -38,6 +38,47 @@ fn ctx(state: &AppState, loaded: &Loaded, actor: &Actor) -> WriteCtx {
     }
 }
 
+/// Check the owner a caller sends (or give a scoped caller's new records to themselves).
+fn owner_rule(
+    access: &crate::policy::Access,
+    input: &mut Value,
+    path: &str,
+) -> Vec<trellis_form::Problem> {
+    let Some(owners) = &access.owners else {
+        return vec![];
+    };
+    let Some(obj) = input.as_object_mut() else {
+        return vec![];
+    };
+    match obj.get("owner") {
+        None => {
+            obj.insert("owner".into(), json!(access.user));
+            vec![]
+        }
+        Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok_and(|u| owners.contains(&u)) => vec![],
+        Some(_) => vec![trellis_form::Problem::new(
+            format!("{path}/owner"),
+            "not_allowed",
+            "You cannot give records to that user: your role only reaches your own (or your team's) records.",
+        )],
+    }
+}
+
+/// Read a record the caller may see, or 404.
+async fn visible(
+    state: &AppState,
+    access: &crate::policy::Access,
+    e: &trellis_form::model::Entity,
+    id: uuid::Uuid,
+) -> ApiResult<Record> {
+    let r = store::get(&state.db, e, id).await?;
+    if access.sees(r.meta.owner) {
+        Ok(r)
+    } else {
+        Err(trellis_form::FormError::RecordNotFound.into())
+    }
+}
+
 fn record_response(status: StatusCode, app: &str, entity: &str, r: &Record) -> Response {
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", r.meta.version)) {
@@ -93,12 +134,22 @@ pub struct ListBody {
 
 async fn run_list(
     state: &AppState,
+    actor: &Actor,
     app: &str,
     entity: &str,
-    q: ListQuery,
+    mut q: ListQuery,
 ) -> ApiResult<Json<Value>> {
+    let access = crate::policy::access(state, actor, app).await?;
     let loaded = state.app(app)?;
     let e = loaded.app.entity(entity)?;
+    // A scoped caller lists (and counts) only the records they may see.
+    if let Some(owners) = &access.owners {
+        q.filters.push(Filter {
+            field: "owner".into(),
+            op: "in".into(),
+            value: json!(owners.iter().collect::<Vec<_>>()),
+        });
+    }
     let page = trellis_form::query::list(&state.db, e, &q).await?;
     let mut body = json!({
         "records": page.records.iter().map(Record::to_json).collect::<Vec<_>>(),
@@ -118,7 +169,7 @@ async fn run_list(
               (status = 404, description = "No such app or entity", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_records(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path((app, entity)): Path<(String, String)>,
     Q(p): Q<ListParams>,
 ) -> ApiResult<Json<Value>> {
@@ -136,7 +187,7 @@ async fn list_records(
         cursor: p.cursor,
         count: p.count.unwrap_or(false),
     };
-    run_list(&state, &app, &entity, q).await
+    run_list(&state, &actor, &app, &entity, q).await
 }
 
 /// List records with the query in a JSON body (same semantics as the GET form).
@@ -147,7 +198,7 @@ async fn list_records(
               (status = 400, description = "Bad filter, sort or cursor", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn query_records(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path((app, entity)): Path<(String, String)>,
     Body(b): Body<ListBody>,
 ) -> ApiResult<Json<Value>> {
@@ -158,7 +209,7 @@ async fn query_records(
         cursor: b.cursor,
         count: b.count,
     };
-    run_list(&state, &app, &entity, q).await
+    run_list(&state, &actor, &app, &entity, q).await
 }
 
 /// Create a record.
@@ -171,10 +222,16 @@ async fn create_record(
     State(state): State<AppState>,
     actor: Actor,
     Path((app, entity)): Path<(String, String)>,
-    Body(input): Body<Value>,
+    Body(mut input): Body<Value>,
 ) -> ApiResult<Response> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
+    access.require_write()?;
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
+    let problems = owner_rule(&access, &mut input, "");
+    if !problems.is_empty() {
+        return Err(trellis_form::FormError::Invalid(problems).into());
+    }
     let mut c = ctx(&state, &loaded, &actor);
     c.import = false;
     // Validate before taking the write lock; only the database checks and writes hold it.
@@ -211,10 +268,21 @@ async fn batch_create(
     State(state): State<AppState>,
     actor: Actor,
     Path((app, entity)): Path<(String, String)>,
-    Body(b): Body<BatchBody>,
+    Body(mut b): Body<BatchBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
+    access.require_write()?;
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
+    let problems: Vec<_> = b
+        .records
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(i, r)| owner_rule(&access, r, &format!("/records/{i}")))
+        .collect();
+    if !problems.is_empty() {
+        return Err(trellis_form::FormError::Invalid(problems).into());
+    }
     let c = ctx(&state, &loaded, &actor);
     let drafts = store::draft_batch(e, &b.records, &c)?;
     let mut tx = state.db.begin().await?;
@@ -233,12 +301,13 @@ async fn batch_create(
               (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn get_record(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path((app, entity, id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
-    let r = store::get(&state.db, e, parse_id(&id)?).await?;
+    let r = visible(&state, &access, e, parse_id(&id)?).await?;
     Ok(record_response(StatusCode::OK, &app, &entity, &r))
 }
 
@@ -276,9 +345,18 @@ async fn update_record(
     headers: HeaderMap,
     Body(patch): Body<Value>,
 ) -> ApiResult<Response> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
+    visible(&state, &access, e, id).await?;
+    access.require_write()?;
+    if patch.get("owner").is_some() {
+        let problems = owner_rule(&access, &mut patch.clone(), "");
+        if !problems.is_empty() {
+            return Err(trellis_form::FormError::Invalid(problems).into());
+        }
+    }
     let expected = if_match(&headers)?;
     let mut c = ctx(&state, &loaded, &actor);
     c.import = false;
@@ -301,9 +379,12 @@ async fn delete_record(
     Path((app, entity, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
+    visible(&state, &access, e, id).await?;
+    access.require_write()?;
     let expected = if_match(&headers)?;
     let c = ctx(&state, &loaded, &actor);
     let mut tx = state.db.begin().await?;
@@ -319,11 +400,18 @@ async fn delete_record(
               (status = 404, description = "No such record", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn record_history(
     State(state): State<AppState>,
-    _actor: Actor,
+    actor: Actor,
     Path((app, entity, id)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
     let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
-    let rows = store::history(&state.db, &loaded.app, e, parse_id(&id)?).await?;
+    let id = parse_id(&id)?;
+    // History of a record the caller cannot see (or that was deleted) is not theirs to read,
+    // except for those who see every record.
+    if access.owners.is_some() {
+        visible(&state, &access, e, id).await?;
+    }
+    let rows = store::history(&state.db, &loaded.app, e, id).await?;
     Ok(Json(json!({ "history": rows })))
 }
