@@ -138,6 +138,9 @@ pub async fn install(
         .await?
         .id;
     summary.users += 1;
+    // Roles in the CRM: the director and regional managers manage (their subtrees), reps sell,
+    // solutions and legal read.
+    let mut roles: Vec<(Uuid, &str)> = vec![(director, "manager")];
     let mut reps: Vec<(&str, Uuid)> = vec![];
     for (region, team, manager, members) in &REGIONS {
         let m = users::create(
@@ -154,8 +157,10 @@ pub async fn install(
                 .id;
             reps.push((region, id));
             ids.push(id);
+            roles.push((id, "sales_rep"));
         }
         summary.users += 1 + members.len();
+        roles.push((m, "manager"));
         let input = TeamInput {
             key: Some(format!("{region}_sales")),
             name: Some((*team).to_owned()),
@@ -186,6 +191,8 @@ pub async fn install(
             .await?
             .id;
         summary.users += 2;
+        roles.push((l, "viewer"));
+        roles.push((m, "viewer"));
         let input = TeamInput {
             key: Some(key.into()),
             name: Some(team.into()),
@@ -194,6 +201,18 @@ pub async fn install(
         };
         users::upsert_team(&mut tx, &input, now).await?;
         summary.teams += 1;
+    }
+
+    for (user, role) in roles {
+        let mut sql = trellis_form::db::Sql::new(
+            "INSERT INTO \"app_members\" (\"app\", \"user_id\", \"role\") VALUES (",
+        );
+        sql.bind(trellis_form::db::Value::Text(app.key.clone()))
+            .push(", ");
+        sql.bind(trellis_form::db::Value::Uuid(user)).push(", ");
+        sql.bind(trellis_form::db::Value::Text(role.to_owned()))
+            .push(")");
+        tx.execute(&sql).await?;
     }
 
     // Users, teams and records go in one transaction: a failed install leaves nothing behind.

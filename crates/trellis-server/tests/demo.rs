@@ -42,6 +42,35 @@ async fn the_sample_organisation_installs_once_with_a_full_funnel() {
         assert_eq!(sample.len(), 14);
         assert!(sample.iter().all(|u| u.name.ends_with("(sample)")));
         assert_eq!(sample.iter().filter(|u| u.manager_id.is_none()).count(), 1);
+        // Every sample user has a role in the CRM.
+        let sql = trellis_form::db::Sql::new("SELECT \"role\", COUNT(*) FROM \"app_members\" WHERE \"app\" = 'crm' GROUP BY \"role\" ORDER BY \"role\"");
+        let rows =
+            t.db.fetch_all(
+                &sql,
+                &[
+                    trellis_form::model::ColKind::Text,
+                    trellis_form::model::ColKind::Int,
+                ],
+            )
+            .await
+            .unwrap();
+        let roles: Vec<(String, i64)> = rows
+            .into_iter()
+            .map(|r| match (&r[0], &r[1]) {
+                (trellis_form::db::Value::Text(s), trellis_form::db::Value::Int(n)) => {
+                    (s.clone(), *n)
+                }
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("manager".to_owned(), 4),
+                ("sales_rep".to_owned(), 6),
+                ("viewer".to_owned(), 4)
+            ]
+        );
         // The funnel has records in several stages, including closed ones with their history.
         let opp = app.entity("opportunity").unwrap();
         let page = trellis_form::query::list(
