@@ -131,3 +131,18 @@ pub fn problem_paths(body: &Value) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// A request with another token than the admin's.
+pub async fn with(
+    app: &TestApp,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = app.client.request(method, app.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    json(r.send().await.unwrap()).await
+}

@@ -1,6 +1,6 @@
 //! Logins, sessions, personal tokens with scopes, expiry and revocation, throttling.
 
-use crate::helpers::{json, TestApp};
+use crate::helpers::{json, with, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -13,20 +13,6 @@ async fn login(app: &TestApp, email: &str, password: &str) -> (StatusCode, Value
         .await
         .unwrap();
     json(r).await
-}
-
-async fn with(
-    app: &TestApp,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut r = app.client.request(method, app.url(path)).bearer_auth(token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    json(r.send().await.unwrap()).await
 }
 
 #[tokio::test]

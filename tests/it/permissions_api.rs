@@ -1,23 +1,9 @@
 //! Roles per app and record scopes: reps see their own, managers their team's, viewers read
 //! everything, and a user without a role does not see the app.
 
-use crate::helpers::{json, TestApp};
+use crate::helpers::{json, with, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-
-async fn with(
-    app: &TestApp,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut r = app.client.request(method, app.url(path)).bearer_auth(token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    json(r.send().await.unwrap()).await
-}
 
 #[tokio::test]
 async fn record_scopes_follow_roles_and_the_management_chain() {
