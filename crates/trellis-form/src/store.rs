@@ -137,12 +137,7 @@ pub(crate) fn decode(e: &Entity, row: Vec<Value>) -> Record {
 
 /// Read one record.
 pub async fn get(db: &crate::db::Db, e: &Entity, id: Uuid) -> Result<Record> {
-    let (cols, kinds) = select_list(e);
-    let mut sql = Sql::new(format!(
-        "SELECT {cols} FROM {} WHERE \"id\" = ",
-        quote(&e.table)
-    ));
-    sql.bind(Value::Uuid(id));
+    let (sql, kinds) = by_id(e, id);
     let row = db
         .fetch_optional(&sql, &kinds)
         .await?
@@ -150,18 +145,25 @@ pub async fn get(db: &crate::db::Db, e: &Entity, id: Uuid) -> Result<Record> {
     Ok(decode(e, row))
 }
 
+/// Read one record inside a write transaction.
 async fn get_in(tx: &mut Tx, e: &Entity, id: Uuid) -> Result<Record> {
+    let (sql, kinds) = by_id(e, id);
+    let row = tx
+        .fetch_optional(&sql, &kinds)
+        .await?
+        .ok_or(FormError::RecordNotFound)?;
+    Ok(decode(e, row))
+}
+
+/// The query reading one whole record by id.
+fn by_id(e: &Entity, id: Uuid) -> (Sql, Vec<ColKind>) {
     let (cols, kinds) = select_list(e);
     let mut sql = Sql::new(format!(
         "SELECT {cols} FROM {} WHERE \"id\" = ",
         quote(&e.table)
     ));
     sql.bind(Value::Uuid(id));
-    let row = tx
-        .fetch_optional(&sql, &kinds)
-        .await?
-        .ok_or(FormError::RecordNotFound)?;
-    Ok(decode(e, row))
+    (sql, kinds)
 }
 
 /// A validated write, ready for SQL.

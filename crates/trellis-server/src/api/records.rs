@@ -64,6 +64,16 @@ fn owner_rule(
     }
 }
 
+/// The caller's access to `app` and the compiled app (404 when the app is not theirs).
+async fn scoped(
+    state: &AppState,
+    actor: &Actor,
+    app: &str,
+) -> ApiResult<(crate::policy::Access, Loaded)> {
+    let access = crate::policy::access(state, actor, app).await?;
+    Ok((access, state.app(app)?))
+}
+
 /// Read a record the caller may see, or 404.
 async fn visible(
     state: &AppState,
@@ -139,8 +149,7 @@ async fn run_list(
     entity: &str,
     mut q: ListQuery,
 ) -> ApiResult<Json<Value>> {
-    let access = crate::policy::access(state, actor, app).await?;
-    let loaded = state.app(app)?;
+    let (access, loaded) = scoped(state, actor, app).await?;
     let e = loaded.app.entity(entity)?;
     // A scoped caller lists (and counts) only the records they may see.
     if let Some(owners) = &access.owners {
@@ -224,9 +233,8 @@ async fn create_record(
     Path((app, entity)): Path<(String, String)>,
     Body(mut input): Body<Value>,
 ) -> ApiResult<Response> {
-    let access = crate::policy::access(&state, &actor, &app).await?;
+    let (access, loaded) = scoped(&state, &actor, &app).await?;
     access.require_write()?;
-    let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let problems = owner_rule(&access, &mut input, "");
     if !problems.is_empty() {
@@ -270,9 +278,8 @@ async fn batch_create(
     Path((app, entity)): Path<(String, String)>,
     Body(mut b): Body<BatchBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let access = crate::policy::access(&state, &actor, &app).await?;
+    let (access, loaded) = scoped(&state, &actor, &app).await?;
     access.require_write()?;
-    let loaded = state.app(&app)?;
     let e = loaded.app.entity(&entity)?;
     let problems: Vec<_> = b
         .records
@@ -304,8 +311,7 @@ async fn get_record(
     actor: Actor,
     Path((app, entity, id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let access = crate::policy::access(&state, &actor, &app).await?;
-    let loaded = state.app(&app)?;
+    let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
     let r = visible(&state, &access, e, parse_id(&id)?).await?;
     Ok(record_response(StatusCode::OK, &app, &entity, &r))
@@ -345,8 +351,7 @@ async fn update_record(
     headers: HeaderMap,
     Body(patch): Body<Value>,
 ) -> ApiResult<Response> {
-    let access = crate::policy::access(&state, &actor, &app).await?;
-    let loaded = state.app(&app)?;
+    let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
     visible(&state, &access, e, id).await?;
@@ -379,8 +384,7 @@ async fn delete_record(
     Path((app, entity, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
-    let access = crate::policy::access(&state, &actor, &app).await?;
-    let loaded = state.app(&app)?;
+    let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
     visible(&state, &access, e, id).await?;
@@ -403,8 +407,7 @@ async fn record_history(
     actor: Actor,
     Path((app, entity, id)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let access = crate::policy::access(&state, &actor, &app).await?;
-    let loaded = state.app(&app)?;
+    let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
     // History of a record the caller cannot see (or that was deleted) is not theirs to read,
