@@ -32,6 +32,10 @@ pub const FILES: &[(&str, &str)] = &[
         "entities/07-review.json",
         include_str!("../../../examples/crm/entities/07-review.json"),
     ),
+    (
+        "reports/sales.json",
+        include_str!("../../../examples/crm/reports/sales.json"),
+    ),
 ];
 
 /// The CRM definition as one JSON document.
