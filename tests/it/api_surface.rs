@@ -25,6 +25,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("patch", "/api/v1/apps/{app}/records/{entity}/{id}"),
     ("delete", "/api/v1/apps/{app}/records/{entity}/{id}"),
     ("get", "/api/v1/apps/{app}/records/{entity}/{id}/history"),
+    ("get", "/api/v1/apps/{app}/reports"),
+    ("post", "/api/v1/apps/{app}/reports/query"),
+    ("post", "/api/v1/apps/{app}/reports/drill"),
+    ("get", "/api/v1/apps/{app}/dashboards/{name}"),
     ("get", "/api/v1/users"),
     ("post", "/api/v1/users"),
     ("get", "/api/v1/users/{id}"),
@@ -42,6 +46,7 @@ fn concrete(path: &str) -> String {
         .replace("{entity}", "lead")
         .replace("{id}", "01900000-0000-7000-8000-000000000000")
         .replace("{version}", "1")
+        .replace("{name}", "sales_overview")
 }
 
 #[tokio::test]

@@ -7,3 +7,4 @@ mod helpers;
 mod identity_api;
 mod permissions_api;
 mod records_api;
+mod reports_api;

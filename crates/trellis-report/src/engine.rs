@@ -130,7 +130,12 @@ pub fn plan(
             "required",
             format!(
                 "Name at least one metric; this app has: {}.",
-                reports.metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+                reports
+                    .metrics
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }
@@ -141,7 +146,12 @@ pub fn plan(
                 "unknown_metric",
                 format!(
                     "`{m}` is not a metric of this app; use one of: {}.",
-                    reports.metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+                    reports
+                        .metrics
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -184,7 +194,10 @@ pub fn plan(
             None
         }
     };
-    let tz_name = q.timezone.clone().unwrap_or_else(|| app.def.timezone.clone());
+    let tz_name = q
+        .timezone
+        .clone()
+        .unwrap_or_else(|| app.def.timezone.clone());
     let tz: Tz = match tz_name.parse() {
         Ok(t) => t,
         Err(_) => {
@@ -245,7 +258,10 @@ pub fn plan(
                     problems.push(Problem::new(
                         "/time/preset",
                         "bad_value",
-                        format!("`{p}` is not a preset; use one of: {}.", time::PRESETS.join(", ")),
+                        format!(
+                            "`{p}` is not a preset; use one of: {}.",
+                            time::PRESETS.join(", ")
+                        ),
                     ));
                 }
             }
@@ -262,7 +278,11 @@ pub fn plan(
             )),
             (None, None, None) => {}
             (None, ..) if t.from.is_some() != t.to.is_some() => problems.push(Problem::new(
-                if t.from.is_none() { "/time/from" } else { "/time/to" },
+                if t.from.is_none() {
+                    "/time/from"
+                } else {
+                    "/time/to"
+                },
                 "required",
                 "A range needs both `from` and `to`.",
             )),
@@ -281,7 +301,11 @@ pub fn plan(
     }
     if let Some((f, t)) = range {
         if (t - f).num_days() > 366 * 30 {
-            problems.push(Problem::new("/time", "bad_value", "The range spans more than 30 years."));
+            problems.push(Problem::new(
+                "/time",
+                "bad_value",
+                "The range spans more than 30 years.",
+            ));
         }
         if let Some(g) = grain {
             if time::buckets(g, f, t).len() > 10_000 {
@@ -325,7 +349,11 @@ pub fn plan(
     };
     if let Some(f) = &q.flag {
         if compare.is_none() {
-            problems.push(Problem::new("/flag", "invalid_query", "A flag rule needs `compare`."));
+            problems.push(Problem::new(
+                "/flag",
+                "invalid_query",
+                "A flag rule needs `compare`.",
+            ));
         }
         if !metrics.contains(&f.metric) {
             problems.push(Problem::new(
@@ -388,7 +416,10 @@ pub fn plan(
                 Ok(_) => problems.push(Problem::new(
                     "/time/field",
                     "unknown_field",
-                    format!("the time field must be a date or date-time field of {} (metric `{name}`).", e.label),
+                    format!(
+                        "the time field must be a date or date-time field of {} (metric `{name}`).",
+                        e.label
+                    ),
                 )),
                 Err(msg) => problems.push(Problem::new(
                     "/time/field",
@@ -414,7 +445,10 @@ pub fn plan(
                 "unknown_field",
                 format!(
                     "cannot sort by `{n}`; sort by one of: {}.",
-                    cols.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                    cols.iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -449,7 +483,12 @@ fn dimension(ctx: &mut Ctx, d: &str) -> std::result::Result<Typed, String> {
 }
 
 /// One filter of a query as SQL; values bound, options checked, LIKE escaped.
-fn filter_sql(ctx: &mut Ctx, f: &Filter, sql: &mut Sql, path: &str) -> std::result::Result<String, Problem> {
+fn filter_sql(
+    ctx: &mut Ctx,
+    f: &Filter,
+    sql: &mut Sql,
+    path: &str,
+) -> std::result::Result<String, Problem> {
     let col = match crate::expr::parse(&f.field) {
         Ok(Expr::Path(p)) => ctx
             .path(&p)
@@ -542,7 +581,10 @@ fn to_value(col: &Typed, v: &Json) -> std::result::Result<Value, String> {
     }
     if let (Some((label, allowed)), Some(s)) = (&col.options, v.as_str()) {
         if !allowed.iter().any(|a| a == s) {
-            return Err(format!("`{s}` is not a value of {label}; use one of: {}", allowed.join(", ")));
+            return Err(format!(
+                "`{s}` is not a value of {label}; use one of: {}",
+                allowed.join(", ")
+            ));
         }
     }
     Ok(match col.kind {
@@ -557,7 +599,11 @@ fn to_value(col: &Typed, v: &Json) -> std::result::Result<Value, String> {
             Value::Decimal(text.parse().map_err(|_| bad())?)
         }
         ColKind::Bool => Value::Bool(v.as_bool().ok_or_else(bad)?),
-        ColKind::Uuid => Value::Uuid(v.as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(bad)?),
+        ColKind::Uuid => Value::Uuid(
+            v.as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .ok_or_else(bad)?,
+        ),
         ColKind::Date => Value::Date(
             v.as_str()
                 .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
@@ -573,34 +619,66 @@ fn plan_columns(reports: &Reports, plan: &Plan) -> Vec<Column> {
     let mut cols: Vec<Column> = plan
         .dims
         .iter()
-        .map(|d| Column { name: d.clone(), role: "dimension", label: d.clone() })
+        .map(|d| Column {
+            name: d.clone(),
+            role: "dimension",
+            label: d.clone(),
+        })
         .collect();
     if plan.grain.is_some() {
-        cols.push(Column { name: "period".into(), role: "time", label: "period".into() });
+        cols.push(Column {
+            name: "period".into(),
+            role: "time",
+            label: "period".into(),
+        });
     }
     if let Some(ps) = &plan.per_stage {
-        cols.push(Column { name: "stage".into(), role: "stage", label: "stage".into() });
+        cols.push(Column {
+            name: "stage".into(),
+            role: "stage",
+            label: "stage".into(),
+        });
         let m = &reports.metrics[ps];
         let names: &[&str] = match m.kind {
             Kind::Funnel { .. } => &["entered", "advanced", "step_rate", "cumulative_rate"],
             _ => &["days"],
         };
         for n in names {
-            cols.push(Column { name: (*n).into(), role: "metric", label: format!("{} {n}", m.label) });
+            cols.push(Column {
+                name: (*n).into(),
+                role: "metric",
+                label: format!("{} {n}", m.label),
+            });
         }
         return cols;
     }
     for m in &plan.metrics {
         let label = reports.metrics[m].label.clone();
-        cols.push(Column { name: m.clone(), role: "metric", label: label.clone() });
+        cols.push(Column {
+            name: m.clone(),
+            role: "metric",
+            label: label.clone(),
+        });
         if plan.compare.is_some() {
-            for (suffix, what) in [("previous", "previous"), ("change", "change"), ("change_pct", "change %")] {
-                cols.push(Column { name: format!("{m}_{suffix}"), role: "metric", label: format!("{label} ({what})") });
+            for (suffix, what) in [
+                ("previous", "previous"),
+                ("change", "change"),
+                ("change_pct", "change %"),
+            ] {
+                cols.push(Column {
+                    name: format!("{m}_{suffix}"),
+                    role: "metric",
+                    label: format!("{label} ({what})"),
+                });
             }
         }
     }
     if plan.query.flag.is_some() {
-        cols.push(Column { name: "flag".into(), role: "metric", label: "flag".into() });
+        cols.push(Column {
+            name: "flag".into(),
+            role: "metric",
+            label: "flag".into(),
+        });
     }
     cols
 }
@@ -618,7 +696,10 @@ struct Rows {
 
 impl Rows {
     fn new() -> Self {
-        Rows { order: vec![], map: HashMap::new() }
+        Rows {
+            order: vec![],
+            map: HashMap::new(),
+        }
     }
     fn entry(&mut self, key: Key) -> &mut Vals {
         let k = serde_json::to_string(&key).expect("json");
@@ -628,13 +709,15 @@ impl Rows {
         &mut self.map.entry(k).or_insert_with(|| (key, HashMap::new())).1
     }
     fn get(&self, key: &Key) -> Option<&Vals> {
-        self.map.get(&serde_json::to_string(key).expect("json")).map(|(_, v)| v)
+        self.map
+            .get(&serde_json::to_string(key).expect("json"))
+            .map(|(_, v)| v)
     }
 }
 
 /// The SQL statements of a plan, for tests and `explain`.
 pub fn statements(app: &App, reports: &Reports, plan: &Plan, vis: &Visibility) -> Result<Vec<Sql>> {
-    let range = plan.range.map(|(f, t)| (f, t));
+    let range = plan.range;
     let units = units(reports, plan);
     let mut out = vec![];
     for u in &units {
@@ -644,18 +727,36 @@ pub fn statements(app: &App, reports: &Reports, plan: &Plan, vis: &Visibility) -
 }
 
 /// Run a checked query.
-pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visibility) -> Result<Answer> {
+pub async fn run(
+    db: &Db,
+    app: &App,
+    reports: &Reports,
+    plan: &Plan,
+    vis: &Visibility,
+) -> Result<Answer> {
     let (mut rows, cur_range) = rows_for(db, app, reports, plan, plan.range, true, vis).await?;
     let totals_rows = if plan.per_stage.is_some() {
         None
     } else {
-        Some(rows_for(db, app, reports, plan, cur_range, false, vis).await?.0)
+        Some(
+            rows_for(db, app, reports, plan, cur_range, false, vis)
+                .await?
+                .0,
+        )
     };
     let mut prev = None;
     if let (Some(shift), Some((f, t))) = (plan.compare, cur_range) {
         let (pf, pt) = (shift.back(f), shift.back(t));
-        let pt = if plan.query.compare_to_date { pf + (t - f) } else { pt };
-        prev = Some(rows_for(db, app, reports, plan, Some((pf, pt)), true, vis).await?.0);
+        let pt = if plan.query.compare_to_date {
+            pf + (t - f)
+        } else {
+            pt
+        };
+        prev = Some(
+            rows_for(db, app, reports, plan, Some((pf, pt)), true, vis)
+                .await?
+                .0,
+        );
     }
     // Final rows.
     let cols = plan_columns(reports, plan);
@@ -682,11 +783,17 @@ pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visib
                     let mut pk = key.clone();
                     if plan.grain.is_some() {
                         let i = plan.dims.len();
-                        if let Some(d) = key[i].as_str().and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()) {
+                        if let Some(d) = key[i]
+                            .as_str()
+                            .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                        {
                             pk[i] = json!(shift.back(d).format("%Y-%m-%d").to_string());
                         }
                     }
-                    let pv = prev.get(&pk).map(|pvals| value(reports, m, pvals)).unwrap_or_else(|| empty_value(reports, m));
+                    let pv = prev
+                        .get(&pk)
+                        .map(|pvals| value(reports, m, pvals))
+                        .unwrap_or_else(|| empty_value(reports, m));
                     let change = match (v, pv) {
                         (Some(a), Some(b)) => Some(a - b),
                         _ => None,
@@ -700,7 +807,8 @@ pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visib
                     row.insert(format!("{m}_change_pct"), float(pct));
                     if let Some(f) = plan.query.flag.as_ref().filter(|f| f.metric == *m) {
                         let flagged = pct.is_some_and(|p| {
-                            f.change_pct_lte.is_some_and(|t| p <= t) || f.change_pct_gte.is_some_and(|t| p >= t)
+                            f.change_pct_lte.is_some_and(|t| p <= t)
+                                || f.change_pct_gte.is_some_and(|t| p >= t)
                         });
                         row.insert("flag".into(), json!(flagged));
                     }
@@ -714,8 +822,12 @@ pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visib
         plan.per_stage
             .as_ref()
             .and_then(|ps| match &reports.metrics[ps].kind {
-                Kind::Funnel { stages, .. } => stages.iter().position(|s| Some(s.as_str()) == v.as_str()),
-                _ => stage_order(app, reports, ps).iter().position(|s| Some(s.as_str()) == v.as_str()),
+                Kind::Funnel { stages, .. } => {
+                    stages.iter().position(|s| Some(s.as_str()) == v.as_str())
+                }
+                _ => stage_order(app, reports, ps)
+                    .iter()
+                    .position(|s| Some(s.as_str()) == v.as_str()),
             })
             .unwrap_or(usize::MAX)
     };
@@ -725,7 +837,10 @@ pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visib
                 Some(n) => (n, true),
                 None => (s.as_str(), false),
             };
-            let o = cmp_json(ra.get(n).unwrap_or(&Json::Null), rb.get(n).unwrap_or(&Json::Null));
+            let o = cmp_json(
+                ra.get(n).unwrap_or(&Json::Null),
+                rb.get(n).unwrap_or(&Json::Null),
+            );
             let o = if desc { o.reverse() } else { o };
             if o != Ordering::Equal {
                 return o;
@@ -743,12 +858,22 @@ pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visib
         }
         Ordering::Equal
     });
-    let rows_out: Vec<Map<String, Json>> = out.into_iter().take(plan.limit).map(|(_, r)| r).collect();
+    let rows_out: Vec<Map<String, Json>> =
+        out.into_iter().take(plan.limit).map(|(_, r)| r).collect();
     let mut totals = Map::new();
     if let Some(t) = totals_rows {
-        let vals = t.order.first().and_then(|k| t.get(k)).cloned().unwrap_or_default();
+        let vals = t
+            .order
+            .first()
+            .and_then(|k| t.get(k))
+            .cloned()
+            .unwrap_or_default();
         for m in &plan.metrics {
-            let v = if vals.is_empty() { empty_value(reports, m) } else { value(reports, m, &vals) };
+            let v = if vals.is_empty() {
+                empty_value(reports, m)
+            } else {
+                value(reports, m, &vals)
+            };
             totals.insert(m.clone(), num(reports, m, v));
         }
     }
@@ -768,7 +893,12 @@ pub async fn run(db: &Db, app: &App, reports: &Reports, plan: &Plan, vis: &Visib
             _ => Json::Null,
         },
     });
-    Ok(Answer { columns: cols, rows: rows_out, totals, meta })
+    Ok(Answer {
+        columns: cols,
+        rows: rows_out,
+        totals,
+        meta,
+    })
 }
 
 fn float(v: Option<f64>) -> Json {
@@ -810,12 +940,24 @@ fn value(reports: &Reports, m: &str, vals: &Vals) -> Option<f64> {
     let metric = &reports.metrics[m];
     match &metric.kind {
         Kind::Aggregate { agg, .. } => match vals.get(m) {
-            Some(v) => v.or(if agg.zero_when_empty() { Some(0.0) } else { None }),
+            Some(v) => v.or(if agg.zero_when_empty() {
+                Some(0.0)
+            } else {
+                None
+            }),
             None => empty_value(reports, m),
         },
         Kind::Conversion { .. } => {
-            let n = vals.get(&format!("{m}#num")).copied().flatten().unwrap_or(0.0);
-            let d = vals.get(&format!("{m}#den")).copied().flatten().unwrap_or(0.0);
+            let n = vals
+                .get(&format!("{m}#num"))
+                .copied()
+                .flatten()
+                .unwrap_or(0.0);
+            let d = vals
+                .get(&format!("{m}#den"))
+                .copied()
+                .flatten()
+                .unwrap_or(0.0);
             (d != 0.0).then(|| n / d)
         }
         Kind::Derived { expr, .. } => eval(reports, expr, vals),
@@ -871,7 +1013,14 @@ fn stage_order(app: &App, reports: &Reports, m: &str) -> Vec<String> {
     }
 }
 
-fn stage_values(reports: &Reports, plan: &Plan, ps: &str, key: &Key, rows: &Rows, row: &mut Map<String, Json>) {
+fn stage_values(
+    reports: &Reports,
+    plan: &Plan,
+    ps: &str,
+    key: &Key,
+    rows: &Rows,
+    row: &mut Map<String, Json>,
+) {
     let m = &reports.metrics[ps];
     let vals = rows.get(key).cloned().unwrap_or_default();
     match &m.kind {
@@ -882,14 +1031,28 @@ fn stage_values(reports: &Reports, plan: &Plan, ps: &str, key: &Key, rows: &Rows
             let mut other = key.clone();
             let next = stages.get(i + 1).map(|n| {
                 *other.last_mut().expect("stage") = json!(n);
-                rows.get(&other).and_then(|v| v.get("entered").copied().flatten()).unwrap_or(0.0)
+                rows.get(&other)
+                    .and_then(|v| v.get("entered").copied().flatten())
+                    .unwrap_or(0.0)
             });
             *other.last_mut().expect("stage") = json!(stages[0]);
-            let first = rows.get(&other).and_then(|v| v.get("entered").copied().flatten()).unwrap_or(0.0);
+            let first = rows
+                .get(&other)
+                .and_then(|v| v.get("entered").copied().flatten())
+                .unwrap_or(0.0);
             row.insert("entered".into(), json!(entered as i64));
-            row.insert("advanced".into(), next.map(|n| json!(n as i64)).unwrap_or(Json::Null));
-            row.insert("step_rate".into(), float(next.and_then(|n| (entered != 0.0).then(|| n / entered))));
-            row.insert("cumulative_rate".into(), float((first != 0.0).then(|| entered / first)));
+            row.insert(
+                "advanced".into(),
+                next.map(|n| json!(n as i64)).unwrap_or(Json::Null),
+            );
+            row.insert(
+                "step_rate".into(),
+                float(next.and_then(|n| (entered != 0.0).then(|| n / entered))),
+            );
+            row.insert(
+                "cumulative_rate".into(),
+                float((first != 0.0).then(|| entered / first)),
+            );
         }
         _ => {
             row.insert("days".into(), float(vals.get("days").copied().flatten()));
@@ -902,7 +1065,11 @@ fn stage_values(reports: &Reports, plan: &Plan, ps: &str, key: &Key, rows: &Rows
 #[derive(Debug, Clone)]
 enum Unit {
     /// Aggregates over one entity with one anchor.
-    Aggs { entity: String, time: Option<Expr>, metrics: Vec<String> },
+    Aggs {
+        entity: String,
+        time: Option<Expr>,
+        metrics: Vec<String>,
+    },
     /// A percentile computed with window functions (SQLite).
     Window { metric: String },
     /// A conversion.
@@ -922,9 +1089,12 @@ fn units(reports: &Reports, plan: &Plan) -> Vec<Unit> {
     for name in &plan.needed {
         let m = &reports.metrics[name];
         match &m.kind {
-            Kind::Aggregate { agg: Agg::Percentile(_), .. } if plan.backend == Backend::Sqlite => {
-                out.push(Unit::Window { metric: name.clone() })
-            }
+            Kind::Aggregate {
+                agg: Agg::Percentile(_),
+                ..
+            } if plan.backend == Backend::Sqlite => out.push(Unit::Window {
+                metric: name.clone(),
+            }),
             Kind::Aggregate { .. } => {
                 let entity = m.entity.clone().unwrap_or_default();
                 let time = anchor_of(plan, m);
@@ -933,9 +1103,15 @@ fn units(reports: &Reports, plan: &Plan) -> Vec<Unit> {
                     _ => out.push(Unit::Aggs { entity, time, metrics: vec![name.clone()] }),
                 }
             }
-            Kind::Conversion { .. } => out.push(Unit::Conversion { metric: name.clone() }),
-            Kind::Funnel { .. } => out.push(Unit::Funnel { metric: name.clone() }),
-            Kind::TimeInStage { .. } => out.push(Unit::TimeInStage { metric: name.clone() }),
+            Kind::Conversion { .. } => out.push(Unit::Conversion {
+                metric: name.clone(),
+            }),
+            Kind::Funnel { .. } => out.push(Unit::Funnel {
+                metric: name.clone(),
+            }),
+            Kind::TimeInStage { .. } => out.push(Unit::TimeInStage {
+                metric: name.clone(),
+            }),
             Kind::Derived { .. } => {}
         }
     }
@@ -974,8 +1150,15 @@ fn unit_sql(
     let d = dialect::of(plan.backend);
     let internal = |m: String| FormError::Query(vec![Problem::new("", "invalid_query", m)]);
     let (entity, time_expr, first): (String, Option<Expr>, &Metric) = match unit {
-        Unit::Aggs { entity, time, metrics } => (entity.clone(), time.clone(), &reports.metrics[&metrics[0]]),
-        Unit::Window { metric } | Unit::Conversion { metric } | Unit::Funnel { metric } | Unit::TimeInStage { metric } => {
+        Unit::Aggs {
+            entity,
+            time,
+            metrics,
+        } => (entity.clone(), time.clone(), &reports.metrics[&metrics[0]]),
+        Unit::Window { metric }
+        | Unit::Conversion { metric }
+        | Unit::Funnel { metric }
+        | Unit::TimeInStage { metric } => {
             let m = &reports.metrics[metric];
             (m.entity.clone().unwrap_or_default(), anchor_of(plan, m), m)
         }
@@ -1011,9 +1194,19 @@ fn unit_sql(
     }
     if grouped {
         if let (Some(g), Some(a)) = (plan.grain, &anchor) {
-            let (f, t) = range.map(|(f, t)| (time::local_midnight(plan.tz, f), time::local_midnight(plan.tz, t)))
+            let (f, t) = range
+                .map(|(f, t)| {
+                    (
+                        time::local_midnight(plan.tz, f),
+                        time::local_midnight(plan.tz, t),
+                    )
+                })
                 .unwrap_or((DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH));
-            let offs = if range.is_some() { time::offsets(plan.tz, f, t) } else { full_offsets(plan.tz) };
+            let offs = if range.is_some() {
+                time::offsets(plan.tz, f, t)
+            } else {
+                full_offsets(plan.tz)
+            };
             let b = d.bucket(&mut sql, &a.sql, a.kind, g, &offs);
             kinds.push(ColKind::Text);
             select.push(b.clone());
@@ -1022,7 +1215,10 @@ fn unit_sql(
         }
     }
     for (i, f) in plan.query.filters.iter().enumerate() {
-        conds.push(filter_sql(&mut ctx, f, &mut sql, &format!("/filters/{i}")).map_err(|p| FormError::Query(vec![p]))?);
+        conds.push(
+            filter_sql(&mut ctx, f, &mut sql, &format!("/filters/{i}"))
+                .map_err(|p| FormError::Query(vec![p]))?,
+        );
     }
     match &vis.owners {
         None => {}
@@ -1041,18 +1237,29 @@ fn unit_sql(
     // Drill: the row's dimension values and bucket.
     if let Some(dr) = drill {
         for (i, dname) in plan.dims.iter().enumerate() {
-            let v = dr.row.get(dname).ok_or_else(|| qerr(format!("/row/{}", trellis_form::error::pointer_segment(dname)), "required", format!("Give the row's value of `{dname}` (null for an empty one).")))?;
+            let v = dr.row.get(dname).ok_or_else(|| {
+                qerr(
+                    format!("/row/{}", trellis_form::error::pointer_segment(dname)),
+                    "required",
+                    format!("Give the row's value of `{dname}` (null for an empty one)."),
+                )
+            })?;
             if v.is_null() {
                 conds.push(format!("{} IS NULL", dim_sql[i]));
             } else {
                 let t = dimension(&mut ctx, dname).map_err(internal)?;
-                let val = to_value(&t, v).map_err(|m| qerr(format!("/row/{dname}"), "bad_value", m))?;
+                let val =
+                    to_value(&t, v).map_err(|m| qerr(format!("/row/{dname}"), "bad_value", m))?;
                 let p = sql.param(val);
                 conds.push(format!("{} = {p}", dim_sql[i]));
             }
         }
         if let Some(b) = &bucket_sql {
-            let v = dr.row.get("period").and_then(|p| p.as_str()).ok_or_else(|| qerr("/row/period", "required", "Give the row's `period`."))?;
+            let v = dr
+                .row
+                .get("period")
+                .and_then(|p| p.as_str())
+                .ok_or_else(|| qerr("/row/period", "required", "Give the row's `period`."))?;
             let p = sql.param(Value::Text(v.to_owned()));
             conds.push(format!("{b} = {p}"));
         }
@@ -1075,7 +1282,9 @@ fn unit_sql(
                 let mut names = vec![];
                 for name in metrics {
                     let m = &reports.metrics[name];
-                    let Kind::Aggregate { agg, expr } = &m.kind else { continue };
+                    let Kind::Aggregate { agg, expr } = &m.kind else {
+                        continue;
+                    };
                     let filter = lower_opt(&mut ctx, &mut sql, &m.filter)?;
                     let x = lower_opt(&mut ctx, &mut sql, expr)?;
                     let val = |x: &str| match &filter {
@@ -1087,7 +1296,9 @@ fn unit_sql(
                             Some(f) => format!("COUNT(CASE WHEN {f} THEN 1 END)"),
                             None => "COUNT(*)".into(),
                         },
-                        Agg::CountDistinct => format!("COUNT(DISTINCT {})", val(x.as_deref().unwrap_or("1"))),
+                        Agg::CountDistinct => {
+                            format!("COUNT(DISTINCT {})", val(x.as_deref().unwrap_or("1")))
+                        }
                         Agg::Sum => format!("SUM({})", val(x.as_deref().unwrap_or("1"))),
                         Agg::Avg => format!("AVG({})", val(&d.real(x.as_deref().unwrap_or("1")))),
                         Agg::Min => format!("MIN({})", val(x.as_deref().unwrap_or("1"))),
@@ -1106,7 +1317,11 @@ fn unit_sql(
         }
         Unit::Window { metric } => {
             let m = &reports.metrics[metric];
-            let Kind::Aggregate { agg: Agg::Percentile(p), expr } = &m.kind else {
+            let Kind::Aggregate {
+                agg: Agg::Percentile(p),
+                expr,
+            } = &m.kind
+            else {
                 return Err(internal("not a percentile".into()));
             };
             let filter = lower_opt(&mut ctx, &mut sql, &m.filter)?;
@@ -1119,26 +1334,46 @@ fn unit_sql(
                     Some(f) => format!("CASE WHEN {f} THEN {x} END"),
                     None => x,
                 };
-                let mut inner_select: Vec<String> = select.iter().enumerate().map(|(i, s)| format!("{s} AS \"k{i}\"")).collect();
+                let mut inner_select: Vec<String> = select
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| format!("{s} AS \"k{i}\""))
+                    .collect();
                 inner_select.push(format!("{} AS \"v\"", d.real(&v)));
-                let wh = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-                let inner = format!("SELECT {} FROM {}{wh}", inner_select.join(", "), ctx.from_clause());
+                let wh = if conds.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WHERE {}", conds.join(" AND "))
+                };
+                let inner = format!(
+                    "SELECT {} FROM {}{wh}",
+                    inner_select.join(", "),
+                    ctx.from_clause()
+                );
                 let keys: Vec<String> = (0..select.len()).map(|i| format!("\"k{i}\"")).collect();
                 let text = percentile_sql(&inner, &keys, *p);
-                sql.text = format!("{text}");
+                sql.text = text;
                 kinds.push(ColKind::Decimal);
                 return Ok((sql, kinds, Out::Values(vec![metric.clone()])));
             }
         }
         Unit::Conversion { metric } => {
             let m = &reports.metrics[metric];
-            let Kind::Conversion { related, when, exclude_immature } = &m.kind else {
+            let Kind::Conversion {
+                related,
+                when,
+                exclude_immature,
+            } = &m.kind
+            else {
                 return Err(internal("not a conversion".into()));
             };
             if let Some(f) = lower_opt(&mut ctx, &mut sql, &m.filter)? {
                 conds.push(f);
             }
-            let base_time = anchor.as_ref().map(|a| a.sql.clone()).unwrap_or_else(|| "t.\"created_at\"".into());
+            let base_time = anchor
+                .as_ref()
+                .map(|a| a.sql.clone())
+                .unwrap_or_else(|| "t.\"created_at\"".into());
             let hit = match (related, when) {
                 (Some((ce, via, within)), _) => {
                     let target = app.entity(ce)?;
@@ -1179,7 +1414,12 @@ fn unit_sql(
         }
         Unit::Funnel { metric } => {
             let m = &reports.metrics[metric];
-            let Kind::Funnel { stage_field, stages, ordered } = &m.kind else {
+            let Kind::Funnel {
+                stage_field,
+                stages,
+                ordered,
+            } = &m.kind
+            else {
                 return Err(internal("not a funnel".into()));
             };
             if let Some(f) = lower_opt(&mut ctx, &mut sql, &m.filter)? {
@@ -1188,24 +1428,55 @@ fn unit_sql(
             let col = |s: &str| format!("t.{}", quote(&stage_entered_column(stage_field, s)));
             let cond = |i: usize| -> String {
                 if *ordered {
-                    let mut parts: Vec<String> = (0..=i).map(|k| format!("{} IS NOT NULL", col(&stages[k]))).collect();
+                    let mut parts: Vec<String> = (0..=i)
+                        .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
+                        .collect();
                     for k in 0..i {
                         parts.push(format!("{} <= {}", col(&stages[k]), col(&stages[k + 1])));
                     }
                     format!("({})", parts.join(" AND "))
                 } else {
-                    let parts: Vec<String> = (i..stages.len()).map(|k| format!("{} IS NOT NULL", col(&stages[k]))).collect();
+                    let parts: Vec<String> = (i..stages.len())
+                        .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
+                        .collect();
                     format!("({})", parts.join(" OR "))
                 }
             };
             if let Some(dr) = drill {
-                let stage = dr.row.get("stage").and_then(|s| s.as_str()).ok_or_else(|| qerr("/row/stage", "required", "Give the row's `stage`."))?;
-                let i = stages.iter().position(|s| s == stage).ok_or_else(|| qerr("/row/stage", "bad_value", format!("`{stage}` is not a stage of this funnel; use one of: {}.", stages.join(", "))))?;
+                let stage = dr
+                    .row
+                    .get("stage")
+                    .and_then(|s| s.as_str())
+                    .ok_or_else(|| qerr("/row/stage", "required", "Give the row's `stage`."))?;
+                let i = stages.iter().position(|s| s == stage).ok_or_else(|| {
+                    qerr(
+                        "/row/stage",
+                        "bad_value",
+                        format!(
+                            "`{stage}` is not a stage of this funnel; use one of: {}.",
+                            stages.join(", ")
+                        ),
+                    )
+                })?;
                 let i = match dr.side {
                     None | Some("entered") => i,
                     Some("advanced") if i + 1 < stages.len() => i + 1,
-                    Some("advanced") => return Err(qerr("/side", "bad_value", "The last stage has no next stage.")),
-                    Some(other) => return Err(qerr("/side", "bad_value", format!("`{other}` is not a side of a funnel row; use entered or advanced."))),
+                    Some("advanced") => {
+                        return Err(qerr(
+                            "/side",
+                            "bad_value",
+                            "The last stage has no next stage.",
+                        ))
+                    }
+                    Some(other) => {
+                        return Err(qerr(
+                            "/side",
+                            "bad_value",
+                            format!(
+                                "`{other}` is not a side of a funnel row; use entered or advanced."
+                            ),
+                        ))
+                    }
                 };
                 conds.push(cond(i));
                 out = Out::Values(vec![]);
@@ -1236,22 +1507,36 @@ fn unit_sql(
                 st = d.json_text("h.\"new_value\""),
             );
             // Won and lost are where deals end, not where they wait.
-            let open: Vec<String> = stage_order(app, reports, metric).iter().map(|s| sql.param(Value::Text(s.clone()))).collect();
+            let open: Vec<String> = stage_order(app, reports, metric)
+                .iter()
+                .map(|s| sql.param(Value::Text(s.clone())))
+                .collect();
             conds.push(format!("s.\"stage\" IN ({})", open.join(", ")));
             if let Some(dr) = drill {
-                let stage = dr.row.get("stage").and_then(|s| s.as_str()).ok_or_else(|| qerr("/row/stage", "required", "Give the row's `stage`."))?;
+                let stage = dr
+                    .row
+                    .get("stage")
+                    .and_then(|s| s.as_str())
+                    .ok_or_else(|| qerr("/row/stage", "required", "Give the row's `stage`."))?;
                 let p = sql.param(Value::Text(stage.to_owned()));
                 conds.push(format!("s.\"stage\" = {p}"));
                 let wh = format!(" WHERE {}", conds.join(" AND "));
                 let limit = sql.param(Value::Int(i64::from(dr.limit)));
-                sql.text = format!("SELECT DISTINCT t.\"id\" FROM {}{from}{wh} ORDER BY t.\"id\" LIMIT {limit}", ctx.from_clause());
+                sql.text = format!(
+                    "SELECT DISTINCT t.\"id\" FROM {}{from}{wh} ORDER BY t.\"id\" LIMIT {limit}",
+                    ctx.from_clause()
+                );
                 return Ok((sql, vec![ColKind::Uuid], Out::Values(vec![])));
             }
             // Per record and stage, the days of every stay added up; then across records.
             select.push("s.\"stage\"".into());
             kinds.push(ColKind::Text);
             let days = d.days_between("s.\"entered\"", &format!("COALESCE(s.\"left_at\", {now})"));
-            let mut inner_select: Vec<String> = select.iter().enumerate().map(|(i, s)| format!("{s} AS \"k{i}\"")).collect();
+            let mut inner_select: Vec<String> = select
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{s} AS \"k{i}\""))
+                .collect();
             inner_select.push(format!("SUM({days}) AS \"v\""));
             let wh = format!(" WHERE {}", conds.join(" AND "));
             let ngroup = select.len() + 1;
@@ -1259,7 +1544,10 @@ fn unit_sql(
                 "SELECT t.\"id\", {} FROM {}{from}{wh} GROUP BY {}",
                 inner_select.join(", "),
                 ctx.from_clause(),
-                (1..=ngroup).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                (1..=ngroup)
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             let keys: Vec<String> = (0..select.len()).map(|i| format!("\"k{i}\"")).collect();
             let value = match agg {
@@ -1281,32 +1569,61 @@ fn unit_sql(
             return Ok((sql, kinds, Out::StageColumn));
         }
     }
-    let wh = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+    let wh = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
     if let Some(dr) = drill {
         let limit = sql.param(Value::Int(i64::from(dr.limit)));
-        sql.text = format!("SELECT t.\"id\" FROM {}{from}{wh} ORDER BY t.\"id\" LIMIT {limit}", ctx.from_clause());
+        sql.text = format!(
+            "SELECT t.\"id\" FROM {}{from}{wh} ORDER BY t.\"id\" LIMIT {limit}",
+            ctx.from_clause()
+        );
         return Ok((sql, vec![ColKind::Uuid], Out::Values(vec![])));
     }
     let group = if group_n == 0 {
         String::new()
     } else {
-        format!(" GROUP BY {}", (1..=group_n).map(|i| i.to_string()).collect::<Vec<_>>().join(", "))
+        format!(
+            " GROUP BY {}",
+            (1..=group_n)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     };
     let _ = first;
-    sql.text = format!("SELECT {} FROM {}{from}{wh}{group}", select.join(", "), ctx.from_clause());
+    sql.text = format!(
+        "SELECT {} FROM {}{from}{wh}{group}",
+        select.join(", "),
+        ctx.from_clause()
+    );
     Ok((sql, kinds, out))
 }
 
 /// A continuous percentile per group, with window functions only (SQLite has no
 /// `percentile_cont`): rank the values, then interpolate between the two around `p·(n−1)`.
 fn percentile_sql(inner: &str, keys: &[String], p: f64) -> String {
-    let part = if keys.is_empty() { String::new() } else { format!("PARTITION BY {} ", keys.join(", ")) };
+    let part = if keys.is_empty() {
+        String::new()
+    } else {
+        format!("PARTITION BY {} ", keys.join(", "))
+    };
     let pos = format!("({p} * (\"n\" - 1))");
     let lo = format!("CAST({pos} AS INTEGER)");
     let frac = format!("({pos} - {lo})");
     let keys_sel = keys.join(", ");
-    let sel = if keys.is_empty() { String::new() } else { format!("{keys_sel}, ") };
-    let group = if keys.is_empty() { String::new() } else { format!(" GROUP BY {keys_sel}") };
+    let sel = if keys.is_empty() {
+        String::new()
+    } else {
+        format!("{keys_sel}, ")
+    };
+    let group = if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {keys_sel}")
+    };
     format!(
         "SELECT {sel}SUM(CASE WHEN \"rn\" = {lo} THEN \"v\" * (1 - {frac}) WHEN \"rn\" = {lo} + 1 THEN \"v\" * {frac} ELSE 0 END) FROM (SELECT {sel}\"v\", ROW_NUMBER() OVER ({part}ORDER BY \"v\") - 1 AS \"rn\", COUNT(*) OVER ({part}) AS \"n\" FROM ({inner}) x WHERE \"v\" IS NOT NULL) w{group}"
     )
@@ -1317,7 +1634,10 @@ fn bounds(kind: ColKind, tz: Tz, f: NaiveDate, t: NaiveDate) -> (Value, Value) {
     if kind == ColKind::Date {
         (Value::Date(f), Value::Date(t))
     } else {
-        (Value::DateTime(time::local_midnight(tz, f)), Value::DateTime(time::local_midnight(tz, t)))
+        (
+            Value::DateTime(time::local_midnight(tz, f)),
+            Value::DateTime(time::local_midnight(tz, t)),
+        )
     }
 }
 
@@ -1374,7 +1694,10 @@ async fn rows_for(
             stage_list = Some(s.clone());
         }
         if matches!(out, Out::StageColumn) {
-            stage_list = plan.per_stage.as_ref().map(|ps| stage_order(app, reports, ps));
+            stage_list = plan
+                .per_stage
+                .as_ref()
+                .map(|ps| stage_order(app, reports, ps));
         }
     }
     // Fill: every combination of seen dimension values × every bucket × every stage.
@@ -1391,7 +1714,10 @@ async fn rows_for(
             combos.push(vec![]);
         }
         let buckets: Vec<Option<Json>> = match (plan.grain, range) {
-            (Some(g), Some((f, t))) => time::buckets(g, f, t).into_iter().map(|b| Some(json!(b.format("%Y-%m-%d").to_string()))).collect(),
+            (Some(g), Some((f, t))) => time::buckets(g, f, t)
+                .into_iter()
+                .map(|b| Some(json!(b.format("%Y-%m-%d").to_string())))
+                .collect(),
             (Some(_), None) => {
                 let mut seen: Vec<Json> = vec![];
                 for k in &rows.order {
@@ -1429,7 +1755,11 @@ fn to_json(v: &Value) -> Json {
         Value::Null(_) => Json::Null,
         Value::Bool(b) => json!(b),
         Value::Int(i) => json!(i),
-        Value::Decimal(d) => d.to_string().parse::<f64>().map(|f| json!(f)).unwrap_or(Json::Null),
+        Value::Decimal(d) => d
+            .to_string()
+            .parse::<f64>()
+            .map(|f| json!(f))
+            .unwrap_or(Json::Null),
         Value::Text(s) => json!(s),
         Value::Uuid(u) => json!(u),
         Value::Date(d) => json!(d.format("%Y-%m-%d").to_string()),
@@ -1468,7 +1798,11 @@ pub async fn drill(
 ) -> Result<DrillPage> {
     let plan = plan(app, reports, &dq.query, now, db.backend())?;
     if plan.metrics.len() != 1 {
-        return Err(qerr("/metrics", "invalid_query", "Drill into one metric at a time."));
+        return Err(qerr(
+            "/metrics",
+            "invalid_query",
+            "Drill into one metric at a time.",
+        ));
     }
     let name = plan.metrics[0].clone();
     let m = &reports.metrics[&name];
@@ -1486,23 +1820,69 @@ pub async fn drill(
     };
     let limit = dq.page_size.unwrap_or(50);
     if limit == 0 || limit > 1000 {
-        return Err(qerr("/page_size", "out_of_range", "page_size must be between 1 and 1000."));
+        return Err(qerr(
+            "/page_size",
+            "out_of_range",
+            "page_size must be between 1 and 1000.",
+        ));
     }
     let after = match &dq.cursor {
         None => None,
-        Some(c) => Some(Uuid::parse_str(c).map_err(|_| qerr("/cursor", "bad_cursor", "The cursor is not one this server gave out."))?),
+        Some(c) => Some(Uuid::parse_str(c).map_err(|_| {
+            qerr(
+                "/cursor",
+                "bad_cursor",
+                "The cursor is not one this server gave out.",
+            )
+        })?),
     };
     let tm = &reports.metrics[&target];
     let unit = match &tm.kind {
-        Kind::Aggregate { agg: Agg::Percentile(_), .. } if db.backend() == Backend::Sqlite => Unit::Window { metric: target.clone() },
-        Kind::Aggregate { .. } => Unit::Aggs { entity: tm.entity.clone().unwrap_or_default(), time: anchor_of(&plan, tm), metrics: vec![target.clone()] },
-        Kind::Conversion { .. } => Unit::Conversion { metric: target.clone() },
-        Kind::Funnel { .. } => Unit::Funnel { metric: target.clone() },
-        Kind::TimeInStage { .. } => Unit::TimeInStage { metric: target.clone() },
-        Kind::Derived { .. } => return Err(qerr("/metrics/0", "invalid_query", "Drill into a metric that counts records.")),
+        Kind::Aggregate {
+            agg: Agg::Percentile(_),
+            ..
+        } if db.backend() == Backend::Sqlite => Unit::Window {
+            metric: target.clone(),
+        },
+        Kind::Aggregate { .. } => Unit::Aggs {
+            entity: tm.entity.clone().unwrap_or_default(),
+            time: anchor_of(&plan, tm),
+            metrics: vec![target.clone()],
+        },
+        Kind::Conversion { .. } => Unit::Conversion {
+            metric: target.clone(),
+        },
+        Kind::Funnel { .. } => Unit::Funnel {
+            metric: target.clone(),
+        },
+        Kind::TimeInStage { .. } => Unit::TimeInStage {
+            metric: target.clone(),
+        },
+        Kind::Derived { .. } => {
+            return Err(qerr(
+                "/metrics/0",
+                "invalid_query",
+                "Drill into a metric that counts records.",
+            ))
+        }
     };
-    let drill = Drill { row: &dq.row, metric: &target, side, after, limit: limit + 1 };
-    let (sql, kinds, _) = unit_sql(app, reports, &plan, &unit, plan.range, true, vis, Some(&drill))?;
+    let drill = Drill {
+        row: &dq.row,
+        metric: &target,
+        side,
+        after,
+        limit: limit + 1,
+    };
+    let (sql, kinds, _) = unit_sql(
+        app,
+        reports,
+        &plan,
+        &unit,
+        plan.range,
+        true,
+        vis,
+        Some(&drill),
+    )?;
     let ids: Vec<Uuid> = db
         .fetch_all(&sql, &kinds)
         .await?
@@ -1520,7 +1900,11 @@ pub async fn drill(
         vec![]
     } else {
         let q = trellis_form::query::ListQuery {
-            filters: vec![Filter { field: "id".into(), op: "in".into(), value: json!(ids) }],
+            filters: vec![Filter {
+                field: "id".into(),
+                op: "in".into(),
+                value: json!(ids),
+            }],
             sort: None,
             limit: Some(1000),
             cursor: None,
@@ -1528,7 +1912,15 @@ pub async fn drill(
         };
         trellis_form::query::list(db, e, &q).await?.records
     };
-    let next_cursor = if more { ids.last().map(|u| u.to_string()) } else { None };
+    let next_cursor = if more {
+        ids.last().map(|u| u.to_string())
+    } else {
+        None
+    };
     let _ = FieldType::Text;
-    Ok(DrillPage { records, next_cursor, entity })
+    Ok(DrillPage {
+        records,
+        next_cursor,
+        entity,
+    })
 }

@@ -222,7 +222,11 @@ impl<'a> Ctx<'a> {
                     ))
                 }
             };
-            return Ok(Typed::new(format!("{a}.{}", quote(col)), Ty::of(kind), kind));
+            return Ok(Typed::new(
+                format!("{a}.{}", quote(col)),
+                Ty::of(kind),
+                kind,
+            ));
         }
         let f = e.field(name).ok_or_else(|| unknown(e, name))?;
         match f.ty {
@@ -295,9 +299,7 @@ impl<'a> Ctx<'a> {
     /// Lower `x` into SQL that binds its literals into `sql`.
     pub fn lower(&mut self, x: &Expr, sql: &mut Sql) -> Result<Typed, String> {
         Ok(match x {
-            Expr::Num(n) => {
-                Typed::new(sql.param(Value::Decimal(*n)), Ty::Num, ColKind::Decimal)
-            }
+            Expr::Num(n) => Typed::new(sql.param(Value::Decimal(*n)), Ty::Num, ColKind::Decimal),
             Expr::Str(s) => Typed::new(sql.param(Value::Text(s.clone())), Ty::Text, ColKind::Text),
             Expr::Bool(b) => Typed::new(self.d.bool_lit(*b).into(), Ty::Bool, ColKind::Bool),
             Expr::Null => Typed::new("NULL".into(), Ty::Null, ColKind::Text),
@@ -362,8 +364,9 @@ impl<'a> Ctx<'a> {
                     }
                     _ => {
                         if a.ty == Ty::Null || b.ty == Ty::Null {
-                            return Err("compares with null; write `x is null` or `x is not null`"
-                                .into());
+                            return Err(
+                                "compares with null; write `x is null` or `x is not null`".into()
+                            );
                         }
                         check_option(&a, eb)?;
                         check_option(&b, ea)?;
@@ -391,16 +394,25 @@ impl<'a> Ctx<'a> {
             "entered_at" => {
                 arity(1)?;
                 let Expr::Str(stage) = &args[0] else {
-                    return Err("`entered_at` takes a stage key in quotes: entered_at('won')".into());
+                    return Err(
+                        "`entered_at` takes a stage key in quotes: entered_at('won')".into(),
+                    );
                 };
                 let sf = self.e.stage().ok_or_else(|| {
-                    format!("`entered_at` needs a stage field, and {} has none", self.e.label)
+                    format!(
+                        "`entered_at` needs a stage field, and {} has none",
+                        self.e.label
+                    )
                 })?;
                 if sf.stage(stage).is_none() {
                     return Err(format!(
                         "'{stage}' is not a stage of {}; use one of: {}",
                         sf.label,
-                        sf.stages.iter().map(|s| s.key.as_str()).collect::<Vec<_>>().join(", ")
+                        sf.stages
+                            .iter()
+                            .map(|s| s.key.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                 }
                 let mut t = Typed::new(
@@ -430,7 +442,11 @@ impl<'a> Ctx<'a> {
                 arity(1)?;
                 let a = self.lower(&args[0], sql)?;
                 want(&a, Ty::Num, "`abs`")?;
-                Ok(Typed::new(format!("ABS({})", a.sql), Ty::Num, ColKind::Decimal))
+                Ok(Typed::new(
+                    format!("ABS({})", a.sql),
+                    Ty::Num,
+                    ColKind::Decimal,
+                ))
             }
             "round" => {
                 if args.is_empty() || args.len() > 2 {
@@ -464,8 +480,16 @@ impl<'a> Ctx<'a> {
                     parts.push(t);
                 }
                 let first = parts[0].clone();
-                let text = parts.iter().map(|p| p.sql.as_str()).collect::<Vec<_>>().join(", ");
-                Ok(Typed::new(format!("COALESCE({text})"), first.ty, first.kind))
+                let text = parts
+                    .iter()
+                    .map(|p| p.sql.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Ok(Typed::new(
+                    format!("COALESCE({text})"),
+                    first.ty,
+                    first.kind,
+                ))
             }
             _ => Err(format!("`{f}` is not a function")),
         }
@@ -508,15 +532,14 @@ fn comparable(a: &Typed, b: &Typed) -> Result<(), String> {
     let ok = a.ty == b.ty
         || a.ty == Ty::Null
         || b.ty == Ty::Null
-        || matches!((a.ty, b.ty), (Ty::Date | Ty::DateTime, Ty::Date | Ty::DateTime));
+        || matches!(
+            (a.ty, b.ty),
+            (Ty::Date | Ty::DateTime, Ty::Date | Ty::DateTime)
+        );
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "compares {} with {}",
-            a.ty.name(),
-            b.ty.name()
-        ))
+        Err(format!("compares {} with {}", a.ty.name(), b.ty.name()))
     }
 }
 

@@ -401,7 +401,11 @@ impl Reports {
             for (name, m) in parsed.metrics {
                 let path = format!("{base}/metrics/{name}");
                 if defs.iter().any(|(n, ..)| *n == name) {
-                    problems.push(Problem::new(&path, "duplicate", format!("the metric `{name}` is defined twice")));
+                    problems.push(Problem::new(
+                        &path,
+                        "duplicate",
+                        format!("the metric `{name}` is defined twice"),
+                    ));
                     continue;
                 }
                 if !valid_name(&name) {
@@ -413,10 +417,15 @@ impl Reports {
             for (name, d) in parsed.dashboards {
                 let path = format!("{base}/dashboards/{name}");
                 if out.dashboards.contains_key(&name) {
-                    problems.push(Problem::new(&path, "duplicate", format!("the dashboard `{name}` is defined twice")));
+                    problems.push(Problem::new(
+                        &path,
+                        "duplicate",
+                        format!("the dashboard `{name}` is defined twice"),
+                    ));
                     continue;
                 }
-                out.dashboards.insert(name.clone(), Dashboard { name, def: d });
+                out.dashboards
+                    .insert(name.clone(), Dashboard { name, def: d });
                 let _ = path;
             }
         }
@@ -425,32 +434,61 @@ impl Reports {
                 Ok(m) => {
                     out.metrics.insert(name.clone(), m);
                 }
-                Err(ps) => problems.extend(ps.into_iter().map(|(sub, msg)| {
-                    Problem::new(format!("{path}{sub}"), "invalid_metric", msg)
-                })),
+                Err(ps) => {
+                    problems.extend(ps.into_iter().map(|(sub, msg)| {
+                        Problem::new(format!("{path}{sub}"), "invalid_metric", msg)
+                    }))
+                }
             }
         }
         // References between metrics: they exist, have the right kind, and form no cycle.
         for (name, path, def) in &defs {
-            let Some(m) = out.metrics.get(name) else { continue };
+            let Some(m) = out.metrics.get(name) else {
+                continue;
+            };
             if let Some((n, d)) = &m.ratio {
                 for (side, r) in [("numerator", n), ("denominator", d)] {
                     match out.metrics.get(r) {
-                        None if !defs.iter().any(|(x, ..)| x == r) => problems.push(Problem::new(format!("{path}/{side}"), "unknown_metric", format!("`{r}` is not a metric"))),
-                        Some(x) if !matches!(x.kind, Kind::Aggregate { .. }) => problems.push(Problem::new(format!("{path}/{side}"), "invalid_metric", format!("a ratio divides aggregate metrics; `{r}` is a {}", x.type_name))),
+                        None if !defs.iter().any(|(x, ..)| x == r) => problems.push(Problem::new(
+                            format!("{path}/{side}"),
+                            "unknown_metric",
+                            format!("`{r}` is not a metric"),
+                        )),
+                        Some(x) if !matches!(x.kind, Kind::Aggregate { .. }) => {
+                            problems.push(Problem::new(
+                                format!("{path}/{side}"),
+                                "invalid_metric",
+                                format!(
+                                    "a ratio divides aggregate metrics; `{r}` is a {}",
+                                    x.type_name
+                                ),
+                            ))
+                        }
                         _ => {}
                     }
                 }
             } else if let Kind::Derived { needs, .. } = &m.kind {
                 for n in needs {
                     match out.metrics.get(n) {
-                        None if !defs.iter().any(|(x, ..)| x == n) => problems.push(Problem::new(format!("{path}/expr"), "unknown_metric", format!("`{n}` is not a metric"))),
-                        Some(x) if x.per_stage() => problems.push(Problem::new(format!("{path}/expr"), "invalid_metric", format!("`{n}` answers per stage and cannot be used in arithmetic"))),
+                        None if !defs.iter().any(|(x, ..)| x == n) => problems.push(Problem::new(
+                            format!("{path}/expr"),
+                            "unknown_metric",
+                            format!("`{n}` is not a metric"),
+                        )),
+                        Some(x) if x.per_stage() => problems.push(Problem::new(
+                            format!("{path}/expr"),
+                            "invalid_metric",
+                            format!("`{n}` answers per stage and cannot be used in arithmetic"),
+                        )),
                         _ => {}
                     }
                 }
                 if cycle(&out.metrics, name, &mut vec![]) {
-                    problems.push(Problem::new(format!("{path}/expr"), "cycle", format!("`{name}` depends on itself")));
+                    problems.push(Problem::new(
+                        format!("{path}/expr"),
+                        "cycle",
+                        format!("`{name}` depends on itself"),
+                    ));
                 }
             }
             let _ = def;
@@ -461,14 +499,33 @@ impl Reports {
                 for (j, item) in d.def.items.iter().enumerate() {
                     let p = format!("{base}/items/{j}");
                     if !CHARTS.contains(&item.chart.as_str()) {
-                        problems.push(Problem::new(format!("{p}/chart"), "invalid", format!("`{}` is not a chart; use one of: {}", item.chart, CHARTS.join(", "))));
+                        problems.push(Problem::new(
+                            format!("{p}/chart"),
+                            "invalid",
+                            format!(
+                                "`{}` is not a chart; use one of: {}",
+                                item.chart,
+                                CHARTS.join(", ")
+                            ),
+                        ));
                     }
                     if d.def.items[..j].iter().any(|x| x.key == item.key) {
-                        problems.push(Problem::new(format!("{p}/key"), "duplicate", format!("the item `{}` appears twice", item.key)));
+                        problems.push(Problem::new(
+                            format!("{p}/key"),
+                            "duplicate",
+                            format!("the item `{}` appears twice", item.key),
+                        ));
                     }
                     for backend in [Backend::Sqlite, Backend::Postgres] {
-                        if let Err(FormError::Query(ps)) = crate::engine::plan(app, &out, &item.query, chrono::DateTime::UNIX_EPOCH, backend) {
-                            problems.extend(ps.into_iter().map(|x| x.prefixed(&format!("{p}/query"))));
+                        if let Err(FormError::Query(ps)) = crate::engine::plan(
+                            app,
+                            &out,
+                            &item.query,
+                            chrono::DateTime::UNIX_EPOCH,
+                            backend,
+                        ) {
+                            problems
+                                .extend(ps.into_iter().map(|x| x.prefixed(&format!("{p}/query"))));
                             break;
                         }
                     }
@@ -497,7 +554,8 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn cycle(ms: &BTreeMap<String, Metric>, name: &str, stack: &mut Vec<String>) -> bool {
@@ -534,7 +592,9 @@ fn check_expr(
             return None;
         }
     };
-    let Ok(ent) = app.entity(entity) else { return None };
+    let Ok(ent) = app.entity(entity) else {
+        return None;
+    };
     let mut ctx = Ctx::new(app, ent, dialect::of(Backend::Sqlite));
     match ctx.lower(&e, &mut Sql::default()) {
         Ok(t) => match want {
@@ -582,7 +642,11 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                 "/entity".into(),
                 format!(
                     "`{key}` is not an entity of this app; use one of: {}",
-                    app.entities.iter().map(|e| e.key.as_str()).collect::<Vec<_>>().join(", ")
+                    app.entities
+                        .iter()
+                        .map(|e| e.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
             false
@@ -619,7 +683,15 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
         m.time = check_time(app, entity, time.unwrap_or("created_at"), "/time", errs);
     };
     match def {
-        MetricDef::Aggregate { entity, agg, expr, p, filter, time, label } => {
+        MetricDef::Aggregate {
+            entity,
+            agg,
+            expr,
+            p,
+            filter,
+            time,
+            label,
+        } => {
             m.label = label_of(label);
             if entity_ok(entity, &mut errs) {
                 common(&mut m, entity, filter, time.as_deref(), &mut errs);
@@ -638,21 +710,40 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                             }
                             (None, None) => None,
                             (Some(_), None) => {
-                                errs.push(("/expr".into(), format!("`{agg:?}` needs an `expr`").to_lowercase()));
+                                errs.push((
+                                    "/expr".into(),
+                                    format!("`{agg:?}` needs an `expr`").to_lowercase(),
+                                ));
                                 None
                             }
-                            (Some(w), Some(src)) => check_expr(app, entity, src, w, "/expr", &mut errs),
+                            (Some(w), Some(src)) => {
+                                check_expr(app, entity, src, w, "/expr", &mut errs)
+                            }
                         };
                         m.kind = Kind::Aggregate { agg, expr };
                     }
                 }
             }
         }
-        MetricDef::Duration { entity, from, to, agg, filter, time, label } => {
+        MetricDef::Duration {
+            entity,
+            from,
+            to,
+            agg,
+            filter,
+            time,
+            label,
+        } => {
             m.label = label_of(label);
             m.type_name = "duration";
             if entity_ok(entity, &mut errs) {
-                common(&mut m, entity, filter, Some(time.as_deref().unwrap_or(to)), &mut errs);
+                common(
+                    &mut m,
+                    entity,
+                    filter,
+                    Some(time.as_deref().unwrap_or(to)),
+                    &mut errs,
+                );
                 let a = check_time(app, entity, from, "/from", &mut errs);
                 let b = check_time(app, entity, to, "/to", &mut errs);
                 let agg = match agg.as_str() {
@@ -660,7 +751,12 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                     "median" => Some(Agg::Percentile(0.5)),
                     "p90" => Some(Agg::Percentile(0.9)),
                     other => {
-                        errs.push(("/agg".into(), format!("`{other}` is not a duration aggregation; use avg, median or p90")));
+                        errs.push((
+                            "/agg".into(),
+                            format!(
+                                "`{other}` is not a duration aggregation; use avg, median or p90"
+                            ),
+                        ));
                         None
                     }
                 };
@@ -681,7 +777,13 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                 }
             }
         }
-        MetricDef::Forecast { entity, amount, time, filter, label } => {
+        MetricDef::Forecast {
+            entity,
+            amount,
+            time,
+            filter,
+            label,
+        } => {
             m.label = label_of(label);
             m.type_name = "forecast";
             m.snapshot = true;
@@ -715,7 +817,11 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                 }
             }
         }
-        MetricDef::Ratio { numerator, denominator, label } => {
+        MetricDef::Ratio {
+            numerator,
+            denominator,
+            label,
+        } => {
             m.label = label_of(label);
             m.type_name = "ratio";
             m.ratio = Some((numerator.clone(), denominator.clone()));
@@ -744,7 +850,13 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                 }
             }
         }
-        MetricDef::Conversion { entity, converted, filter, time, label } => {
+        MetricDef::Conversion {
+            entity,
+            converted,
+            filter,
+            time,
+            label,
+        } => {
             m.label = label_of(label);
             m.type_name = "conversion";
             if entity_ok(entity, &mut errs) {
@@ -752,11 +864,17 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                 let related = match (&converted.entity, &converted.via) {
                     (Some(ce), Some(via)) => match app.entity(ce) {
                         Err(_) => {
-                            errs.push(("/converted/entity".into(), format!("`{ce}` is not an entity of this app")));
+                            errs.push((
+                                "/converted/entity".into(),
+                                format!("`{ce}` is not an entity of this app"),
+                            ));
                             None
                         }
                         Ok(target) => match target.field(via) {
-                            Some(f) if f.ty == FieldType::Relation && f.def.entity.as_deref() == Some(entity.as_str()) => {
+                            Some(f)
+                                if f.ty == FieldType::Relation
+                                    && f.def.entity.as_deref() == Some(entity.as_str()) =>
+                            {
                                 Some((ce.clone(), via.clone(), converted.within_days))
                             }
                             _ => {
@@ -771,22 +889,42 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                         None
                     }
                 };
-                let when = converted
-                    .when
-                    .as_ref()
-                    .and_then(|w| check_expr(app, entity, w, Some(Ty::Bool), "/converted/when", &mut errs));
+                let when = converted.when.as_ref().and_then(|w| {
+                    check_expr(app, entity, w, Some(Ty::Bool), "/converted/when", &mut errs)
+                });
                 match (&related, &converted.when) {
-                    (None, None) if errs.is_empty() => errs.push(("/converted".into(), "say what converts: `entity` + `via`, or `when`".into())),
-                    (Some(_), Some(_)) => errs.push(("/converted".into(), "use either `entity` + `via` or `when`, not both".into())),
+                    (None, None) if errs.is_empty() => errs.push((
+                        "/converted".into(),
+                        "say what converts: `entity` + `via`, or `when`".into(),
+                    )),
+                    (Some(_), Some(_)) => errs.push((
+                        "/converted".into(),
+                        "use either `entity` + `via` or `when`, not both".into(),
+                    )),
                     _ => {}
                 }
                 if converted.exclude_immature && converted.within_days.is_none() {
-                    errs.push(("/converted/exclude_immature".into(), "only a conversion with `within_days` has a window that can still be open".into()));
+                    errs.push((
+                        "/converted/exclude_immature".into(),
+                        "only a conversion with `within_days` has a window that can still be open"
+                            .into(),
+                    ));
                 }
-                m.kind = Kind::Conversion { related, when, exclude_immature: converted.exclude_immature };
+                m.kind = Kind::Conversion {
+                    related,
+                    when,
+                    exclude_immature: converted.exclude_immature,
+                };
             }
         }
-        MetricDef::Funnel { entity, mode, stages, filter, time, label } => {
+        MetricDef::Funnel {
+            entity,
+            mode,
+            stages,
+            filter,
+            time,
+            label,
+        } => {
             m.label = label_of(label);
             m.type_name = "funnel";
             if entity_ok(entity, &mut errs) {
@@ -796,33 +934,60 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                     "ordered" => true,
                     "reached" => false,
                     other => {
-                        errs.push(("/mode".into(), format!("`{other}` is not a funnel mode; use ordered or reached")));
+                        errs.push((
+                            "/mode".into(),
+                            format!("`{other}` is not a funnel mode; use ordered or reached"),
+                        ));
                         true
                     }
                 };
                 match e.stage() {
-                    None => errs.push(("/entity".into(), format!("a funnel runs over a stage field, and {} has none", e.label))),
+                    None => errs.push((
+                        "/entity".into(),
+                        format!("a funnel runs over a stage field, and {} has none", e.label),
+                    )),
                     Some(sf) => {
                         let keys = match stages {
                             Some(list) => {
                                 for (i, s) in list.iter().enumerate() {
                                     if sf.stage(s).is_none() {
-                                        errs.push((format!("/stages/{i}"), format!("'{s}' is not a stage of {}", sf.label)));
+                                        errs.push((
+                                            format!("/stages/{i}"),
+                                            format!("'{s}' is not a stage of {}", sf.label),
+                                        ));
                                     }
                                 }
                                 if list.len() < 2 {
-                                    errs.push(("/stages".into(), "a funnel needs at least two stages".into()));
+                                    errs.push((
+                                        "/stages".into(),
+                                        "a funnel needs at least two stages".into(),
+                                    ));
                                 }
                                 list.clone()
                             }
-                            None => sf.stages.iter().filter(|s| s.kind != StageKind::Lost).map(|s| s.key.clone()).collect(),
+                            None => sf
+                                .stages
+                                .iter()
+                                .filter(|s| s.kind != StageKind::Lost)
+                                .map(|s| s.key.clone())
+                                .collect(),
                         };
-                        m.kind = Kind::Funnel { stage_field: sf.key.clone(), stages: keys, ordered };
+                        m.kind = Kind::Funnel {
+                            stage_field: sf.key.clone(),
+                            stages: keys,
+                            ordered,
+                        };
                     }
                 }
             }
         }
-        MetricDef::TimeInStage { entity, agg, filter, time, label } => {
+        MetricDef::TimeInStage {
+            entity,
+            agg,
+            filter,
+            time,
+            label,
+        } => {
             m.label = label_of(label);
             m.type_name = "time_in_stage";
             if entity_ok(entity, &mut errs) {
@@ -832,13 +997,27 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                     "avg" => Agg::Avg,
                     "median" => Agg::Percentile(0.5),
                     other => {
-                        errs.push(("/agg".into(), format!("`{other}` is not allowed here; use avg or median")));
+                        errs.push((
+                            "/agg".into(),
+                            format!("`{other}` is not allowed here; use avg or median"),
+                        ));
                         Agg::Avg
                     }
                 };
                 match e.stage() {
-                    None => errs.push(("/entity".into(), format!("time in stage needs a stage field, and {} has none", e.label))),
-                    Some(sf) => m.kind = Kind::TimeInStage { stage_field: sf.key.clone(), agg },
+                    None => errs.push((
+                        "/entity".into(),
+                        format!(
+                            "time in stage needs a stage field, and {} has none",
+                            e.label
+                        ),
+                    )),
+                    Some(sf) => {
+                        m.kind = Kind::TimeInStage {
+                            stage_field: sf.key.clone(),
+                            agg,
+                        }
+                    }
                 }
             }
         }

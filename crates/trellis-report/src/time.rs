@@ -133,12 +133,18 @@ pub fn preset(name: &str, today: NaiveDate, week_start: u8) -> Option<(NaiveDate
         "last_7_days" => (tomorrow - Duration::days(7), tomorrow),
         "last_30_days" => (tomorrow - Duration::days(30), tomorrow),
         "last_90_days" => (tomorrow - Duration::days(90), tomorrow),
-        "last_12_months" => (add_months(Grain::Month.start(today), -11), add_months(Grain::Month.start(today), 1)),
+        "last_12_months" => (
+            add_months(Grain::Month.start(today), -11),
+            add_months(Grain::Month.start(today), 1),
+        ),
         "next_quarter" => {
             let s = Grain::Quarter.next(Grain::Quarter.start(today));
             (s, Grain::Quarter.next(s))
         }
-        "next_12_months" => (Grain::Month.start(today), add_months(Grain::Month.start(today), 12)),
+        "next_12_months" => (
+            Grain::Month.start(today),
+            add_months(Grain::Month.start(today), 12),
+        ),
         _ => return None,
     })
 }
@@ -230,11 +236,26 @@ mod tests {
     #[test]
     fn presets_resolve_against_today() {
         let today = d("2026-11-27");
-        assert_eq!(preset("this_quarter", today, 1), Some((d("2026-10-01"), d("2027-01-01"))));
-        assert_eq!(preset("last_quarter", today, 1), Some((d("2026-07-01"), d("2026-10-01"))));
-        assert_eq!(preset("last_7_days", today, 1), Some((d("2026-11-21"), d("2026-11-28"))));
-        assert_eq!(preset("last_12_months", today, 1), Some((d("2025-12-01"), d("2026-12-01"))));
-        assert_eq!(preset("this_week", today, 1), Some((d("2026-11-23"), d("2026-11-30"))));
+        assert_eq!(
+            preset("this_quarter", today, 1),
+            Some((d("2026-10-01"), d("2027-01-01")))
+        );
+        assert_eq!(
+            preset("last_quarter", today, 1),
+            Some((d("2026-07-01"), d("2026-10-01")))
+        );
+        assert_eq!(
+            preset("last_7_days", today, 1),
+            Some((d("2026-11-21"), d("2026-11-28")))
+        );
+        assert_eq!(
+            preset("last_12_months", today, 1),
+            Some((d("2025-12-01"), d("2026-12-01")))
+        );
+        assert_eq!(
+            preset("this_week", today, 1),
+            Some((d("2026-11-23"), d("2026-11-30")))
+        );
         assert_eq!(preset("nope", today, 1), None);
         assert_eq!(add_months(d("2024-03-31"), -1), d("2024-02-29"));
     }
@@ -242,9 +263,19 @@ mod tests {
     #[test]
     fn berlin_offsets_change_at_dst() {
         let tz: Tz = "Europe/Berlin".parse().unwrap();
-        let o = offsets(tz, local_midnight(tz, d("2024-03-01")), local_midnight(tz, d("2024-04-01")));
+        let o = offsets(
+            tz,
+            local_midnight(tz, d("2024-03-01")),
+            local_midnight(tz, d("2024-04-01")),
+        );
         assert_eq!(o.initial, 3600);
-        assert_eq!(o.transitions, vec![("2024-03-31T01:00:00.000000Z".to_owned(), 7200)]);
-        assert_eq!(local_midnight(tz, d("2024-03-31")).to_rfc3339(), "2024-03-30T23:00:00+00:00");
+        assert_eq!(
+            o.transitions,
+            vec![("2024-03-31T01:00:00.000000Z".to_owned(), 7200)]
+        );
+        assert_eq!(
+            local_midnight(tz, d("2024-03-31")).to_rfc3339(),
+            "2024-03-30T23:00:00+00:00"
+        );
     }
 }

@@ -60,11 +60,30 @@ async fn fixture(db: &Db) -> Fx {
         email: Some(email.into()),
         ..Default::default()
     };
-    let rep_a = users::create(&mut tx, &mk("Rep A", "a@example.com"), now()).await.unwrap().id;
-    let rep_b = users::create(&mut tx, &mk("Rep B", "b@example.com"), now()).await.unwrap().id;
-    let ctx = WriteCtx { actor: None, now: now(), default_owner: Some(rep_a), import: true };
+    let rep_a = users::create(&mut tx, &mk("Rep A", "a@example.com"), now())
+        .await
+        .unwrap()
+        .id;
+    let rep_b = users::create(&mut tx, &mk("Rep B", "b@example.com"), now())
+        .await
+        .unwrap()
+        .id;
+    let ctx = WriteCtx {
+        actor: None,
+        now: now(),
+        default_owner: Some(rep_a),
+        import: true,
+    };
     let mut ids = std::collections::HashMap::new();
-    let acct = store::create_batch(&mut tx, &app, app.entity("account").unwrap(), &[json!({"name": "Acme", "industry": "retail"})], &ctx).await.unwrap()[0];
+    let acct = store::create_batch(
+        &mut tx,
+        &app,
+        app.entity("account").unwrap(),
+        &[json!({"name": "Acme", "industry": "retail"})],
+        &ctx,
+    )
+    .await
+    .unwrap()[0];
     // Leads: L2 at 23:30 on Q1's last day in Shanghai, L3 half an hour into Q2 there, L5 just
     // after Berlin's DST change (a Monday there, still Sunday at the old offset).
     let leads = [
@@ -74,28 +93,70 @@ async fn fixture(db: &Db) -> Fx {
         ("L4", "2026-11-01T02:00:00Z", "new"),
         ("L5", "2026-03-29T22:30:00Z", "new"),
     ];
-    let recs: Vec<Json> = leads.iter().map(|(n, c, s)| json!({"name": n, "status": s, "created_at": at(c), "owner": rep_a})).collect();
-    for ((n, ..), id) in leads.iter().zip(store::create_batch(&mut tx, &app, app.entity("lead").unwrap(), &recs, &ctx).await.unwrap()) {
+    let recs: Vec<Json> = leads
+        .iter()
+        .map(|(n, c, s)| json!({"name": n, "status": s, "created_at": at(c), "owner": rep_a}))
+        .collect();
+    for ((n, ..), id) in leads.iter().zip(
+        store::create_batch(&mut tx, &app, app.entity("lead").unwrap(), &recs, &ctx)
+            .await
+            .unwrap(),
+    ) {
         ids.insert(*n, id);
     }
-    let h = |pairs: &[(&str, &str)]| -> Json { json!(pairs.iter().map(|(s, t)| json!({"stage": s, "at": t})).collect::<Vec<_>>()) };
-    let opps = vec![
-        ("O1", json!({"name": "O1", "needs_summary": "n", "region": "north", "amount": 100, "owner": rep_a, "lead": ids["L1"], "account": acct, "quoted_amount": 100, "expected_close_date": "2026-03-01", "stage": "won", "created_at": "2026-01-10T02:00:00Z",
-            "stage_history": h(&[("mql", "2026-01-10T02:00:00Z"), ("sql", "2026-01-15T02:00:00Z"), ("proposal", "2026-01-20T02:00:00Z"), ("quoted", "2026-02-01T02:00:00Z"), ("negotiation", "2026-02-10T02:00:00Z"), ("won", "2026-03-01T02:00:00Z")])})),
-        ("O2", json!({"name": "O2", "needs_summary": "n", "region": "north", "amount": 200, "owner": rep_a, "lead": ids["L1"], "account": acct, "expected_close_date": "2026-03-10", "loss_reason": "price", "stage": "lost", "created_at": "2026-02-01T02:00:00Z",
-            "stage_history": h(&[("mql", "2026-02-01T02:00:00Z"), ("sql", "2026-02-05T02:00:00Z"), ("proposal", "2026-02-10T02:00:00Z"), ("lost", "2026-03-10T02:00:00Z")])})),
-        ("O3", json!({"name": "O3", "needs_summary": "n", "region": "east", "amount": 300, "owner": rep_b, "lead": ids["L2"], "account": acct, "expected_close_date": "2026-12-15", "stage": "proposal", "created_at": "2026-04-01T02:00:00Z",
-            "stage_history": h(&[("mql", "2026-04-01T02:00:00Z"), ("proposal", "2026-04-10T02:00:00Z")])})),
-        ("O4", json!({"name": "O4", "needs_summary": "n", "region": "east", "amount": 400, "owner": rep_b, "account": acct, "expected_close_date": "2026-06-01", "stage": "won", "created_at": "2026-05-01T02:00:00Z",
-            "stage_history": h(&[("mql", "2026-05-01T02:00:00Z"), ("sql", "2026-05-03T02:00:00Z"), ("proposal", "2026-05-05T02:00:00Z"), ("sql", "2026-05-07T02:00:00Z"), ("proposal", "2026-05-09T02:00:00Z"), ("won", "2026-06-01T02:00:00Z")])})),
-        ("O5", json!({"name": "O5", "needs_summary": "n", "amount": 50, "owner": rep_a, "expected_close_date": "2027-01-20", "stage": "mql", "created_at": "2026-10-01T02:00:00Z"})),
+    let h = |pairs: &[(&str, &str)]| -> Json {
+        json!(pairs
+            .iter()
+            .map(|(s, t)| json!({"stage": s, "at": t}))
+            .collect::<Vec<_>>())
+    };
+    let opps = [
+        (
+            "O1",
+            json!({"name": "O1", "needs_summary": "n", "region": "north", "amount": 100, "owner": rep_a, "lead": ids["L1"], "account": acct, "quoted_amount": 100, "expected_close_date": "2026-03-01", "stage": "won", "created_at": "2026-01-10T02:00:00Z",
+            "stage_history": h(&[("mql", "2026-01-10T02:00:00Z"), ("sql", "2026-01-15T02:00:00Z"), ("proposal", "2026-01-20T02:00:00Z"), ("quoted", "2026-02-01T02:00:00Z"), ("negotiation", "2026-02-10T02:00:00Z"), ("won", "2026-03-01T02:00:00Z")])}),
+        ),
+        (
+            "O2",
+            json!({"name": "O2", "needs_summary": "n", "region": "north", "amount": 200, "owner": rep_a, "lead": ids["L1"], "account": acct, "expected_close_date": "2026-03-10", "loss_reason": "price", "stage": "lost", "created_at": "2026-02-01T02:00:00Z",
+            "stage_history": h(&[("mql", "2026-02-01T02:00:00Z"), ("sql", "2026-02-05T02:00:00Z"), ("proposal", "2026-02-10T02:00:00Z"), ("lost", "2026-03-10T02:00:00Z")])}),
+        ),
+        (
+            "O3",
+            json!({"name": "O3", "needs_summary": "n", "region": "east", "amount": 300, "owner": rep_b, "lead": ids["L2"], "account": acct, "expected_close_date": "2026-12-15", "stage": "proposal", "created_at": "2026-04-01T02:00:00Z",
+            "stage_history": h(&[("mql", "2026-04-01T02:00:00Z"), ("proposal", "2026-04-10T02:00:00Z")])}),
+        ),
+        (
+            "O4",
+            json!({"name": "O4", "needs_summary": "n", "region": "east", "amount": 400, "owner": rep_b, "account": acct, "expected_close_date": "2026-06-01", "stage": "won", "created_at": "2026-05-01T02:00:00Z",
+            "stage_history": h(&[("mql", "2026-05-01T02:00:00Z"), ("sql", "2026-05-03T02:00:00Z"), ("proposal", "2026-05-05T02:00:00Z"), ("sql", "2026-05-07T02:00:00Z"), ("proposal", "2026-05-09T02:00:00Z"), ("won", "2026-06-01T02:00:00Z")])}),
+        ),
+        (
+            "O5",
+            json!({"name": "O5", "needs_summary": "n", "amount": 50, "owner": rep_a, "expected_close_date": "2027-01-20", "stage": "mql", "created_at": "2026-10-01T02:00:00Z"}),
+        ),
     ];
     let recs: Vec<Json> = opps.iter().map(|(_, r)| r.clone()).collect();
-    for ((n, _), id) in opps.iter().zip(store::create_batch(&mut tx, &app, app.entity("opportunity").unwrap(), &recs, &ctx).await.unwrap()) {
+    for ((n, _), id) in opps.iter().zip(
+        store::create_batch(
+            &mut tx,
+            &app,
+            app.entity("opportunity").unwrap(),
+            &recs,
+            &ctx,
+        )
+        .await
+        .unwrap(),
+    ) {
         ids.insert(*n, id);
     }
     tx.commit().await.unwrap();
-    Fx { app, reports, rep_a, ids }
+    Fx {
+        app,
+        reports,
+        rep_a,
+        ids,
+    }
 }
 
 async fn ask(db: &Db, fx: &Fx, q: Json) -> engine::Answer {
@@ -105,7 +166,9 @@ async fn ask(db: &Db, fx: &Fx, q: Json) -> engine::Answer {
 async fn ask_as(db: &Db, fx: &Fx, q: Json, vis: &Visibility) -> engine::Answer {
     let q: Query = serde_json::from_value(q).unwrap();
     let plan = engine::plan(&fx.app, &fx.reports, &q, now(), db.backend()).unwrap();
-    engine::run(db, &fx.app, &fx.reports, &plan, vis).await.unwrap()
+    engine::run(db, &fx.app, &fx.reports, &plan, vis)
+        .await
+        .unwrap()
 }
 
 fn rows(a: &engine::Answer) -> Json {
@@ -141,90 +204,202 @@ async fn crm_metrics_match_the_hand_computed_fixture() {
         // Funnel, reached mode: a skipped stage (O3 skipped sql) still counts as passed, a
         // re-entered stage (O4 went back to sql) counts once.
         let f = ask(db, &fx, json!({"metric": "stage_conversion"})).await;
-        assert_eq!(rows(&f), json!([
-            {"stage": "mql", "entered": 5, "advanced": 4, "step_rate": 0.8, "cumulative_rate": 1.0},
-            {"stage": "sql", "entered": 4, "advanced": 4, "step_rate": 1.0, "cumulative_rate": 0.8},
-            {"stage": "proposal", "entered": 4, "advanced": 2, "step_rate": 0.5, "cumulative_rate": 0.8},
-            {"stage": "quoted", "entered": 2, "advanced": 2, "step_rate": 1.0, "cumulative_rate": 0.4},
-            {"stage": "negotiation", "entered": 2, "advanced": 2, "step_rate": 1.0, "cumulative_rate": 0.4},
-            {"stage": "won", "entered": 2, "advanced": null, "step_rate": null, "cumulative_rate": 0.4}
-        ]), "{b}");
+        assert_eq!(
+            rows(&f),
+            json!([
+                {"stage": "mql", "entered": 5, "advanced": 4, "step_rate": 0.8, "cumulative_rate": 1.0},
+                {"stage": "sql", "entered": 4, "advanced": 4, "step_rate": 1.0, "cumulative_rate": 0.8},
+                {"stage": "proposal", "entered": 4, "advanced": 2, "step_rate": 0.5, "cumulative_rate": 0.8},
+                {"stage": "quoted", "entered": 2, "advanced": 2, "step_rate": 1.0, "cumulative_rate": 0.4},
+                {"stage": "negotiation", "entered": 2, "advanced": 2, "step_rate": 1.0, "cumulative_rate": 0.4},
+                {"stage": "won", "entered": 2, "advanced": null, "step_rate": null, "cumulative_rate": 0.4}
+            ]),
+            "{b}"
+        );
         // Ordered mode: a record counts for a stage only if it passed every earlier one in order.
         let f = ask(db, &fx, json!({"metric": "stage_conversion_ordered"})).await;
-        let entered: Vec<i64> = f.rows.iter().map(|r| r["entered"].as_i64().unwrap()).collect();
+        let entered: Vec<i64> = f
+            .rows
+            .iter()
+            .map(|r| r["entered"].as_i64().unwrap())
+            .collect();
         assert_eq!(entered, vec![5, 3, 3, 1, 1, 1], "{b}");
         // By region, with the null region as its own row (last).
-        let f = ask(db, &fx, json!({"metric": "stage_conversion", "group_by": ["region"]})).await;
-        let first: Vec<Json> = f.rows.iter().filter(|r| r["stage"] == "mql").map(|r| json!([r["region"], r["entered"]])).collect();
-        assert_eq!(json!(first), json!([["east", 2], ["north", 2], [null, 1]]), "{b}");
+        let f = ask(
+            db,
+            &fx,
+            json!({"metric": "stage_conversion", "group_by": ["region"]}),
+        )
+        .await;
+        let first: Vec<Json> = f
+            .rows
+            .iter()
+            .filter(|r| r["stage"] == "mql")
+            .map(|r| json!([r["region"], r["entered"]]))
+            .collect();
+        assert_eq!(
+            json!(first),
+            json!([["east", 2], ["north", 2], [null, 1]]),
+            "{b}"
+        );
 
         // Time in stage: per record, stays added up (O4 was in sql twice: 2 + 2 days), open
         // stays counted until now, won/lost left out.
         let tis = ask(db, &fx, json!({"metric": "time_in_stage"})).await;
-        assert_eq!(rows(&tis), json!([
-            {"stage": "mql", "days": 15.483333},
-            {"stage": "sql", "days": 4.666667},
-            {"stage": "proposal", "days": 74.104167},
-            {"stage": "quoted", "days": 9.0},
-            {"stage": "negotiation", "days": 19.0}
-        ]), "{b}");
+        assert_eq!(
+            rows(&tis),
+            json!([
+                {"stage": "mql", "days": 15.483333},
+                {"stage": "sql", "days": 4.666667},
+                {"stage": "proposal", "days": 74.104167},
+                {"stage": "quoted", "days": 9.0},
+                {"stage": "negotiation", "days": 19.0}
+            ]),
+            "{b}"
+        );
         let med = ask(db, &fx, json!({"metric": "median_time_in_stage"})).await;
-        assert_eq!(json!(med.rows[2]), json!({"stage": "proposal", "days": 26.5}), "{b}");
+        assert_eq!(
+            json!(med.rows[2]),
+            json!({"stage": "proposal", "days": 26.5}),
+            "{b}"
+        );
 
         // Quarters in the app's zone (Asia/Shanghai): L3 is created on Q1's last day in UTC but
         // in Q2 locally; gaps are filled (0 for counts, null for rates).
         let q = ask(db, &fx, json!({"metrics": ["leads", "lead_conversion"], "time": {"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"}})).await;
-        assert_eq!(rows(&q), json!([
-            {"period": "2026-01-01", "leads": 3, "lead_conversion": 0.666667},
-            {"period": "2026-04-01", "leads": 1, "lead_conversion": 0.0},
-            {"period": "2026-07-01", "leads": 0, "lead_conversion": null},
-            {"period": "2026-10-01", "leads": 1, "lead_conversion": 0.0}
-        ]), "{b}");
-        assert_eq!(q.totals, json!({"leads": 5, "lead_conversion": 0.4}).as_object().unwrap().clone(), "{b}");
+        assert_eq!(
+            rows(&q),
+            json!([
+                {"period": "2026-01-01", "leads": 3, "lead_conversion": 0.666667},
+                {"period": "2026-04-01", "leads": 1, "lead_conversion": 0.0},
+                {"period": "2026-07-01", "leads": 0, "lead_conversion": null},
+                {"period": "2026-10-01", "leads": 1, "lead_conversion": 0.0}
+            ]),
+            "{b}"
+        );
+        assert_eq!(
+            q.totals,
+            json!({"leads": 5, "lead_conversion": 0.4})
+                .as_object()
+                .unwrap()
+                .clone(),
+            "{b}"
+        );
         let utc = ask(db, &fx, json!({"metric": "leads", "timezone": "UTC", "time": {"grain": "quarter", "from": "2026-01-01", "to": "2026-07-01"}})).await;
-        assert_eq!(rows(&utc), json!([{"period": "2026-01-01", "leads": 4}, {"period": "2026-04-01", "leads": 0}]), "{b}");
+        assert_eq!(
+            rows(&utc),
+            json!([{"period": "2026-01-01", "leads": 4}, {"period": "2026-04-01", "leads": 0}]),
+            "{b}"
+        );
         // Weeks across Berlin's DST change: L5 (22:30Z on Sunday 29 March) is Monday 00:30 there.
         let w = ask(db, &fx, json!({"metric": "leads", "timezone": "Europe/Berlin", "time": {"grain": "week", "from": "2026-03-16", "to": "2026-04-06"}})).await;
-        assert_eq!(rows(&w), json!([{"period": "2026-03-16", "leads": 0}, {"period": "2026-03-23", "leads": 0}, {"period": "2026-03-30", "leads": 3}]), "{b}");
+        assert_eq!(
+            rows(&w),
+            json!([{"period": "2026-03-16", "leads": 0}, {"period": "2026-03-23", "leads": 0}, {"period": "2026-03-30", "leads": 3}]),
+            "{b}"
+        );
         let w = ask(db, &fx, json!({"metric": "leads", "timezone": "Europe/Berlin", "week_start": "sunday", "time": {"grain": "week", "from": "2026-03-22", "to": "2026-04-05"}})).await;
-        assert_eq!(rows(&w), json!([{"period": "2026-03-22", "leads": 0}, {"period": "2026-03-29", "leads": 3}]), "{b}");
+        assert_eq!(
+            rows(&w),
+            json!([{"period": "2026-03-22", "leads": 0}, {"period": "2026-03-29", "leads": 3}]),
+            "{b}"
+        );
 
         // Forecast by its own time field (expected close month), open deals only.
         let fc = ask(db, &fx, json!({"metric": "weighted_forecast", "time": {"grain": "month", "from": "2026-12-01", "to": "2027-02-01"}})).await;
-        assert_eq!(rows(&fc), json!([{"period": "2026-12-01", "weighted_forecast": 120.0}, {"period": "2027-01-01", "weighted_forecast": 5.0}]), "{b}");
+        assert_eq!(
+            rows(&fc),
+            json!([{"period": "2026-12-01", "weighted_forecast": 120.0}, {"period": "2027-01-01", "weighted_forecast": 5.0}]),
+            "{b}"
+        );
 
         // Compare with the previous quarter; flag drops of 30% or more.
         let c = ask(db, &fx, json!({"metric": "leads", "time": {"from": "2026-04-01", "to": "2026-07-01"}, "compare": "previous_period", "flag": {"metric": "leads", "change_pct_lte": -30}})).await;
-        assert_eq!(rows(&c), json!([{"leads": 1, "leads_previous": 3, "leads_change": -2, "leads_change_pct": -66.666667, "flag": true}]), "{b}");
-        assert_eq!(c.meta["compared_with"], json!({"from": "2026-01-01", "to": "2026-04-01"}), "{b}");
+        assert_eq!(
+            rows(&c),
+            json!([{"leads": 1, "leads_previous": 3, "leads_change": -2, "leads_change_pct": -66.666667, "flag": true}]),
+            "{b}"
+        );
+        assert_eq!(
+            c.meta["compared_with"],
+            json!({"from": "2026-01-01", "to": "2026-04-01"}),
+            "{b}"
+        );
 
         // Dimensions one relation away and filters through them.
-        let by_industry = ask(db, &fx, json!({"metric": "opportunities", "group_by": ["account.industry"]})).await;
-        assert_eq!(rows(&by_industry), json!([{"account.industry": "retail", "opportunities": 4}, {"account.industry": null, "opportunities": 1}]), "{b}");
+        let by_industry = ask(
+            db,
+            &fx,
+            json!({"metric": "opportunities", "group_by": ["account.industry"]}),
+        )
+        .await;
+        assert_eq!(
+            rows(&by_industry),
+            json!([{"account.industry": "retail", "opportunities": 4}, {"account.industry": null, "opportunities": 1}]),
+            "{b}"
+        );
         let filtered = ask(db, &fx, json!({"metrics": ["pipeline_value", "opportunities"], "filters": [{"field": "region", "op": "in", "value": ["east"]}]})).await;
-        assert_eq!(json!(filtered.totals), json!({"pipeline_value": 300.0, "opportunities": 2}), "{b}");
+        assert_eq!(
+            json!(filtered.totals),
+            json!({"pipeline_value": 300.0, "opportunities": 2}),
+            "{b}"
+        );
         let sorted = ask(db, &fx, json!({"metric": "opportunities", "group_by": ["region"], "sort": ["-opportunities"], "limit": 1})).await;
         assert_eq!(sorted.rows.len(), 1, "{b}");
         assert_eq!(sorted.rows[0]["opportunities"], json!(2), "{b}");
 
         // A rep sees only their own records in every number.
-        let mine = ask_as(db, &fx, json!({"metrics": ["opportunities", "pipeline_value", "win_rate"]}), &Visibility { owners: Some(vec![fx.rep_a]) }).await;
-        assert_eq!(json!(mine.totals), json!({"opportunities": 3, "pipeline_value": 50.0, "win_rate": 0.5}), "{b}");
-        let funnel = ask_as(db, &fx, json!({"metric": "stage_conversion"}), &Visibility { owners: Some(vec![fx.rep_a]) }).await;
+        let mine = ask_as(
+            db,
+            &fx,
+            json!({"metrics": ["opportunities", "pipeline_value", "win_rate"]}),
+            &Visibility {
+                owners: Some(vec![fx.rep_a]),
+            },
+        )
+        .await;
+        assert_eq!(
+            json!(mine.totals),
+            json!({"opportunities": 3, "pipeline_value": 50.0, "win_rate": 0.5}),
+            "{b}"
+        );
+        let funnel = ask_as(
+            db,
+            &fx,
+            json!({"metric": "stage_conversion"}),
+            &Visibility {
+                owners: Some(vec![fx.rep_a]),
+            },
+        )
+        .await;
         assert_eq!(funnel.rows[0]["entered"], json!(3), "{b}");
-        let none = ask_as(db, &fx, json!({"metric": "opportunities"}), &Visibility { owners: Some(vec![]) }).await;
+        let none = ask_as(
+            db,
+            &fx,
+            json!({"metric": "opportunities"}),
+            &Visibility {
+                owners: Some(vec![]),
+            },
+        )
+        .await;
         assert_eq!(json!(none.totals), json!({"opportunities": 0}), "{b}");
 
         // Empty range: counts 0, averages null.
         let empty = ask(db, &fx, json!({"metrics": ["opportunities", "avg_deal_size", "win_rate"], "time": {"from": "2020-01-01", "to": "2020-02-01"}})).await;
-        assert_eq!(json!(empty.totals), json!({"opportunities": 0, "avg_deal_size": null, "win_rate": null}), "{b}");
+        assert_eq!(
+            json!(empty.totals),
+            json!({"opportunities": 0, "avg_deal_size": null, "win_rate": null}),
+            "{b}"
+        );
         t.cleanup().await;
     }
 }
 
 async fn drill_ids(db: &Db, fx: &Fx, q: Json) -> Vec<&'static str> {
     let dq: DrillQuery = serde_json::from_value(q).unwrap();
-    let page = engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default()).await.unwrap();
+    let page = engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default())
+        .await
+        .unwrap();
     let mut names: Vec<&'static str> = page
         .records
         .iter()
@@ -242,30 +417,96 @@ async fn drill_down_returns_the_records_behind_a_number() {
         let b = t.backend;
         assert_eq!(drill_ids(db, &fx, json!({"metric": "win_rate", "group_by": ["region"], "row": {"region": "north"}, "side": "denominator"})).await, vec!["O1", "O2"], "{b}");
         assert_eq!(drill_ids(db, &fx, json!({"metric": "win_rate", "group_by": ["region"], "row": {"region": "north"}, "side": "numerator"})).await, vec!["O1"], "{b}");
-        assert_eq!(drill_ids(db, &fx, json!({"metric": "opportunities", "group_by": ["region"], "row": {"region": null}})).await, vec!["O5"], "{b}");
-        assert_eq!(drill_ids(db, &fx, json!({"metric": "stage_conversion", "row": {"stage": "sql"}})).await, vec!["O1", "O2", "O3", "O4"], "{b}");
+        assert_eq!(
+            drill_ids(
+                db,
+                &fx,
+                json!({"metric": "opportunities", "group_by": ["region"], "row": {"region": null}})
+            )
+            .await,
+            vec!["O5"],
+            "{b}"
+        );
+        assert_eq!(
+            drill_ids(
+                db,
+                &fx,
+                json!({"metric": "stage_conversion", "row": {"stage": "sql"}})
+            )
+            .await,
+            vec!["O1", "O2", "O3", "O4"],
+            "{b}"
+        );
         assert_eq!(drill_ids(db, &fx, json!({"metric": "stage_conversion", "row": {"stage": "proposal"}, "side": "advanced"})).await, vec!["O1", "O4"], "{b}");
-        assert_eq!(drill_ids(db, &fx, json!({"metric": "lead_conversion", "row": {}, "side": "numerator"})).await, vec!["L1", "L2"], "{b}");
+        assert_eq!(
+            drill_ids(
+                db,
+                &fx,
+                json!({"metric": "lead_conversion", "row": {}, "side": "numerator"})
+            )
+            .await,
+            vec!["L1", "L2"],
+            "{b}"
+        );
         assert_eq!(drill_ids(db, &fx, json!({"metric": "leads", "time": {"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"}, "row": {"period": "2026-04-01"}})).await, vec!["L3"], "{b}");
-        assert_eq!(drill_ids(db, &fx, json!({"metric": "time_in_stage", "row": {"stage": "quoted"}})).await, vec!["O1"], "{b}");
+        assert_eq!(
+            drill_ids(
+                db,
+                &fx,
+                json!({"metric": "time_in_stage", "row": {"stage": "quoted"}})
+            )
+            .await,
+            vec!["O1"],
+            "{b}"
+        );
         // Paging: two pages of two, then one.
-        let dq: DrillQuery = serde_json::from_value(json!({"metric": "opportunities", "page_size": 2})).unwrap();
-        let p1 = engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default()).await.unwrap();
+        let dq: DrillQuery =
+            serde_json::from_value(json!({"metric": "opportunities", "page_size": 2})).unwrap();
+        let p1 = engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default())
+            .await
+            .unwrap();
         assert_eq!(p1.records.len(), 2);
-        let dq2 = DrillQuery { cursor: p1.next_cursor.clone(), ..dq.clone() };
-        let p2 = engine::drill(db, &fx.app, &fx.reports, &dq2, now(), &Visibility::default()).await.unwrap();
+        let dq2 = DrillQuery {
+            cursor: p1.next_cursor.clone(),
+            ..dq.clone()
+        };
+        let p2 = engine::drill(
+            db,
+            &fx.app,
+            &fx.reports,
+            &dq2,
+            now(),
+            &Visibility::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(p2.records.len(), 2);
-        assert!(p2.records.iter().all(|r| !p1.records.iter().any(|x| x.meta.id == r.meta.id)), "{b}");
+        assert!(
+            p2.records
+                .iter()
+                .all(|r| !p1.records.iter().any(|x| x.meta.id == r.meta.id)),
+            "{b}"
+        );
         // Bad drills.
         for (q, path) in [
             (json!({"metric": "win_rate"}), "/side"),
             (json!({"metric": "avg_won_derived"}), "/metrics/0"),
-            (json!({"metric": "stage_conversion", "row": {"stage": "nope"}}), "/row/stage"),
-            (json!({"metric": "opportunities", "group_by": ["region"], "row": {}}), "/row/region"),
-            (json!({"metric": "opportunities", "cursor": "zzz"}), "/cursor"),
+            (
+                json!({"metric": "stage_conversion", "row": {"stage": "nope"}}),
+                "/row/stage",
+            ),
+            (
+                json!({"metric": "opportunities", "group_by": ["region"], "row": {}}),
+                "/row/region",
+            ),
+            (
+                json!({"metric": "opportunities", "cursor": "zzz"}),
+                "/cursor",
+            ),
         ] {
             let dq: DrillQuery = serde_json::from_value(q.clone()).unwrap();
-            match engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default()).await {
+            match engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default()).await
+            {
                 Err(FormError::Query(ps)) => assert_eq!(ps[0].path, path, "{b}: {q}"),
                 other => panic!("{q}: {other:?}"),
             }
@@ -282,22 +523,82 @@ async fn bad_queries_are_precise_errors() {
     for (q, path, msg) in [
         (json!({}), "/metrics", "Name at least one metric"),
         (json!({"metric": "revenue"}), "/metrics/0", "not a metric"),
-        (json!({"metric": "leads", "group_by": ["colour"]}), "/group_by/0", "`colour` is not a field of Lead"),
-        (json!({"metric": "leads", "group_by": ["owner.manager.name"]}), "/group_by/0", "one relation deep"),
-        (json!({"metric": "leads", "filters": [{"field": "status", "op": "eq", "value": "wonn"}]}), "/filters/0/value", "not a value of"),
-        (json!({"metric": "leads", "filters": [{"field": "status", "op": "like", "value": "x"}]}), "/filters/0/op", "not an operator"),
-        (json!({"metric": "leads", "filters": [{"field": "name; DROP TABLE x", "op": "eq", "value": "x"}]}), "/filters/0/field", "not a field name"),
-        (json!({"metric": "leads", "time": {"grain": "fortnight"}}), "/time/grain", "not a grain"),
-        (json!({"metric": "leads", "time": {"preset": "someday"}}), "/time/preset", "not a preset"),
-        (json!({"metric": "leads", "time": {"from": "2026-02-01", "to": "2026-01-01"}}), "/time/to", "after"),
-        (json!({"metric": "leads", "time": {"from": "2026-02-01"}}), "/time/to", "both"),
-        (json!({"metric": "leads", "timezone": "Mars/Olympus"}), "/timezone", "IANA"),
-        (json!({"metric": "leads", "compare": "previous_period"}), "/compare", "needs a time range"),
-        (json!({"metric": "weighted_forecast", "time": {"field": "created_at", "grain": "month"}}), "/time/field", "snapshot"),
-        (json!({"metrics": ["stage_conversion", "leads"]}), "/metrics", "on its own"),
-        (json!({"metric": "leads", "sort": ["-revenue"]}), "/sort/0", "cannot sort"),
+        (
+            json!({"metric": "leads", "group_by": ["colour"]}),
+            "/group_by/0",
+            "`colour` is not a field of Lead",
+        ),
+        (
+            json!({"metric": "leads", "group_by": ["owner.manager.name"]}),
+            "/group_by/0",
+            "one relation deep",
+        ),
+        (
+            json!({"metric": "leads", "filters": [{"field": "status", "op": "eq", "value": "wonn"}]}),
+            "/filters/0/value",
+            "not a value of",
+        ),
+        (
+            json!({"metric": "leads", "filters": [{"field": "status", "op": "like", "value": "x"}]}),
+            "/filters/0/op",
+            "not an operator",
+        ),
+        (
+            json!({"metric": "leads", "filters": [{"field": "name; DROP TABLE x", "op": "eq", "value": "x"}]}),
+            "/filters/0/field",
+            "not a field name",
+        ),
+        (
+            json!({"metric": "leads", "time": {"grain": "fortnight"}}),
+            "/time/grain",
+            "not a grain",
+        ),
+        (
+            json!({"metric": "leads", "time": {"preset": "someday"}}),
+            "/time/preset",
+            "not a preset",
+        ),
+        (
+            json!({"metric": "leads", "time": {"from": "2026-02-01", "to": "2026-01-01"}}),
+            "/time/to",
+            "after",
+        ),
+        (
+            json!({"metric": "leads", "time": {"from": "2026-02-01"}}),
+            "/time/to",
+            "both",
+        ),
+        (
+            json!({"metric": "leads", "timezone": "Mars/Olympus"}),
+            "/timezone",
+            "IANA",
+        ),
+        (
+            json!({"metric": "leads", "compare": "previous_period"}),
+            "/compare",
+            "needs a time range",
+        ),
+        (
+            json!({"metric": "weighted_forecast", "time": {"field": "created_at", "grain": "month"}}),
+            "/time/field",
+            "snapshot",
+        ),
+        (
+            json!({"metrics": ["stage_conversion", "leads"]}),
+            "/metrics",
+            "on its own",
+        ),
+        (
+            json!({"metric": "leads", "sort": ["-revenue"]}),
+            "/sort/0",
+            "cannot sort",
+        ),
         (json!({"metric": "leads", "limit": 0}), "/limit", "between"),
-        (json!({"metric": "opportunities", "group_by": ["win_factors"]}), "/group_by/0", "holds a list"),
+        (
+            json!({"metric": "opportunities", "group_by": ["win_factors"]}),
+            "/group_by/0",
+            "holds a list",
+        ),
     ] {
         let ps = problems(db, &fx, q.clone()).await;
         assert!(
@@ -326,10 +627,17 @@ async fn broken_metric_definitions_list_every_problem() {
         "k": {"type": "aggregate", "entity": "opportunity", "agg": "sum", "expr": "system('rm')"},
         "l": {"type": "aggregate", "entity": "opportunity", "agg": "count", "filter": "amount > 'x'"}
     }, "dashboards": {"d1": {"items": [{"key": "x", "chart": "pie", "query": {"metric": "a"}}]}}}]);
-    let out = apps::import(&t.db, &def, ImportOptions::default(), None, now()).await.unwrap();
+    let out = apps::import(&t.db, &def, ImportOptions::default(), None, now())
+        .await
+        .unwrap();
     let app = apps::load(&t.db, &out.app).await.unwrap().unwrap();
-    let Err(FormError::Definition(ps)) = Reports::compile(&app) else { panic!("should fail") };
-    let got: Vec<String> = ps.iter().map(|p| format!("{} {}", p.path, p.message)).collect();
+    let Err(FormError::Definition(ps)) = Reports::compile(&app) else {
+        panic!("should fail")
+    };
+    let got: Vec<String> = ps
+        .iter()
+        .map(|p| format!("{} {}", p.path, p.message))
+        .collect();
     insta::assert_snapshot!(got.join("\n"));
     t.cleanup().await;
 }
@@ -340,12 +648,26 @@ async fn the_crm_reports_compile_and_every_dashboard_query_plans() {
     let fx = fixture(&t.db).await;
     let d = &fx.reports.dashboards["sales_overview"];
     assert_eq!(d.def.items.len(), 7);
-    for name in ["lead_conversion", "stage_conversion", "sales_cycle_days", "weighted_forecast", "win_rate", "avg_deal_size", "pipeline_value", "time_in_stage"] {
-        assert!(fx.reports.metrics.contains_key(name), "{name} is a contract name");
+    for name in [
+        "lead_conversion",
+        "stage_conversion",
+        "sales_cycle_days",
+        "weighted_forecast",
+        "win_rate",
+        "avg_deal_size",
+        "pipeline_value",
+        "time_in_stage",
+    ] {
+        assert!(
+            fx.reports.metrics.contains_key(name),
+            "{name} is a contract name"
+        );
     }
     for item in &d.def.items {
         let plan = engine::plan(&fx.app, &fx.reports, &item.query, now(), t.db.backend()).unwrap();
-        engine::run(&t.db, &fx.app, &fx.reports, &plan, &Visibility::default()).await.unwrap();
+        engine::run(&t.db, &fx.app, &fx.reports, &plan, &Visibility::default())
+            .await
+            .unwrap();
     }
     t.cleanup().await;
 }

@@ -368,7 +368,7 @@ pub async fn prepare(
             Some(dir) => trellis_form::bundle::load(dir)?.definition,
             None => crate::crm::definition(),
         };
-        let outcome = apps::import(
+        let outcome = crate::appdef::import(
             &db,
             &def,
             ImportOptions::default(),
@@ -526,8 +526,7 @@ fn check(dir: &Path) -> i32 {
             return 1;
         }
     };
-    let result = trellis_form::compile::parse(&bundle.definition)
-        .and_then(|def| trellis_form::compile::compile(def, 1));
+    let result = crate::appdef::check(&bundle.definition);
     match result {
         Ok(app) => {
             let fields: usize = app.entities.iter().map(|e| e.fields.len()).sum();
@@ -584,7 +583,7 @@ async fn import(dir: &Path, db: &DbArgs, opts: ImportOptions) -> anyhow::Result<
     let bundle = trellis_form::bundle::load(dir)?;
     let db = open_db(db).await?;
     let admin = crate::auth::ensure_admin(&db, SystemClock.now()).await?;
-    match apps::import(
+    match crate::appdef::import(
         &db,
         &bundle.definition,
         opts,

@@ -5,6 +5,7 @@
 //! Architecture invariant: this is the only crate that knows about HTTP.
 
 pub mod api;
+pub mod appdef;
 pub mod auth;
 pub mod bench;
 pub mod cli;
@@ -37,6 +38,7 @@ pub const MAX_BULK_BODY: usize = 64 * 1024 * 1024;
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags((name = "apps", description = "App definitions and versions"),
+          (name = "reports", description = "Metric queries, drill-down and dashboards"),
          (name = "records", description = "Records of an app's entities"),
          (name = "users", description = "Users and teams"),
          (name = "identity", description = "Logging in and personal API tokens"))
@@ -65,6 +67,7 @@ pub fn api() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
         .layer(DefaultBodyLimit::max(MAX_BULK_BODY));
     let normal = OpenApiRouter::new()
         .merge(api::records::router())
+        .merge(api::reports::router())
         .merge(api::users::router())
         .merge(api::identity::router())
         .layer(DefaultBodyLimit::max(MAX_BODY));

@@ -377,3 +377,25 @@ pub fn write_xlsx(path: &Path, headers: &[String], rows: &[Vec<String>]) -> anyh
     wb.save(path)?;
     Ok(())
 }
+
+/// A table as the bytes of an XLSX workbook (for downloads).
+pub fn xlsx_bytes(headers: &[String], rows: &[Vec<String>]) -> anyhow::Result<Vec<u8>> {
+    let mut wb = rust_xlsxwriter::Workbook::new();
+    let ws = wb.add_worksheet();
+    for (c, h) in headers.iter().enumerate() {
+        ws.write_string(0, c as u16, h)?;
+    }
+    for (r, row) in rows.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            if v.is_empty() {
+                continue;
+            }
+            // Numbers stay numbers, so the sheet can sum them.
+            match v.parse::<f64>() {
+                Ok(n) => ws.write_number(r as u32 + 1, c as u16, n)?,
+                Err(_) => ws.write_string(r as u32 + 1, c as u16, v)?,
+            };
+        }
+    }
+    Ok(wb.save_to_buffer()?)
+}

@@ -18,6 +18,8 @@ pub struct Loaded {
     pub app: Arc<App>,
     /// Owner of records created without one.
     pub default_owner: Uuid,
+    /// The app's compiled metrics and dashboards.
+    pub reports: Arc<trellis_report::Reports>,
 }
 
 /// Everything a handler needs.
@@ -81,7 +83,17 @@ impl AppState {
                 .map(|u| u.id),
             None => None,
         };
+        // An installed definition passed the report checks on import; one stored by an older
+        // version that no longer passes keeps its records working, without reports.
+        let reports = match trellis_report::Reports::compile(&app) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(app = %app.key, error = %e, "reports of this app do not compile");
+                trellis_report::Reports::default()
+            }
+        };
         let loaded = Loaded {
+            reports: Arc::new(reports),
             app: Arc::new(app),
             default_owner: owner.unwrap_or(self.admin_user),
         };

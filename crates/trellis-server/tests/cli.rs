@@ -113,10 +113,14 @@ fn app_plan_and_import_against_a_database() {
 
 #[test]
 fn the_embedded_crm_is_the_examples_folder() {
-    let mut files: Vec<String> = std::fs::read_dir(manifest("../../examples/crm/entities"))
-        .unwrap()
-        .map(|e| format!("entities/{}", e.unwrap().file_name().to_string_lossy()))
-        .collect();
+    let mut files: Vec<String> = vec![];
+    for section in trellis_form::bundle::SECTIONS {
+        let Ok(dir) = std::fs::read_dir(manifest(&format!("../../examples/crm/{section}"))) else {
+            continue;
+        };
+        files
+            .extend(dir.map(|e| format!("{section}/{}", e.unwrap().file_name().to_string_lossy())));
+    }
     files.push("app.json".into());
     files.sort();
     let mut embedded: Vec<String> = trellis_server::crm::FILES

@@ -58,7 +58,7 @@ async fn do_import(
         dry_run: p.dry_run,
     };
     let outcome =
-        apps::import(&state.db, def, opts, Some(actor.user_id), state.clock.now()).await?;
+        crate::appdef::import(&state.db, def, opts, Some(actor.user_id), state.clock.now()).await?;
     if outcome.applied {
         if let Some(app) = apps::load(&state.db, &outcome.app).await? {
             state.install(app).await?;

@@ -6,6 +6,7 @@
 pub mod apps;
 pub mod identity;
 pub mod records;
+pub mod reports;
 pub mod users;
 
 use crate::error::ApiError;

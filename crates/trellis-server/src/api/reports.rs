@@ -1,0 +1,272 @@
+//! `/api/v1/apps/{app}/reports` and `/dashboards`: metric queries, drill-down, dashboards.
+//!
+//! Every number counts only the records the caller may see: the policy's owner set is handed to
+//! the report engine as its visibility, so a rep's funnel is the rep's funnel.
+
+use super::{Body, ProblemDoc, Q};
+use crate::auth::Actor;
+use crate::error::{ApiError, ApiResult};
+use crate::state::{AppState, Loaded};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use trellis_report::{engine, DrillQuery, Query, Visibility};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// Routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_reports))
+        .routes(routes!(query_report))
+        .routes(routes!(drill_report))
+        .routes(routes!(get_dashboard))
+}
+
+async fn prelude(state: &AppState, actor: &Actor, app: &str) -> ApiResult<(Visibility, Loaded)> {
+    let access = crate::policy::access(state, actor, app).await?;
+    let loaded = state.app(app)?;
+    let vis = Visibility {
+        owners: access.owners.map(|s| {
+            let mut v: Vec<_> = s.into_iter().collect();
+            v.sort();
+            v
+        }),
+    };
+    Ok((vis, loaded))
+}
+
+/// The app's metrics and dashboards.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/reports", tag = "reports",
+    params(("app" = String, Path, description = "App key")),
+    responses((status = 200, description = "`{metrics: [{name, type, label, entity}], dashboards: [{name, label, items}]}`", body = Object),
+              (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn list_reports(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (_, loaded) = prelude(&state, &actor, &app).await?;
+    let metrics: Vec<Value> = loaded
+        .reports
+        .metrics
+        .values()
+        .map(|m| json!({"name": m.name, "type": m.type_name, "label": m.label, "entity": m.entity}))
+        .collect();
+    let dashboards: Vec<Value> = loaded
+        .reports
+        .dashboards
+        .values()
+        .map(|d| {
+            json!({
+                "name": d.name,
+                "label": d.def.label.as_ref().map(|l| l.get("en", &d.name).to_owned()).unwrap_or_else(|| d.name.clone()),
+                "items": d.def.items.iter().map(|i| json!({"key": i.key, "chart": i.chart})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"metrics": metrics, "dashboards": dashboards})))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct FormatParams {
+    /// `json` (default), `csv` or `xlsx`.
+    format: Option<String>,
+}
+
+/// Answer a metric query: `{columns, rows, totals, meta}`, or the rows as CSV / XLSX.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/reports/query", tag = "reports",
+    params(("app" = String, Path, description = "App key"), FormatParams),
+    request_body(content = Object, description = "`{metrics, group_by, filters, time, timezone, week_start, compare, compare_to_date, flag, sort, limit}` (see docs/reference/reports.md)"),
+    responses((status = 200, description = "`{columns, rows, totals, meta}`", body = Object),
+              (status = 400, description = "The query is invalid: every problem with its JSON pointer", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn query_report(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+    Q(p): Q<FormatParams>,
+    Body(body): Body<Value>,
+) -> ApiResult<Response> {
+    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    let q = parse_query(body)?;
+    let answer = answer(&state, &loaded, &q, &vis).await?;
+    let format = p.format.as_deref().unwrap_or("json");
+    let table = || {
+        let headers: Vec<String> = answer.columns.iter().map(|c| c.name.clone()).collect();
+        let rows: Vec<Vec<String>> = answer
+            .rows
+            .iter()
+            .map(|r| {
+                headers
+                    .iter()
+                    .map(|h| match r.get(h) {
+                        None | Some(Value::Null) => String::new(),
+                        Some(Value::String(s)) => s.clone(),
+                        Some(v) => v.to_string(),
+                    })
+                    .collect()
+            })
+            .collect();
+        (headers, rows)
+    };
+    let file = |ct: &'static str, ext: &str, bytes: Vec<u8>| {
+        let mut resp = bytes.into_response();
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        if let Ok(v) =
+            HeaderValue::from_str(&format!("attachment; filename=\"{app}-report.{ext}\""))
+        {
+            resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+        resp
+    };
+    match format {
+        "json" => Ok(Json(json!(answer)).into_response()),
+        "csv" => {
+            let (h, r) = table();
+            let mut buf = vec![];
+            crate::sheets::write_csv(&mut buf, &h, &r)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(file("text/csv; charset=utf-8", "csv", buf))
+        }
+        "xlsx" => {
+            let (h, r) = table();
+            let buf =
+                crate::sheets::xlsx_bytes(&h, &r).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(file(
+                "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                "xlsx",
+                buf,
+            ))
+        }
+        other => Err(ApiError::new(
+            "invalid_query",
+            format!("`{other}` is not a format; use json, csv or xlsx."),
+        )),
+    }
+}
+
+fn parse_query(body: Value) -> ApiResult<Query> {
+    serde_path_to_error::deserialize::<_, Query>(body).map_err(|e| {
+        let path = e.path().to_string();
+        let ptr = if path == "." {
+            String::new()
+        } else {
+            format!("/{}", path.replace('.', "/"))
+        };
+        ApiError::new("invalid_query", "The query has the wrong shape.").with_errors(vec![
+            trellis_form::Problem::new(ptr, "invalid", e.inner().to_string()),
+        ])
+    })
+}
+
+async fn answer(
+    state: &AppState,
+    loaded: &Loaded,
+    q: &Query,
+    vis: &Visibility,
+) -> ApiResult<engine::Answer> {
+    let now = state.clock.now();
+    let plan = engine::plan(&loaded.app, &loaded.reports, q, now, state.db.backend())?;
+    Ok(engine::run(&state.db, &loaded.app, &loaded.reports, &plan, vis).await?)
+}
+
+/// The records behind one number: the same query, one row of its answer, and for a ratio or
+/// conversion the side to open.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/reports/drill", tag = "reports",
+    params(("app" = String, Path, description = "App key")),
+    request_body(content = Object, description = "A query plus `row`, `side`, `page_size`, `cursor`"),
+    responses((status = 200, description = "`{entity, records, next_cursor}`", body = Object),
+              (status = 400, description = "The drill is invalid", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn drill_report(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+    Body(body): Body<Value>,
+) -> ApiResult<Json<Value>> {
+    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    let dq: DrillQuery = serde_path_to_error::deserialize(body).map_err(|e| {
+        ApiError::new("invalid_query", "The drill request has the wrong shape.").with_errors(vec![
+            trellis_form::Problem::new(
+                format!("/{}", e.path().to_string().replace('.', "/")),
+                "invalid",
+                e.inner().to_string(),
+            ),
+        ])
+    })?;
+    let page = engine::drill(
+        &state.db,
+        &loaded.app,
+        &loaded.reports,
+        &dq,
+        state.clock.now(),
+        &vis,
+    )
+    .await?;
+    Ok(Json(json!({
+        "entity": page.entity,
+        "records": page.records.iter().map(trellis_form::store::Record::to_json).collect::<Vec<_>>(),
+        "next_cursor": page.next_cursor,
+    })))
+}
+
+/// Every panel of a dashboard, answered in one request (the queries run concurrently).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/dashboards/{name}", tag = "reports",
+    params(("app" = String, Path, description = "App key"), ("name" = String, Path, description = "Dashboard name")),
+    responses((status = 200, description = "`{name, label, items: [{key, title, chart, query, answer}]}`", body = Object),
+              (status = 404, description = "No such app or dashboard", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn get_dashboard(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path((app, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    let Some(d) = loaded.reports.dashboards.get(&name).cloned() else {
+        return Err(ApiError::not_found(format!(
+            "app `{app}` has no dashboard `{name}`"
+        )));
+    };
+    let vis = Arc::new(vis);
+    let mut set = tokio::task::JoinSet::new();
+    for (i, item) in d.def.items.iter().enumerate() {
+        let (state, loaded, vis, q) = (
+            state.clone(),
+            loaded.clone(),
+            vis.clone(),
+            item.query.clone(),
+        );
+        set.spawn(async move { (i, answer(&state, &loaded, &q, &vis).await) });
+    }
+    let mut answers: Vec<Option<Value>> = vec![None; d.def.items.len()];
+    while let Some(r) = set.join_next().await {
+        let (i, a) = r.map_err(|e| ApiError::internal(e.to_string()))?;
+        answers[i] = Some(json!(a?));
+    }
+    let items: Vec<Value> = d
+        .def
+        .items
+        .iter()
+        .zip(answers)
+        .map(|(item, a)| {
+            json!({
+                "key": item.key,
+                "title": item.title.as_ref().map(|l| l.get("en", &item.key).to_owned()),
+                "chart": item.chart,
+                "query": item.query,
+                "answer": a,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "name": d.name,
+        "label": d.def.label.as_ref().map(|l| l.get("en", &d.name).to_owned()).unwrap_or_else(|| d.name.clone()),
+        "items": items,
+    })))
+}

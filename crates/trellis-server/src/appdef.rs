@@ -1,0 +1,33 @@
+//! App definitions checked by every engine before anything is written: the form engine's
+//! entities, then the report engine's metrics and dashboards (which need the compiled entities).
+//! The form engine cannot call the report engine (dependencies point one way), so the server
+//! wires the two together here, and every import path (API, CLI, first start) goes through it.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use trellis_form::apps::{self, ImportOptions, ImportOutcome};
+use trellis_form::db::Db;
+use trellis_form::model::App;
+use trellis_form::Result;
+use uuid::Uuid;
+
+/// Compile a definition offline with every engine (`trellis app check`).
+pub fn check(def: &Value) -> Result<App> {
+    let parsed = trellis_form::compile::parse(def)?;
+    let app = trellis_form::compile::compile(parsed, 1)?;
+    trellis_report::Reports::compile(&app)?;
+    Ok(app)
+}
+
+/// Import a definition after every engine has accepted it.
+pub async fn import(
+    db: &Db,
+    def: &Value,
+    opts: ImportOptions,
+    actor: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<ImportOutcome> {
+    let (new, _, _) = apps::plan_import(db, def).await?;
+    trellis_report::Reports::compile(&new)?;
+    apps::import(db, def, opts, actor, now).await
+}
