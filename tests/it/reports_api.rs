@@ -136,6 +136,35 @@ async fn reports_count_what_the_caller_may_see() {
         .await;
         assert_eq!(d["records"].as_array().unwrap().len(), 1, "{be}");
         assert_eq!(d["records"][0]["name"], "B");
+        // A read-scope token may query (a POST that only reads) but not write.
+        let (s, tok) = with(
+            &app,
+            &t1,
+            Method::POST,
+            "/api/v1/tokens",
+            Some(json!({"name": "bi", "scope": "read"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{tok}");
+        let read = tok["token"].as_str().unwrap();
+        let (s, _) = with(
+            &app,
+            read,
+            Method::POST,
+            "/api/v1/apps/crm/reports/query",
+            Some(json!({"metric": "opportunities"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{be}");
+        let (s, _) = with(
+            &app,
+            read,
+            Method::POST,
+            "/api/v1/apps/crm/records/lead",
+            Some(json!({"name": "x", "status": "new"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}");
         // CSV and XLSX.
         let r = app
             .req(Method::POST, "/api/v1/apps/crm/reports/query?format=csv")

@@ -18,7 +18,6 @@ use serde_json::{json, Map, Value as Json};
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use trellis_form::db::{quote, Backend, Db, Sql, Value};
-use trellis_form::def::FieldType;
 use trellis_form::model::{stage_entered_column, App, ColKind};
 use trellis_form::query::Filter;
 use trellis_form::{FormError, Problem, Result};
@@ -347,6 +346,13 @@ pub fn plan(
             None
         }
     };
+    if compare.is_some() && per_stage.is_some() {
+        problems.push(Problem::new(
+            "/compare",
+            "invalid_query",
+            "Funnels and time in stage are not compared with a previous period yet; query the periods separately.",
+        ));
+    }
     if let Some(f) = &q.flag {
         if compare.is_none() {
             problems.push(Problem::new(
@@ -734,7 +740,16 @@ pub async fn run(
     plan: &Plan,
     vis: &Visibility,
 ) -> Result<Answer> {
-    let (mut rows, cur_range) = rows_for(db, app, reports, plan, plan.range, true, vis).await?;
+    // Compared "to date": a period still under way is cut at today, and the previous period at
+    // the same elapsed length.
+    let mut range = plan.range;
+    if let (true, Some((f, t))) = (plan.query.compare_to_date && plan.compare.is_some(), range) {
+        let tomorrow = plan.now.with_timezone(&plan.tz).date_naive() + Duration::days(1);
+        if tomorrow > f && tomorrow < t {
+            range = Some((f, tomorrow));
+        }
+    }
+    let (mut rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis).await?;
     let totals_rows = if plan.per_stage.is_some() {
         None
     } else {
@@ -746,11 +761,11 @@ pub async fn run(
     };
     let mut prev = None;
     if let (Some(shift), Some((f, t))) = (plan.compare, cur_range) {
-        let (pf, pt) = (shift.back(f), shift.back(t));
+        let pf = shift.back(f);
         let pt = if plan.query.compare_to_date {
             pf + (t - f)
         } else {
-            pt
+            shift.back(t)
         };
         prev = Some(
             rows_for(db, app, reports, plan, Some((pf, pt)), true, vis)
@@ -774,20 +789,20 @@ pub async fn run(
         }
         if let Some(ps) = &plan.per_stage {
             row.insert("stage".into(), key[k].clone());
-            stage_values(reports, plan, ps, &key, &rows, &mut row);
+            stage_values(reports, ps, &key, &rows, &mut row);
         } else {
             for m in &plan.metrics {
                 let v = value(reports, m, &vals);
                 row.insert(m.clone(), num(reports, m, v));
                 if let (Some(prev), Some(shift)) = (&prev, plan.compare) {
                     let mut pk = key.clone();
-                    if plan.grain.is_some() {
+                    if let Some(g) = plan.grain {
                         let i = plan.dims.len();
                         if let Some(d) = key[i]
                             .as_str()
                             .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
                         {
-                            pk[i] = json!(shift.back(d).format("%Y-%m-%d").to_string());
+                            pk[i] = json!(g.start(shift.back(d)).format("%Y-%m-%d").to_string());
                         }
                     }
                     let pv = prev
@@ -1013,14 +1028,7 @@ fn stage_order(app: &App, reports: &Reports, m: &str) -> Vec<String> {
     }
 }
 
-fn stage_values(
-    reports: &Reports,
-    plan: &Plan,
-    ps: &str,
-    key: &Key,
-    rows: &Rows,
-    row: &mut Map<String, Json>,
-) {
+fn stage_values(reports: &Reports, ps: &str, key: &Key, rows: &Rows, row: &mut Map<String, Json>) {
     let m = &reports.metrics[ps];
     let vals = rows.get(key).cloned().unwrap_or_default();
     match &m.kind {
@@ -1058,7 +1066,6 @@ fn stage_values(
             row.insert("days".into(), float(vals.get("days").copied().flatten()));
         }
     }
-    let _ = plan;
 }
 
 /// A unit of SQL work.
@@ -1149,18 +1156,14 @@ fn unit_sql(
 ) -> Result<(Sql, Vec<ColKind>, Out)> {
     let d = dialect::of(plan.backend);
     let internal = |m: String| FormError::Query(vec![Problem::new("", "invalid_query", m)]);
-    let (entity, time_expr, first): (String, Option<Expr>, &Metric) = match unit {
-        Unit::Aggs {
-            entity,
-            time,
-            metrics,
-        } => (entity.clone(), time.clone(), &reports.metrics[&metrics[0]]),
+    let (entity, time_expr): (String, Option<Expr>) = match unit {
+        Unit::Aggs { entity, time, .. } => (entity.clone(), time.clone()),
         Unit::Window { metric }
         | Unit::Conversion { metric }
         | Unit::Funnel { metric }
         | Unit::TimeInStage { metric } => {
             let m = &reports.metrics[metric];
-            (m.entity.clone().unwrap_or_default(), anchor_of(plan, m), m)
+            (m.entity.clone().unwrap_or_default(), anchor_of(plan, m))
         }
     };
     let e = app.entity(&entity)?;
@@ -1277,6 +1280,11 @@ fn unit_sql(
                 if let Some(f) = lower_opt(&mut ctx, &mut sql, &m.filter)? {
                     conds.push(f);
                 }
+                // A sum or an average is made of the records that have a value.
+                if let Kind::Aggregate { expr: Some(x), .. } = &m.kind {
+                    let x = ctx.lower(x, &mut sql).map_err(internal)?;
+                    conds.push(format!("{} IS NOT NULL", x.sql));
+                }
                 out = Out::Values(vec![]);
             } else {
                 let mut names = vec![];
@@ -1327,6 +1335,10 @@ fn unit_sql(
             let filter = lower_opt(&mut ctx, &mut sql, &m.filter)?;
             if drill.is_some() {
                 conds.extend(filter);
+                if let Some(x) = expr {
+                    let x = ctx.lower(x, &mut sql).map_err(internal)?;
+                    conds.push(format!("{} IS NOT NULL", x.sql));
+                }
                 out = Out::Values(vec![]);
             } else {
                 let x = lower_opt(&mut ctx, &mut sql, expr)?.unwrap_or_else(|| "1".into());
@@ -1376,23 +1388,27 @@ fn unit_sql(
                 .unwrap_or_else(|| "t.\"created_at\"".into());
             let hit = match (related, when) {
                 (Some((ce, via, within)), _) => {
+                    // A base record converts when any related record was created at or after it
+                    // (and within the window): EXISTS counts each base record at most once.
                     let target = app.entity(ce)?;
-                    let mut on = format!("c.\"k\" = t.\"id\" AND c.\"ct\" >= {base_time}");
+                    let mut inner = format!(
+                        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= {base_time}",
+                        tt = quote(&target.table),
+                        via = quote(via),
+                    );
                     if let Some(w) = within {
                         let wp = sql.param(Value::Int(i64::from(*w)));
-                        on.push_str(&format!(" AND {}", d.within("c.\"ct\"", &base_time, &wp)));
+                        inner.push_str(&format!(
+                            " AND {}",
+                            d.within("c.\"created_at\"", &base_time, &wp)
+                        ));
                         if *exclude_immature {
                             let now = sql.param(Value::DateTime(plan.now));
                             let wp2 = sql.param(Value::Int(i64::from(*w)));
                             conds.push(format!("NOT ({})", d.within(&now, &base_time, &wp2)));
                         }
                     }
-                    from = format!(
-                        " LEFT JOIN (SELECT {via} AS \"k\", MIN(\"created_at\") AS \"ct\" FROM {tt} WHERE {via} IS NOT NULL GROUP BY {via}) c ON {on}",
-                        via = quote(via),
-                        tt = quote(&target.table),
-                    );
-                    "c.\"k\" IS NOT NULL".to_owned()
+                    format!("EXISTS ({inner})")
                 }
                 (None, Some(w)) => ctx.lower(w, &mut sql).map_err(internal)?.sql,
                 (None, None) => d.bool_lit(false).to_owned(),
@@ -1593,7 +1609,6 @@ fn unit_sql(
                 .join(", ")
         )
     };
-    let _ = first;
     sql.text = format!(
         "SELECT {} FROM {}{from}{wh}{group}",
         select.join(", "),
@@ -1917,7 +1932,6 @@ pub async fn drill(
     } else {
         None
     };
-    let _ = FieldType::Text;
     Ok(DrillPage {
         records,
         next_cursor,

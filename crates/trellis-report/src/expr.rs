@@ -2,7 +2,7 @@
 //! `stage == 'won'`, `days_between(created_at, entered_at('won'))`.
 //!
 //! No SQL text ever comes from a spec. An expression is parsed here into a tree; names resolve
-//! only to fields of the compiled model (see [`crate::resolve`]) and functions only to the
+//! only to fields of the compiled model (see [`crate::lower`]) and functions only to the
 //! allow-list in [`FUNCTIONS`]; literals become bound parameters.
 
 use rust_decimal::Decimal;

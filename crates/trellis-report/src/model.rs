@@ -383,8 +383,6 @@ impl Reports {
         let mut defs: Vec<(String, String, MetricDef)> = vec![];
         for (i, item) in app.def.reports.iter().enumerate() {
             let base = format!("/reports/{i}");
-            let de = &mut serde_json::Deserializer::from_str("");
-            let _ = de;
             let parsed: ReportsDef = match serde_path_to_error::deserialize(item) {
                 Ok(d) => d,
                 Err(e) => {
@@ -424,9 +422,16 @@ impl Reports {
                     ));
                     continue;
                 }
+                if !valid_name(&name) {
+                    problems.push(Problem::new(
+                        &path,
+                        "invalid_name",
+                        format!("`{name}` is not a valid dashboard name: use lowercase letters, digits and _ (at most 63)"),
+                    ));
+                    continue;
+                }
                 out.dashboards
                     .insert(name.clone(), Dashboard { name, def: d });
-                let _ = path;
             }
         }
         for (name, path, def) in &defs {
@@ -442,7 +447,7 @@ impl Reports {
             }
         }
         // References between metrics: they exist, have the right kind, and form no cycle.
-        for (name, path, def) in &defs {
+        for (name, path, _) in &defs {
             let Some(m) = out.metrics.get(name) else {
                 continue;
             };
@@ -491,7 +496,6 @@ impl Reports {
                     ));
                 }
             }
-            let _ = def;
         }
         if problems.is_empty() {
             for (name, d) in &out.dashboards {
@@ -902,6 +906,14 @@ fn compile_metric(app: &App, name: &str, def: &MetricDef) -> std::result::Result
                         "use either `entity` + `via` or `when`, not both".into(),
                     )),
                     _ => {}
+                }
+                if related.is_none() && converted.when.is_some() && converted.within_days.is_some()
+                {
+                    errs.push((
+                        "/converted/within_days".into(),
+                        "a window applies to related records (`entity` + `via`), not to `when`"
+                            .into(),
+                    ));
                 }
                 if converted.exclude_immature && converted.within_days.is_none() {
                     errs.push((

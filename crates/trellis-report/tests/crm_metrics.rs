@@ -326,6 +326,25 @@ async fn crm_metrics_match_the_hand_computed_fixture() {
             "{b}"
         );
 
+        // To date: this quarter so far (to 27 November) against the same days of the last one.
+        let c = ask(db, &fx, json!({"metric": "leads", "time": {"preset": "this_quarter"}, "compare": "previous_period", "compare_to_date": true})).await;
+        assert_eq!(c.meta["from"], json!("2026-10-01"), "{b}");
+        assert_eq!(c.meta["to"], json!("2026-11-28"), "{b}");
+        assert_eq!(
+            c.meta["compared_with"],
+            json!({"from": "2026-07-01", "to": "2026-08-28"}),
+            "{b}"
+        );
+        assert_eq!(
+            rows(&c),
+            json!([{"leads": 1, "leads_previous": 0, "leads_change": 1, "leads_change_pct": null}]),
+            "{b}"
+        );
+        // Previous year by quarter: each bucket finds its own quarter a year back.
+        let c = ask(db, &fx, json!({"metric": "leads", "time": {"grain": "quarter", "from": "2027-01-01", "to": "2027-07-01"}, "compare": "previous_year"})).await;
+        assert_eq!(c.rows[0]["leads_previous"], json!(3), "{b}");
+        assert_eq!(c.rows[1]["leads_previous"], json!(1), "{b}");
+
         // Dimensions one relation away and filters through them.
         let by_industry = ask(
             db,

@@ -95,7 +95,7 @@ pub async fn require_token(
     let reading = matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
-    );
+    ) || (req.method() == axum::http::Method::POST && is_read_post(req.uri().path()));
     if !reading && actor.scope < crate::identity::Scope::Write {
         return Err(ApiError::new(
             "forbidden",
@@ -197,4 +197,14 @@ pub async fn bootstrap(
         tx.commit().await?;
     }
     Ok((admin, show.then_some(token)))
+}
+
+/// POST routes that only read (a query too large for a URL): a read-scope token may call them.
+pub fn is_read_post(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    matches!(
+        parts.as_slice(),
+        ["", "api", "v1", "apps", _, "reports", "query" | "drill"]
+            | ["", "api", "v1", "apps", _, "records", _, "query"]
+    )
 }
