@@ -752,6 +752,14 @@ pub async fn run(
     let (mut rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis).await?;
     let totals_rows = if plan.per_stage.is_some() {
         None
+    } else if plan.dims.is_empty() && plan.grain.is_none() {
+        // One row without grouping is the total already.
+        let mut t = Rows::new();
+        if let Some(k) = rows.order.first().cloned() {
+            let v = rows.get(&k).cloned().unwrap_or_default();
+            t.entry(vec![]).extend(v);
+        }
+        Some(t)
     } else {
         Some(
             rows_for(db, app, reports, plan, cur_range, false, vis)
@@ -1288,12 +1296,31 @@ fn unit_sql(
                 out = Out::Values(vec![]);
             } else {
                 let mut names = vec![];
+                // One metric alone (or several with the same filter): the filter goes to WHERE,
+                // so indexes can serve it and fewer rows are aggregated.
+                let shared_filter = match metrics.first().map(|n| &reports.metrics[n].filter) {
+                    Some(Some(f))
+                        if metrics
+                            .iter()
+                            .all(|n| reports.metrics[n].filter.as_ref() == Some(f)) =>
+                    {
+                        Some(f.clone())
+                    }
+                    _ => None,
+                };
+                if let Some(f) = &shared_filter {
+                    conds.push(ctx.lower(f, &mut sql).map_err(internal)?.sql);
+                }
                 for name in metrics {
                     let m = &reports.metrics[name];
                     let Kind::Aggregate { agg, expr } = &m.kind else {
                         continue;
                     };
-                    let filter = lower_opt(&mut ctx, &mut sql, &m.filter)?;
+                    let filter = if shared_filter.is_some() {
+                        None
+                    } else {
+                        lower_opt(&mut ctx, &mut sql, &m.filter)?
+                    };
                     let x = lower_opt(&mut ctx, &mut sql, expr)?;
                     let val = |x: &str| match &filter {
                         Some(f) => format!("CASE WHEN {f} THEN {x} END"),

@@ -118,6 +118,25 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Report speed: each CRM metric and the sales_overview dashboard over generated data,
+    /// each beside hand-written SQL for the same answer (SQLite).
+    Reports {
+        /// An EMPTY database to use (default: a temporary SQLite file).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Opportunities to generate (and half as many leads).
+        #[arg(long, default_value_t = 100_000)]
+        opportunities: usize,
+        /// Seed of the data generator.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Runs per query (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print the figures as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of `trellis import`.
@@ -295,6 +314,35 @@ pub async fn main() -> anyhow::Result<i32> {
             let figures = crate::bench::writes(db, records, clients).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
+            }
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Reports {
+            database_url,
+            opportunities,
+            seed,
+            runs,
+            json,
+        }) => {
+            let (db, _dir) = crate::bench::open(database_url.as_deref()).await?;
+            let admin = crate::auth::ensure_admin(&db, SystemClock.now()).await?;
+            crate::appdef::import(
+                &db,
+                &crate::crm::definition(),
+                ImportOptions::default(),
+                Some(admin),
+                SystemClock.now(),
+            )
+            .await
+            .map_err(describe)?;
+            let app = apps::load(&db, "crm").await?.context("crm")?;
+            eprintln!(
+                "Report benchmark on {} ({opportunities} opportunities, median of {runs} runs)",
+                db.backend_name()
+            );
+            let lines = crate::bench_reports::run(db, &app, opportunities, seed, runs).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
             }
             Ok(0)
         }
