@@ -55,7 +55,21 @@ pub async fn import(
     actor: Option<Uuid>,
     now: DateTime<Utc>,
 ) -> Result<ImportOutcome> {
+    import_checked(db, def, opts, actor, now, |_| Ok(())).await
+}
+
+/// [`import`], with one more check of the compiled app before anything is written: the server
+/// hands in the engines that build on the form engine (reports), which this crate cannot call.
+pub async fn import_checked(
+    db: &Db,
+    def: &Json,
+    opts: ImportOptions,
+    actor: Option<Uuid>,
+    now: DateTime<Utc>,
+    check: impl FnOnce(&App) -> Result<()>,
+) -> Result<ImportOutcome> {
     let (new, current, p) = plan_import(db, def).await?;
+    check(&new)?;
     if p.is_destructive() && !opts.allow_destructive {
         let problems = p
             .steps

@@ -1373,25 +1373,13 @@ fn unit_sql(
                     Some(f) => format!("CASE WHEN {f} THEN {x} END"),
                     None => x,
                 };
-                let mut inner_select: Vec<String> = select
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| format!("{s} AS \"k{i}\""))
-                    .collect();
-                inner_select.push(format!("{} AS \"v\"", d.real(&v)));
-                let wh = if conds.is_empty() {
-                    String::new()
-                } else {
-                    format!(" WHERE {}", conds.join(" AND "))
-                };
+                let (cols, keys) = keyed(&select, d.real(&v));
                 let inner = format!(
-                    "SELECT {} FROM {}{wh}",
-                    inner_select.join(", "),
-                    ctx.from_clause()
+                    "SELECT {cols} FROM {}{}",
+                    ctx.from_clause(),
+                    where_sql(&conds)
                 );
-                let keys: Vec<String> = (0..select.len()).map(|i| format!("\"k{i}\"")).collect();
-                let text = percentile_sql(&inner, &keys, *p);
-                sql.text = text;
+                sql.text = percentile_sql(&inner, &keys, *p);
                 kinds.push(ColKind::Decimal);
                 return Ok((sql, kinds, Out::Values(vec![metric.clone()])));
             }
@@ -1563,36 +1551,20 @@ fn unit_sql(
                     .ok_or_else(|| qerr("/row/stage", "required", "Give the row's `stage`."))?;
                 let p = sql.param(Value::Text(stage.to_owned()));
                 conds.push(format!("s.\"stage\" = {p}"));
-                let wh = format!(" WHERE {}", conds.join(" AND "));
-                let limit = sql.param(Value::Int(i64::from(dr.limit)));
-                sql.text = format!(
-                    "SELECT DISTINCT t.\"id\" FROM {}{from}{wh} ORDER BY t.\"id\" LIMIT {limit}",
-                    ctx.from_clause()
-                );
-                return Ok((sql, vec![ColKind::Uuid], Out::Values(vec![])));
+                // A record that stayed twice is listed once.
+                return Ok(drill_ids(sql, &ctx, &from, &conds, dr.limit, true));
             }
             // Per record and stage, the days of every stay added up; then across records.
             select.push("s.\"stage\"".into());
             kinds.push(ColKind::Text);
             let days = d.days_between("s.\"entered\"", &format!("COALESCE(s.\"left_at\", {now})"));
-            let mut inner_select: Vec<String> = select
-                .iter()
-                .enumerate()
-                .map(|(i, s)| format!("{s} AS \"k{i}\""))
-                .collect();
-            inner_select.push(format!("SUM({days}) AS \"v\""));
-            let wh = format!(" WHERE {}", conds.join(" AND "));
-            let ngroup = select.len() + 1;
+            let (cols, keys) = keyed(&select, format!("SUM({days})"));
             let inner = format!(
-                "SELECT t.\"id\", {} FROM {}{from}{wh} GROUP BY {}",
-                inner_select.join(", "),
+                "SELECT t.\"id\", {cols} FROM {}{from}{} GROUP BY {}",
                 ctx.from_clause(),
-                (1..=ngroup)
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                where_sql(&conds),
+                positions(select.len() + 1)
             );
-            let keys: Vec<String> = (0..select.len()).map(|i| format!("\"k{i}\"")).collect();
             let value = match agg {
                 Agg::Percentile(p) if !d.native_percentile() => {
                     sql.text = percentile_sql(&inner, &keys, *p);
@@ -1612,36 +1584,69 @@ fn unit_sql(
             return Ok((sql, kinds, Out::StageColumn));
         }
     }
-    let wh = if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", conds.join(" AND "))
-    };
     if let Some(dr) = drill {
-        let limit = sql.param(Value::Int(i64::from(dr.limit)));
-        sql.text = format!(
-            "SELECT t.\"id\" FROM {}{from}{wh} ORDER BY t.\"id\" LIMIT {limit}",
-            ctx.from_clause()
-        );
-        return Ok((sql, vec![ColKind::Uuid], Out::Values(vec![])));
+        return Ok(drill_ids(sql, &ctx, &from, &conds, dr.limit, false));
     }
     let group = if group_n == 0 {
         String::new()
     } else {
-        format!(
-            " GROUP BY {}",
-            (1..=group_n)
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!(" GROUP BY {}", positions(group_n))
     };
     sql.text = format!(
-        "SELECT {} FROM {}{from}{wh}{group}",
+        "SELECT {} FROM {}{from}{}{group}",
         select.join(", "),
-        ctx.from_clause()
+        ctx.from_clause(),
+        where_sql(&conds)
     );
     Ok((sql, kinds, out))
+}
+
+/// ` WHERE a AND b`, or nothing.
+fn where_sql(conds: &[String]) -> String {
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    }
+}
+
+/// `1, 2, …, n` (GROUP BY positions).
+fn positions(n: usize) -> String {
+    (1..=n)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The select list renamed `k0, k1, …` with `value` as `v`, and the key names.
+fn keyed(select: &[String], value: String) -> (String, Vec<String>) {
+    let mut cols: Vec<String> = select
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{s} AS \"k{i}\""))
+        .collect();
+    cols.push(format!("{value} AS \"v\""));
+    let keys = (0..select.len()).map(|i| format!("\"k{i}\"")).collect();
+    (cols.join(", "), keys)
+}
+
+/// The ids behind a drilled number, one page (plus one row to know whether more follow).
+fn drill_ids(
+    mut sql: Sql,
+    ctx: &Ctx,
+    from: &str,
+    conds: &[String],
+    limit: u32,
+    distinct: bool,
+) -> (Sql, Vec<ColKind>, Out) {
+    let limit = sql.param(Value::Int(i64::from(limit)));
+    sql.text = format!(
+        "SELECT {}t.\"id\" FROM {}{from}{} ORDER BY t.\"id\" LIMIT {limit}",
+        if distinct { "DISTINCT " } else { "" },
+        ctx.from_clause(),
+        where_sql(conds)
+    );
+    (sql, vec![ColKind::Uuid], Out::Values(vec![]))
 }
 
 /// A continuous percentile per group, with window functions only (SQLite has no
@@ -1792,21 +1797,15 @@ async fn rows_for(
     Ok((rows, range))
 }
 
+/// A key value as JSON: numbers as numbers (a computed dimension has no field scale).
 fn to_json(v: &Value) -> Json {
     match v {
-        Value::Null(_) => Json::Null,
-        Value::Bool(b) => json!(b),
-        Value::Int(i) => json!(i),
         Value::Decimal(d) => d
             .to_string()
             .parse::<f64>()
             .map(|f| json!(f))
             .unwrap_or(Json::Null),
-        Value::Text(s) => json!(s),
-        Value::Uuid(u) => json!(u),
-        Value::Date(d) => json!(d.format("%Y-%m-%d").to_string()),
-        Value::DateTime(t) => trellis_form::values::datetime_json(t),
-        Value::Json(j) => j.clone(),
+        other => trellis_form::values::scalar_json(other, 0),
     }
 }
 

@@ -27,7 +27,8 @@ pub async fn import(
     actor: Option<Uuid>,
     now: DateTime<Utc>,
 ) -> Result<ImportOutcome> {
-    let (new, _, _) = apps::plan_import(db, def).await?;
-    trellis_report::Reports::compile(&new)?;
-    apps::import(db, def, opts, actor, now).await
+    apps::import_checked(db, def, opts, actor, now, |app| {
+        trellis_report::Reports::compile(app).map(drop)
+    })
+    .await
 }

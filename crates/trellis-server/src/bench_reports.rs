@@ -10,24 +10,21 @@ use anyhow::Context;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
-use trellis_form::db::{Db, Sql, Value};
+use trellis_form::db::{quote, Db, Sql, Value};
 use trellis_form::model::{App, ColKind};
 use trellis_report::{engine, Query, Reports, Visibility};
 use uuid::Uuid;
 
 const OPEN: [&str; 5] = ["mql", "sql", "proposal", "quoted", "negotiation"];
-const PROB: [f64; 5] = [0.1, 0.2, 0.4, 0.6, 0.8];
 const REGIONS: [&str; 6] = ["north", "east", "south", "west", "central", "overseas"];
 /// Odds of moving on from each open stage.
 const ADVANCE: [f64; 5] = [0.75, 0.7, 0.6, 0.75, 0.7];
 
 fn rows_sql(table: &str, cols: &[&str], rows: &[Vec<Value>]) -> Sql {
     let mut sql = Sql::new(format!(
-        "INSERT INTO \"{table}\" ({}) VALUES ",
-        cols.iter()
-            .map(|c| format!("\"{c}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "INSERT INTO {} ({}) VALUES ",
+        quote(table),
+        cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")
     ));
     for (i, r) in rows.iter().enumerate() {
         sql.push(if i == 0 { "(" } else { ", (" });
@@ -206,7 +203,6 @@ pub async fn generate(db: &Db, n: usize, seed: u64, now: DateTime<Utc>) -> anyho
         tx.execute(&rows_sql("history", &hist_cols, &hist)).await?;
     }
     tx.commit().await?;
-    let _ = PROB;
     Ok(())
 }
 

@@ -360,26 +360,18 @@ pub fn write_csv(
     Ok(())
 }
 
-/// Write a table as an XLSX workbook at `path`.
+/// Write a table as an XLSX workbook at `path` (every cell text, as exported records are).
 pub fn write_xlsx(path: &Path, headers: &[String], rows: &[Vec<String>]) -> anyhow::Result<()> {
-    let mut wb = rust_xlsxwriter::Workbook::new();
-    let ws = wb.add_worksheet();
-    for (c, h) in headers.iter().enumerate() {
-        ws.write_string(0, c as u16, h)?;
-    }
-    for (r, row) in rows.iter().enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            if !v.is_empty() {
-                ws.write_string(r as u32 + 1, c as u16, v)?;
-            }
-        }
-    }
-    wb.save(path)?;
+    workbook(headers, rows, false)?.save(path)?;
     Ok(())
 }
 
-/// A table as the bytes of an XLSX workbook (for downloads).
-pub fn xlsx_bytes(headers: &[String], rows: &[Vec<String>]) -> anyhow::Result<Vec<u8>> {
+/// A one-sheet workbook; with `numbers`, cells that parse as numbers are written as numbers.
+fn workbook(
+    headers: &[String],
+    rows: &[Vec<String>],
+    numbers: bool,
+) -> anyhow::Result<rust_xlsxwriter::Workbook> {
     let mut wb = rust_xlsxwriter::Workbook::new();
     let ws = wb.add_worksheet();
     for (c, h) in headers.iter().enumerate() {
@@ -390,12 +382,17 @@ pub fn xlsx_bytes(headers: &[String], rows: &[Vec<String>]) -> anyhow::Result<Ve
             if v.is_empty() {
                 continue;
             }
-            // Numbers stay numbers, so the sheet can sum them.
             match v.parse::<f64>() {
-                Ok(n) => ws.write_number(r as u32 + 1, c as u16, n)?,
-                Err(_) => ws.write_string(r as u32 + 1, c as u16, v)?,
+                Ok(n) if numbers => ws.write_number(r as u32 + 1, c as u16, n)?,
+                _ => ws.write_string(r as u32 + 1, c as u16, v)?,
             };
         }
     }
-    Ok(wb.save_to_buffer()?)
+    Ok(wb)
+}
+
+/// A report table as the bytes of an XLSX workbook; numbers stay numbers, so the sheet can sum
+/// them.
+pub fn xlsx_bytes(headers: &[String], rows: &[Vec<String>]) -> anyhow::Result<Vec<u8>> {
+    Ok(workbook(headers, rows, true)?.save_to_buffer()?)
 }

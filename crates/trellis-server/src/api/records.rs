@@ -65,7 +65,7 @@ fn owner_rule(
 }
 
 /// The caller's access to `app` and the compiled app (404 when the app is not theirs).
-async fn scoped(
+pub(crate) async fn scoped(
     state: &AppState,
     actor: &Actor,
     app: &str,

@@ -28,8 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 async fn prelude(state: &AppState, actor: &Actor, app: &str) -> ApiResult<(Visibility, Loaded)> {
-    let access = crate::policy::access(state, actor, app).await?;
-    let loaded = state.app(app)?;
+    let (access, loaded) = super::records::scoped(state, actor, app).await?;
     let vis = Visibility {
         owners: access.owners.map(|s| {
             let mut v: Vec<_> = s.into_iter().collect();
