@@ -203,7 +203,7 @@ async fn reports_count_what_the_caller_may_see() {
             .await;
         assert_eq!(s, StatusCode::OK, "{be}: {dash}");
         let items = dash["items"].as_array().unwrap();
-        assert_eq!(items.len(), 7);
+        assert_eq!(items.len(), 8);
         assert!(
             items.iter().all(|i| i["answer"]["rows"].is_array()),
             "{be}: {dash}"

@@ -666,7 +666,7 @@ async fn the_crm_reports_compile_and_every_dashboard_query_plans() {
     let t = testing::sqlite().await;
     let fx = fixture(&t.db).await;
     let d = &fx.reports.dashboards["sales_overview"];
-    assert_eq!(d.def.items.len(), 7);
+    assert_eq!(d.def.items.len(), 8);
     for name in [
         "lead_conversion",
         "stage_conversion",

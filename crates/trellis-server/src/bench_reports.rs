@@ -1,210 +1,16 @@
 //! `trellis bench reports`: each CRM metric and the `sales_overview` dashboard over generated
 //! opportunities, each beside a hand-written SQL query for the same answer in the same run.
 //!
-//! The generator writes rows straight into the CRM tables (leads, opportunities with their
-//! stage-entry times, and the stage history), deterministic for a seed: every opportunity
-//! starts in `mql` and moves on stage by stage with fixed odds, so funnels, cycle times and
-//! time in stage have realistic shapes. SQLite only for now.
+//! The data comes from [`crate::demo_data`] (the `trellis demo-data` generator), deterministic
+//! for a seed. SQLite only for now: the hand-written baselines are SQLite SQL.
 
 use anyhow::Context;
-use chrono::{DateTime, Duration, TimeZone, Utc};
-use rand::{Rng, SeedableRng};
+use chrono::{TimeZone, Utc};
 use std::time::Instant;
-use trellis_form::db::{quote, Db, Sql, Value};
-use trellis_form::model::{App, ColKind};
+use trellis_form::db::{Db, Sql};
+use trellis_form::model::App;
 use trellis_report::{engine, Query, Reports, Visibility};
 use uuid::Uuid;
-
-const OPEN: [&str; 5] = ["mql", "sql", "proposal", "quoted", "negotiation"];
-const REGIONS: [&str; 6] = ["north", "east", "south", "west", "central", "overseas"];
-/// Odds of moving on from each open stage.
-const ADVANCE: [f64; 5] = [0.75, 0.7, 0.6, 0.75, 0.7];
-
-fn rows_sql(table: &str, cols: &[&str], rows: &[Vec<Value>]) -> Sql {
-    let mut sql = Sql::new(format!(
-        "INSERT INTO {} ({}) VALUES ",
-        quote(table),
-        cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")
-    ));
-    for (i, r) in rows.iter().enumerate() {
-        sql.push(if i == 0 { "(" } else { ", (" });
-        for (j, v) in r.iter().enumerate() {
-            if j > 0 {
-                sql.push(", ");
-            }
-            sql.bind(v.clone());
-        }
-        sql.push(")");
-    }
-    sql
-}
-
-/// Fill an installed CRM with `n` opportunities (and `n / 2` leads), deterministic for `seed`.
-pub async fn generate(db: &Db, n: usize, seed: u64, now: DateTime<Utc>) -> anyhow::Result<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let owner = Uuid::from_u128(1);
-    let start = now - Duration::days(730);
-    let mut tx = db.begin().await?;
-    let lead_cols = [
-        "id",
-        "created_at",
-        "updated_at",
-        "owner",
-        "version",
-        "name",
-        "status",
-        "region",
-    ];
-    let mut leads: Vec<(Uuid, DateTime<Utc>)> = Vec::with_capacity(n / 2);
-    let mut batch = vec![];
-    for i in 0..n / 2 {
-        let at = start + Duration::seconds(rng.gen_range(0..730 * 86_400));
-        let id = Uuid::from_u128(0x1000_0000_0000 + i as u128);
-        leads.push((id, at));
-        batch.push(vec![
-            Value::Uuid(id),
-            Value::DateTime(at),
-            Value::DateTime(at),
-            Value::Uuid(owner),
-            Value::Int(1),
-            Value::Text(format!("Lead {i}")),
-            Value::Text("new".into()),
-            Value::Text(REGIONS[i % 6].into()),
-        ]);
-        if batch.len() * lead_cols.len() >= 900 {
-            tx.execute(&rows_sql("crm__lead", &lead_cols, &batch))
-                .await?;
-            batch.clear();
-        }
-    }
-    if !batch.is_empty() {
-        tx.execute(&rows_sql("crm__lead", &lead_cols, &batch))
-            .await?;
-    }
-    let mut opp_cols: Vec<String> = [
-        "id",
-        "created_at",
-        "updated_at",
-        "owner",
-        "version",
-        "name",
-        "region",
-        "amount",
-        "amount__currency",
-        "stage",
-        "stage__changed_at",
-        "expected_close_date",
-        "lead",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for s in OPEN.iter().chain(["won", "lost"].iter()) {
-        opp_cols.push(format!("stage__entered_{s}"));
-    }
-    let opp_cols_ref: Vec<&str> = opp_cols.iter().map(String::as_str).collect();
-    let hist_cols = [
-        "app",
-        "entity",
-        "record_id",
-        "field",
-        "old_value",
-        "new_value",
-        "at",
-    ];
-    let mut batch = vec![];
-    let mut hist = vec![];
-    for i in 0..n {
-        let id = Uuid::from_u128(0x2000_0000_0000 + i as u128);
-        let created = start + Duration::seconds(rng.gen_range(0..730 * 86_400));
-        let region = REGIONS[rng.gen_range(0..6)];
-        let amount = rng.gen_range(1_000..200_000) as i64;
-        let mut entered: Vec<(String, DateTime<Utc>)> = vec![("mql".into(), created)];
-        let mut t = created;
-        let mut k = 0;
-        loop {
-            t += Duration::hours(rng.gen_range(12..24 * 20));
-            if t > now {
-                break;
-            }
-            if k == OPEN.len() - 1 || rng.gen_bool(0.08) {
-                let won = rng.gen_bool(if region == "east" { 0.4 } else { 0.55 });
-                if won || k == OPEN.len() - 1 {
-                    entered.push((if won { "won" } else { "lost" }.into(), t));
-                }
-                break;
-            }
-            if !rng.gen_bool(ADVANCE[k]) {
-                break;
-            }
-            k += 1;
-            entered.push((OPEN[k].into(), t));
-        }
-        let stage = entered.last().map(|e| e.0.clone()).unwrap_or_default();
-        let mut row = vec![
-            Value::Uuid(id),
-            Value::DateTime(created),
-            Value::DateTime(entered.last().map(|e| e.1).unwrap_or(created)),
-            Value::Uuid(owner),
-            Value::Int(1),
-            Value::Text(format!("Deal {i}")),
-            Value::Text(region.into()),
-            Value::Decimal(amount.into()),
-            Value::Text("CNY".into()),
-            Value::Text(stage.clone()),
-            Value::DateTime(entered.last().map(|e| e.1).unwrap_or(created)),
-            Value::Date((created + Duration::days(rng.gen_range(30..200))).date_naive()),
-            if rng.gen_bool(0.6) && !leads.is_empty() {
-                let (lid, lat) = leads[rng.gen_range(0..leads.len())];
-                if lat <= created {
-                    Value::Uuid(lid)
-                } else {
-                    Value::Null(ColKind::Uuid)
-                }
-            } else {
-                Value::Null(ColKind::Uuid)
-            },
-        ];
-        for s in OPEN.iter().chain(["won", "lost"].iter()) {
-            row.push(match entered.iter().find(|e| e.0 == *s) {
-                Some(e) => Value::DateTime(e.1),
-                None => Value::Null(ColKind::DateTime),
-            });
-        }
-        batch.push(row);
-        let mut prev = serde_json::Value::Null;
-        for (s, at) in &entered {
-            hist.push(vec![
-                Value::Text("crm".into()),
-                Value::Text("opportunity".into()),
-                Value::Uuid(id),
-                Value::Text("stage".into()),
-                Value::Json(prev.clone()),
-                Value::Json(serde_json::json!(s)),
-                Value::DateTime(*at),
-            ]);
-            prev = serde_json::json!(s);
-        }
-        if batch.len() * opp_cols.len() >= 900 {
-            tx.execute(&rows_sql("crm__opportunity", &opp_cols_ref, &batch))
-                .await?;
-            batch.clear();
-        }
-        if hist.len() * hist_cols.len() >= 900 {
-            tx.execute(&rows_sql("history", &hist_cols, &hist)).await?;
-            hist.clear();
-        }
-    }
-    if !batch.is_empty() {
-        tx.execute(&rows_sql("crm__opportunity", &opp_cols_ref, &batch))
-            .await?;
-    }
-    if !hist.is_empty() {
-        tx.execute(&rows_sql("history", &hist_cols, &hist)).await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
 
 /// The hand-written SQL for each CRM metric (SQLite), the baseline of the benchmark.
 pub fn baselines() -> Vec<(&'static str, &'static str)> {
@@ -239,7 +45,14 @@ pub struct Line {
 }
 
 /// Generate data, then time every CRM metric and the dashboard against the baselines.
-pub async fn run(db: Db, app: &App, n: usize, seed: u64, runs: usize) -> anyhow::Result<Vec<Line>> {
+pub async fn run(
+    db: Db,
+    app: &App,
+    owner: Uuid,
+    n: usize,
+    seed: u64,
+    runs: usize,
+) -> anyhow::Result<Vec<Line>> {
     anyhow::ensure!(
         db.backend() == trellis_form::db::Backend::Sqlite,
         "the report benchmark runs on SQLite only for now"
@@ -249,10 +62,18 @@ pub async fn run(db: Db, app: &App, n: usize, seed: u64, runs: usize) -> anyhow:
         .single()
         .context("date")?;
     let t = Instant::now();
-    generate(&db, n, seed, now).await?;
+    let opts = crate::demo_data::Options {
+        opportunities: n,
+        seed,
+        now,
+        progress: false,
+    };
+    let sum = crate::demo_data::generate(&db, app, owner, &opts).await?;
     eprintln!(
-        "generated {n} opportunities and {} leads in {:.1} s",
-        n / 2,
+        "generated {} opportunities, {} leads, {} history rows in {:.1} s",
+        sum.opportunities,
+        sum.leads,
+        sum.history,
         t.elapsed().as_secs_f64()
     );
     let reports = Reports::compile(app)?;
@@ -309,8 +130,9 @@ pub async fn run(db: Db, app: &App, n: usize, seed: u64, runs: usize) -> anyhow:
     }
     let dash = p50(times);
     eprintln!(
-        "{:<20} generated {dash:>9.1} ms (7 panels, concurrently)",
-        "sales_overview"
+        "{:<20} generated {dash:>9.1} ms ({} panels, concurrently)",
+        "sales_overview",
+        d.def.items.len()
     );
     out.push(Line {
         name: "sales_overview".into(),

@@ -48,6 +48,20 @@ enum Command {
     Import(ImportArgs),
     /// Export an entity's records as CSV or XLSX.
     Export(ExportArgs),
+    /// Fill a database with a large generated CRM history (sample data) for reports.
+    DemoData {
+        /// The app to fill (only the CRM, `crm`, is supported).
+        #[arg(long, default_value = "crm")]
+        app: String,
+        /// Opportunities to generate (leads follow from the channels' conversion rates).
+        #[arg(long, default_value_t = 100_000)]
+        opportunities: usize,
+        /// Seed of the generator: the same seed gives the same data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Benchmarks with their own data generators and same-run baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -340,12 +354,19 @@ pub async fn main() -> anyhow::Result<i32> {
                 "Report benchmark on {} ({opportunities} opportunities, median of {runs} runs)",
                 db.backend_name()
             );
-            let lines = crate::bench_reports::run(db, &app, opportunities, seed, runs).await?;
+            let lines =
+                crate::bench_reports::run(db, &app, admin, opportunities, seed, runs).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&lines)?);
             }
             Ok(0)
         }
+        Command::DemoData {
+            app,
+            opportunities,
+            seed,
+            db,
+        } => demo_data(&app, opportunities, seed, &db).await,
         Command::Export(args) => export_sheet(&args).await,
         Command::App(AppCommand::Import {
             dir,
@@ -885,5 +906,44 @@ async fn token_create(
         scope.name()
     );
     println!("{token}");
+    Ok(0)
+}
+
+async fn demo_data(app: &str, opportunities: usize, seed: u64, db: &DbArgs) -> anyhow::Result<i32> {
+    let db = open_db(db).await?;
+    let now = SystemClock.now();
+    let admin = crate::auth::ensure_admin(&db, now).await?;
+    if apps::load(&db, app).await?.is_none() && app == "crm" {
+        crate::appdef::import(
+            &db,
+            &crate::crm::definition(),
+            ImportOptions::default(),
+            Some(admin),
+            now,
+        )
+        .await
+        .map_err(describe)?;
+        eprintln!("Installed the CRM app.");
+    }
+    let Some(loaded) = apps::load(&db, app).await? else {
+        eprintln!("There is no app `{app}` in this database.");
+        return Ok(1);
+    };
+    let opts = crate::demo_data::Options {
+        opportunities,
+        seed,
+        now,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let sum = crate::demo_data::generate(&db, &loaded, admin, &opts).await?;
+    println!(
+        "Generated sample data in {:.1} s: {} accounts, {} leads, {} opportunities, {} stage-history rows.",
+        started.elapsed().as_secs_f64(),
+        sum.accounts,
+        sum.leads,
+        sum.opportunities,
+        sum.history
+    );
     Ok(0)
 }

@@ -12,6 +12,7 @@ pub mod bench_reports;
 pub mod cli;
 pub mod crm;
 pub mod demo;
+pub mod demo_data;
 pub mod error;
 pub mod identity;
 pub mod limits;

@@ -1,0 +1,134 @@
+//! `trellis demo-data`: deterministic, consistent generated CRM history with the drill-down
+//! story in it, on SQLite and PostgreSQL.
+
+use chrono::{TimeZone, Utc};
+use trellis_form::apps::{self, ImportOptions};
+use trellis_form::db::{Db, Sql, Value};
+use trellis_form::model::ColKind;
+use trellis_report::{engine, Query, Reports, Visibility};
+use trellis_server::demo_data::{self, Options};
+use uuid::Uuid;
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    match db.fetch_all(&Sql::new(sql), &[ColKind::Int]).await.unwrap()[0][0] {
+        Value::Int(n) => n,
+        ref other => panic!("{other:?}"),
+    }
+}
+
+async fn total(db: &Db, app: &trellis_form::model::App, q: serde_json::Value) -> serde_json::Value {
+    let reports = Reports::compile(app).unwrap();
+    let q: Query = serde_json::from_value(q).unwrap();
+    let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+    let plan = engine::plan(app, &reports, &q, now, db.backend()).unwrap();
+    serde_json::json!(
+        engine::run(db, app, &reports, &plan, &Visibility::default())
+            .await
+            .unwrap()
+    )
+}
+
+#[tokio::test]
+async fn demo_data_is_deterministic_consistent_and_tells_the_east_story() {
+    let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+    for t in trellis_form::testing::each().await {
+        let db = &t.db;
+        let b = t.backend;
+        apps::import(
+            db,
+            &trellis_server::crm::definition(),
+            ImportOptions::default(),
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+        let app = apps::load(db, "crm").await.unwrap().unwrap();
+        let opts = Options {
+            opportunities: 8000,
+            seed: 7,
+            now,
+            progress: false,
+        };
+        let sum = demo_data::generate(db, &app, Uuid::nil(), &opts)
+            .await
+            .unwrap();
+        assert_eq!(sum.opportunities, 8000, "{b}");
+        assert_eq!(
+            count(db, "SELECT COUNT(*) FROM \"crm__opportunity\"").await,
+            8000,
+            "{b}"
+        );
+        assert_eq!(
+            count(db, "SELECT COUNT(*) FROM \"crm__lead\"").await,
+            sum.leads as i64,
+            "{b}"
+        );
+        assert_eq!(
+            count(
+                db,
+                "SELECT COUNT(*) FROM \"history\" WHERE \"entity\" = 'opportunity'"
+            )
+            .await,
+            sum.history as i64,
+            "{b}"
+        );
+        // Every opportunity and its lead point at each other; every deal entered mql first.
+        assert_eq!(count(db, "SELECT COUNT(*) FROM \"crm__opportunity\" o JOIN \"crm__lead\" l ON l.\"id\" = o.\"lead\" WHERE l.\"converted_opportunity\" = o.\"id\" AND l.\"created_at\" <= o.\"created_at\"").await, 8000, "{b}");
+        assert_eq!(count(db, "SELECT COUNT(*) FROM \"crm__opportunity\" WHERE \"stage__entered_mql\" = \"created_at\"").await, 8000, "{b}");
+        assert_eq!(count(db, "SELECT COUNT(*) FROM \"crm__opportunity\" WHERE \"stage\" = 'lost' AND \"loss_reason\" IS NULL").await, 0, "{b}");
+        // The same seed gives the same data (totals of a fresh run on the same numbers).
+        let a = total(
+            db,
+            &app,
+            serde_json::json!({"metrics": ["opportunities", "pipeline_value", "lead_conversion"]}),
+        )
+        .await;
+        assert_eq!(a["totals"]["opportunities"], serde_json::json!(8000), "{b}");
+        // The story: east's proposal → quoted conversion fell last quarter, the others did not.
+        let story = total(db, &app, serde_json::json!({"metric": "proposal_to_quoted", "group_by": ["region"], "time": {"preset": "last_quarter"}, "compare": "previous_period", "flag": {"metric": "proposal_to_quoted", "change_pct_lte": -30}})).await;
+        let rows = story["rows"].as_array().unwrap();
+        let flagged: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["flag"] == true)
+            .map(|r| r["region"].as_str().unwrap())
+            .collect();
+        assert_eq!(flagged, vec!["east"], "{b}: {story}");
+        t.cleanup().await;
+    }
+    // Determinism across databases: two fresh SQLite databases, one seed.
+    let mut totals = vec![];
+    for _ in 0..2 {
+        let t = trellis_form::testing::sqlite().await;
+        apps::import(
+            &t.db,
+            &trellis_server::crm::definition(),
+            ImportOptions::default(),
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+        let app = apps::load(&t.db, "crm").await.unwrap().unwrap();
+        let opts = Options {
+            opportunities: 500,
+            seed: 11,
+            now,
+            progress: false,
+        };
+        demo_data::generate(&t.db, &app, Uuid::nil(), &opts)
+            .await
+            .unwrap();
+        totals.push(
+            total(
+                &t.db,
+                &app,
+                serde_json::json!({"metrics": ["pipeline_value", "win_rate", "leads"]}),
+            )
+            .await["totals"]
+                .clone(),
+        );
+        t.cleanup().await;
+    }
+    assert_eq!(totals[0], totals[1]);
+}
