@@ -30,6 +30,12 @@ pub trait Dialect: Sync {
     fn native_percentile(&self) -> bool;
     /// A literal boolean.
     fn bool_lit(&self, b: bool) -> &'static str;
+    /// The number of rows for which `cond` is true (0 over no rows).
+    fn count_if(&self, cond: &str) -> String;
+    /// The number of rows for which the correlated `EXISTS (…)` `exists` is true.
+    fn count_exists(&self, exists: &str) -> String {
+        self.count_if(exists)
+    }
 }
 
 /// SQLite.
@@ -113,6 +119,15 @@ impl Dialect for Sqlite {
             "0"
         }
     }
+    fn count_if(&self, cond: &str) -> String {
+        format!("COUNT(CASE WHEN {cond} THEN 1 END)")
+    }
+    fn count_exists(&self, exists: &str) -> String {
+        // EXISTS is 0 or 1 here, so a sum counts it; measured 6x faster than COUNT(CASE WHEN
+        // EXISTS …) over 2.8 million leads (docs/benchmarks.md), while for plain conditions
+        // COUNT(CASE …) is the faster form.
+        format!("COALESCE(SUM({exists}), 0)")
+    }
 }
 
 impl Dialect for Postgres {
@@ -175,5 +190,8 @@ impl Dialect for Postgres {
         } else {
             "FALSE"
         }
+    }
+    fn count_if(&self, cond: &str) -> String {
+        format!("COUNT(*) FILTER (WHERE {cond})")
     }
 }

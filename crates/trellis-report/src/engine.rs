@@ -1328,7 +1328,7 @@ fn unit_sql(
                     };
                     let s = match agg {
                         Agg::Count => match &filter {
-                            Some(f) => format!("COUNT(CASE WHEN {f} THEN 1 END)"),
+                            Some(f) => d.count_if(f),
                             None => "COUNT(*)".into(),
                         },
                         Agg::CountDistinct => {
@@ -1436,7 +1436,11 @@ fn unit_sql(
                 }
                 out = Out::Values(vec![]);
             } else {
-                select.push(d.number(&format!("COUNT(CASE WHEN {hit} THEN 1 END)")));
+                select.push(d.number(&if related.is_some() {
+                    d.count_exists(&hit)
+                } else {
+                    d.count_if(&hit)
+                }));
                 select.push(d.number("COUNT(*)"));
                 kinds.push(ColKind::Decimal);
                 kinds.push(ColKind::Decimal);
@@ -1513,7 +1517,7 @@ fn unit_sql(
                 out = Out::Values(vec![]);
             } else {
                 for i in 0..stages.len() {
-                    select.push(d.number(&format!("COUNT(CASE WHEN {} THEN 1 END)", cond(i))));
+                    select.push(d.number(&d.count_if(&cond(i))));
                     kinds.push(ColKind::Decimal);
                 }
                 out = Out::Stages(stages.clone());

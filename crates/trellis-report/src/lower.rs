@@ -248,12 +248,11 @@ impl<'a> Ctx<'a> {
                     "kind" => {
                         let mut case = format!("CASE {col}");
                         for s in &f.stages {
-                            let k = match s.kind {
-                                StageKind::Open => "open",
-                                StageKind::Won => "won",
-                                StageKind::Lost => "lost",
-                            };
-                            case.push_str(&format!(" WHEN '{}' THEN '{k}'", s.key));
+                            case.push_str(&format!(
+                                " WHEN '{}' THEN '{}'",
+                                s.key,
+                                kind_name(s.kind)
+                            ));
                         }
                         case.push_str(" END");
                         let mut t = Typed::new(case, Ty::Text, ColKind::Text);
@@ -320,6 +319,14 @@ impl<'a> Ctx<'a> {
                 let op = if *not { "IS NOT NULL" } else { "IS NULL" };
                 Typed::new(format!("({} {op})", a.sql), Ty::Bool, ColKind::Bool)
             }
+            Expr::In(a, items) if self.stage_kind(a).is_some() => {
+                self.kind_test(a, items, false, sql)?
+            }
+            Expr::Binary(op @ (BinOp::Eq | BinOp::Ne), a, b)
+                if self.stage_kind(a).is_some() && matches!(**b, Expr::Str(_)) =>
+            {
+                self.kind_test(a, std::slice::from_ref(b), *op == BinOp::Ne, sql)?
+            }
             Expr::In(a, items) => {
                 let a = self.lower(a, sql)?;
                 let mut ps = vec![];
@@ -380,6 +387,51 @@ impl<'a> Ctx<'a> {
                 }
             }
         })
+    }
+
+    /// The stage field of a `stage.kind` path.
+    fn stage_kind(&self, x: &Expr) -> Option<&'a Field> {
+        match x {
+            Expr::Path(p) if p.len() == 2 && p[1] == "kind" => {
+                self.e.field(&p[0]).filter(|f| f.ty == FieldType::Stage)
+            }
+            _ => None,
+        }
+    }
+
+    /// `stage.kind == 'won'` (or `in [...]`, `!=`) as a test on the stage column itself
+    /// (`stage IN ('won')`), which an index can serve, instead of on a CASE over it.
+    fn kind_test(
+        &mut self,
+        path: &Expr,
+        kinds: &[Expr],
+        negate: bool,
+        sql: &mut Sql,
+    ) -> Result<Typed, String> {
+        let f = self.stage_kind(path).expect("checked by the caller");
+        let kind_path = self.lower(path, &mut Sql::default())?;
+        let mut wanted = vec![];
+        for k in kinds {
+            check_option(&kind_path, k)?;
+            match k {
+                Expr::Str(s) => wanted.push(s.as_str()),
+                _ => return Err("lists after `in` hold only numbers and 'text'".into()),
+            }
+        }
+        let keys: Vec<String> = f
+            .stages
+            .iter()
+            .filter(|s| wanted.contains(&kind_name(s.kind)))
+            .map(|s| sql.param(Value::Text(s.key.clone())))
+            .collect();
+        let col = format!("t.{}", quote(&f.key));
+        let test = match (keys.is_empty(), negate) {
+            (true, false) => format!("({col} IS NOT NULL AND 1 = 0)"),
+            (true, true) => format!("({col} IS NOT NULL)"),
+            (false, false) => format!("({col} IN ({}))", keys.join(", ")),
+            (false, true) => format!("({col} NOT IN ({}))", keys.join(", ")),
+        };
+        Ok(Typed::new(test, Ty::Bool, ColKind::Bool))
     }
 
     fn call(&mut self, f: &str, args: &[Expr], sql: &mut Sql) -> Result<Typed, String> {
@@ -493,6 +545,14 @@ impl<'a> Ctx<'a> {
             }
             _ => Err(format!("`{f}` is not a function")),
         }
+    }
+}
+
+fn kind_name(k: StageKind) -> &'static str {
+    match k {
+        StageKind::Open => "open",
+        StageKind::Won => "won",
+        StageKind::Lost => "lost",
     }
 }
 

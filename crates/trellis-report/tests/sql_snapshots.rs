@@ -1,0 +1,61 @@
+//! The SQL the compiler emits for every metric type, in both dialects: a reviewed snapshot, so a
+//! change in generated SQL is always seen in review. Every value is a bound parameter (listed
+//! after the text); identifiers are quoted.
+
+use chrono::{TimeZone, Utc};
+use serde_json::json;
+use std::path::Path;
+use trellis_form::db::Backend;
+use trellis_report::{engine, Query, Reports, Visibility};
+
+#[test]
+fn generated_sql_per_metric_type_and_dialect() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/crm");
+    let mut def = trellis_form::bundle::load(&dir).unwrap().definition;
+    def["reports"].as_array_mut().unwrap().push(json!({"metrics": {
+        "amount_p90": {"type": "aggregate", "entity": "opportunity", "agg": "percentile", "p": 0.9, "expr": "amount"},
+        "stage_conversion_ordered": {"type": "funnel", "entity": "opportunity", "mode": "ordered", "stages": ["mql", "sql", "won"]},
+        "lead_conversion_30d": {"type": "conversion", "entity": "lead", "converted": {"entity": "opportunity", "via": "lead", "within_days": 30, "exclude_immature": true}}
+    }}));
+    let app =
+        trellis_form::compile::compile(trellis_form::compile::parse(&def).unwrap(), 1).unwrap();
+    let reports = Reports::compile(&app).unwrap();
+    let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+    let vis = Visibility {
+        owners: Some(vec![uuid::Uuid::nil()]),
+    };
+    let mut out = String::new();
+    for metric in [
+        "pipeline_value",
+        "win_rate",
+        "weighted_forecast",
+        "sales_cycle_days",
+        "amount_p90",
+        "lead_conversion_30d",
+        "stage_conversion_ordered",
+        "time_in_stage",
+    ] {
+        let time = if metric == "weighted_forecast" {
+            json!({"grain": "month", "from": "2026-12-01", "to": "2027-03-01"})
+        } else {
+            json!({"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"})
+        };
+        let q: Query = serde_json::from_value(json!({
+            "metric": metric,
+            "group_by": ["region"],
+            "filters": [{"field": "region", "op": "ne", "value": "overseas"}],
+            "time": time,
+        }))
+        .unwrap();
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let plan = engine::plan(&app, &reports, &q, now, backend).unwrap();
+            for sql in engine::statements(&app, &reports, &plan, &vis).unwrap() {
+                out.push_str(&format!(
+                    "-- {metric} ({backend:?})\n{}\n-- params: {:?}\n\n",
+                    sql.text, sql.params
+                ));
+            }
+        }
+    }
+    insta::assert_snapshot!(out);
+}
