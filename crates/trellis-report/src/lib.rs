@@ -17,7 +17,9 @@ pub mod lower;
 pub mod model;
 pub mod query;
 pub mod time;
+pub mod verify;
 
 pub use engine::{drill, plan, run, Answer, DrillPage, Plan, Visibility};
 pub use model::Reports;
 pub use query::{DrillQuery, Query};
+pub use verify::verify;

@@ -690,3 +690,210 @@ async fn the_crm_reports_compile_and_every_dashboard_query_plans() {
     }
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_model_is_checked_against_the_live_tables() {
+    for t in testing::each().await {
+        let db = &t.db;
+        let fx = fixture(db).await;
+        trellis_report::verify(db, &fx.app).await.unwrap();
+        // A column renamed behind the engine's back: SQLite would read "region" as a text
+        // literal, so the load check must catch it.
+        let mut tx = db.begin().await.unwrap();
+        let rename = "ALTER TABLE \"crm__opportunity\" RENAME COLUMN \"region\" TO \"region_x\"";
+        tx.execute(&trellis_form::db::Sql::new(rename))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        match trellis_report::verify(db, &fx.app).await {
+            Err(FormError::Definition(ps)) => {
+                assert_eq!(ps.len(), 1, "{}: {ps:?}", t.backend);
+                assert_eq!(ps[0].path, "/entities/opportunity/region");
+                assert_eq!(
+                    ps[0].message,
+                    "the table crm__opportunity has no column region"
+                );
+            }
+            other => panic!("{}: {other:?}", t.backend),
+        }
+        t.cleanup().await;
+    }
+}
+
+/// The plans of the main KPIs use the indexes they depend on: the conversion's correlated
+/// lookup goes through the relation's index (a scan there would be quadratic), the stage
+/// filters can use the stage index, and every statement of the dashboard explains on both
+/// backends.
+#[tokio::test]
+async fn main_kpis_explain_with_their_indexes() {
+    for t in testing::each().await {
+        let db = &t.db;
+        let fx = fixture(db).await;
+        let d = &fx.reports.dashboards["sales_overview"];
+        for item in &d.def.items {
+            let plan =
+                engine::plan(&fx.app, &fx.reports, &item.query, now(), db.backend()).unwrap();
+            for mut sql in
+                engine::statements(&fx.app, &fx.reports, &plan, &Visibility::default()).unwrap()
+            {
+                let (prefix, kinds) = match db.backend() {
+                    trellis_form::db::Backend::Sqlite => (
+                        "EXPLAIN QUERY PLAN ",
+                        vec![
+                            trellis_form::model::ColKind::Int,
+                            trellis_form::model::ColKind::Int,
+                            trellis_form::model::ColKind::Int,
+                            trellis_form::model::ColKind::Text,
+                        ],
+                    ),
+                    trellis_form::db::Backend::Postgres => {
+                        ("EXPLAIN ", vec![trellis_form::model::ColKind::Text])
+                    }
+                };
+                sql.text = format!("{prefix}{}", sql.text);
+                let plan_text: Vec<String> = db
+                    .fetch_all(&sql, &kinds)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| format!("{:?}", r.last().unwrap()))
+                    .collect();
+                let text = plan_text.join("\n");
+                if item.key == "kpis"
+                    && db.backend() == trellis_form::db::Backend::Sqlite
+                    && sql.text.contains("EXISTS")
+                {
+                    assert!(text.contains("SEARCH c USING INDEX"), "{text}");
+                    assert!(!text.contains("SCAN c"), "{text}");
+                }
+            }
+        }
+        if db.backend() == trellis_form::db::Backend::Sqlite {
+            let q: Query = serde_json::from_value(json!({"metric": "pipeline_value"})).unwrap();
+            let plan = engine::plan(&fx.app, &fx.reports, &q, now(), db.backend()).unwrap();
+            let mut sql = engine::statements(&fx.app, &fx.reports, &plan, &Visibility::default())
+                .unwrap()
+                .remove(0);
+            assert!(sql.text.contains("t.\"stage\" IN ("), "{}", sql.text);
+            sql.text = format!("EXPLAIN QUERY PLAN {}", sql.text);
+            let kinds = [
+                trellis_form::model::ColKind::Int,
+                trellis_form::model::ColKind::Int,
+                trellis_form::model::ColKind::Int,
+                trellis_form::model::ColKind::Text,
+            ];
+            let text = format!("{:?}", db.fetch_all(&sql, &kinds).await.unwrap());
+            assert!(
+                text.contains("USING INDEX"),
+                "the stage filter can use the stage index: {text}"
+            );
+        }
+        t.cleanup().await;
+    }
+}
+
+/// Hostile names and values, many of them: each is a precise query error or an answer that
+/// matches a simple in-memory model, and the data is intact afterwards.
+#[tokio::test]
+async fn hostile_names_and_values_never_reach_sql() {
+    use rand::{Rng, SeedableRng};
+    for t in testing::each().await {
+        let db = &t.db;
+        let b = t.backend;
+        let fx = fixture(db).await;
+        let hostile = [
+            "50% off",
+            "a_b",
+            "back\\slash",
+            "O'Brien",
+            "\"quoted\"",
+            "x'); DROP TABLE \"crm__lead\"; --",
+            "Ünïcode",
+            "plain",
+        ];
+        let ctx = WriteCtx {
+            actor: None,
+            now: now(),
+            default_owner: Some(fx.rep_a),
+            import: false,
+        };
+        let recs: Vec<Json> = hostile
+            .iter()
+            .map(|n| json!({"name": n, "status": "new"}))
+            .collect();
+        let mut tx = db.begin().await.unwrap();
+        store::create_batch(
+            &mut tx,
+            &fx.app,
+            fx.app.entity("lead").unwrap(),
+            &recs,
+            &ctx,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let mut names: Vec<String> = ["L1", "L2", "L3", "L4", "L5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        names.extend(hostile.iter().map(|s| s.to_string()));
+        let alphabet: Vec<char> = "ab%_\\'\";-() */DROPxO".chars().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+        let total = |a: &engine::Answer| a.totals["leads"].as_i64().unwrap();
+        for _ in 0..150 {
+            let len = rng.gen_range(0..6);
+            let s: String = (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            // Values: `contains` is a case-insensitive substring test, `eq` an exact one.
+            let a = ask(db, &fx, json!({"metric": "leads", "filters": [{"field": "name", "op": "contains", "value": s}]})).await;
+            let want = names
+                .iter()
+                .filter(|n| n.to_ascii_lowercase().contains(&s.to_ascii_lowercase()))
+                .count() as i64;
+            assert_eq!(total(&a), want, "{b}: contains {s:?}");
+            let a = ask(
+                db,
+                &fx,
+                json!({"metric": "leads", "filters": [{"field": "name", "op": "eq", "value": s}]}),
+            )
+            .await;
+            assert_eq!(
+                total(&a),
+                names.iter().filter(|n| **n == s).count() as i64,
+                "{b}: eq {s:?}"
+            );
+            // Names: never resolved unless they are real.
+            for q in [
+                json!({"metric": "leads", "group_by": [s]}),
+                json!({"metric": "leads", "filters": [{"field": s, "op": "eq", "value": "x"}]}),
+                json!({"metric": s}),
+                json!({"metric": "leads", "time": {"grain": s}}),
+                json!({"metric": "leads", "filters": [{"field": "name", "op": s, "value": "x"}]}),
+                json!({"metric": "leads", "timezone": s}),
+            ] {
+                let ps = problems(db, &fx, q.clone()).await;
+                assert!(!ps.is_empty(), "{b}: {q}");
+            }
+        }
+        // Every drill value is bound too.
+        for s in hostile {
+            let dq: DrillQuery = serde_json::from_value(
+                json!({"metric": "leads", "group_by": ["name"], "row": {"name": s}}),
+            )
+            .unwrap();
+            let page = engine::drill(db, &fx.app, &fx.reports, &dq, now(), &Visibility::default())
+                .await
+                .unwrap();
+            assert_eq!(page.records.len(), 1, "{b}: {s}");
+            assert_eq!(page.records[0].fields["name"], json!(s));
+        }
+        let a = ask(db, &fx, json!({"metrics": ["leads", "opportunities"]})).await;
+        assert_eq!(
+            json!(a.totals),
+            json!({"leads": 13, "opportunities": 5}),
+            "{b}: the data is intact"
+        );
+        t.cleanup().await;
+    }
+}

@@ -85,8 +85,18 @@ impl AppState {
         };
         // An installed definition passed the report checks on import; one stored by an older
         // version that no longer passes keeps its records working, without reports.
+        // Reports also need the tables to be what the model says (see trellis_report::verify).
         let reports = match trellis_report::Reports::compile(&app) {
-            Ok(r) => r,
+            Ok(r) => match trellis_report::verify(&self.db, &app).await {
+                Ok(()) => r,
+                Err(trellis_form::FormError::Definition(ps)) => {
+                    for p in &ps {
+                        tracing::error!(app = %app.key, problem = %p.message, "reports are off for this app");
+                    }
+                    trellis_report::Reports::default()
+                }
+                Err(e) => return Err(e),
+            },
             Err(e) => {
                 tracing::warn!(app = %app.key, error = %e, "reports of this app do not compile");
                 trellis_report::Reports::default()
