@@ -29,6 +29,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/apps/{app}/reports/query"),
     ("post", "/api/v1/apps/{app}/reports/drill"),
     ("get", "/api/v1/apps/{app}/dashboards/{name}"),
+    ("get", "/api/v1/apps/{app}/alerts"),
     ("get", "/api/v1/users"),
     ("post", "/api/v1/users"),
     ("get", "/api/v1/users/{id}"),

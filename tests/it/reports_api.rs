@@ -226,6 +226,13 @@ async fn reports_count_what_the_caller_may_see() {
             json!(300.0),
             "{be}"
         );
+        // Alerts: listed for those who see every record, refused to a rep.
+        let (s, alerts) = app.call(Method::GET, "/api/v1/apps/crm/alerts", None).await;
+        assert_eq!(s, StatusCode::OK, "{be}: {alerts}");
+        assert_eq!(alerts["alerts"][0]["name"], "funnel_drop_by_product_line");
+        assert_eq!(alerts["firings"], json!([]));
+        let (s, _) = with(&app, &t1, Method::GET, "/api/v1/apps/crm/alerts", None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}");
         let (s, list) = app
             .call(Method::GET, "/api/v1/apps/crm/reports", None)
             .await;

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alerts;
 pub mod dialect;
 pub mod engine;
 pub mod expr;

@@ -26,6 +26,40 @@ pub struct ReportsDef {
     /// Dashboards by name.
     #[serde(default)]
     pub dashboards: BTreeMap<String, DashboardDef>,
+    /// Alerts by name.
+    #[serde(default)]
+    pub alerts: BTreeMap<String, AlertDef>,
+}
+
+/// An alert: a query with a `flag` rule, evaluated on a schedule; flagged rows fire it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertDef {
+    /// Display name.
+    #[serde(default)]
+    pub label: Option<Label>,
+    /// The query; it needs `compare` and `flag`.
+    pub query: Query,
+    /// How often it is evaluated: `hour`, `day` (default) or `week`.
+    #[serde(default = "day")]
+    pub every: String,
+}
+
+fn day() -> String {
+    "day".into()
+}
+
+/// A compiled alert.
+#[derive(Debug, Clone)]
+pub struct Alert {
+    /// Name.
+    pub name: String,
+    /// Display label.
+    pub label: String,
+    /// The definition.
+    pub def: AlertDef,
+    /// Time between evaluations.
+    pub every: chrono::Duration,
 }
 
 /// A metric as written in the definition.
@@ -372,6 +406,8 @@ pub struct Reports {
     pub metrics: BTreeMap<String, Metric>,
     /// Dashboards by name.
     pub dashboards: BTreeMap<String, Dashboard>,
+    /// Alerts by name.
+    pub alerts: BTreeMap<String, Alert>,
 }
 
 impl Reports {
@@ -411,6 +447,44 @@ impl Reports {
                     continue;
                 }
                 defs.push((name, path, m));
+            }
+            for (name, a) in parsed.alerts {
+                let path = format!("{base}/alerts/{name}");
+                if out.alerts.contains_key(&name) || !valid_name(&name) {
+                    problems.push(Problem::new(&path, "invalid_name", format!("`{name}` is defined twice or is not a valid alert name (lowercase letters, digits and _)")));
+                    continue;
+                }
+                let every = match a.every.as_str() {
+                    "hour" => chrono::Duration::hours(1),
+                    "day" => chrono::Duration::days(1),
+                    "week" => chrono::Duration::weeks(1),
+                    other => {
+                        problems.push(Problem::new(
+                            format!("{path}/every"),
+                            "invalid",
+                            format!("`{other}` is not a schedule; use hour, day or week"),
+                        ));
+                        continue;
+                    }
+                };
+                if a.query.flag.is_none() {
+                    problems.push(Problem::new(format!("{path}/query/flag"), "required", "an alert fires on flagged rows: give the query a `compare` and a `flag` rule"));
+                    continue;
+                }
+                let label = a
+                    .label
+                    .as_ref()
+                    .map(|l| l.get("en", &name).to_owned())
+                    .unwrap_or_else(|| name.clone());
+                out.alerts.insert(
+                    name.clone(),
+                    Alert {
+                        name,
+                        label,
+                        def: a,
+                        every,
+                    },
+                );
             }
             for (name, d) in parsed.dashboards {
                 let path = format!("{base}/dashboards/{name}");
@@ -499,7 +573,7 @@ impl Reports {
         }
         if problems.is_empty() {
             for (name, d) in &out.dashboards {
-                let base = dashboard_path(app, name);
+                let base = section_path(app, "dashboards", name);
                 for (j, item) in d.def.items.iter().enumerate() {
                     let p = format!("{base}/items/{j}");
                     if !CHARTS.contains(&item.chart.as_str()) {
@@ -520,20 +594,12 @@ impl Reports {
                             format!("the item `{}` appears twice", item.key),
                         ));
                     }
-                    for backend in [Backend::Sqlite, Backend::Postgres] {
-                        if let Err(FormError::Query(ps)) = crate::engine::plan(
-                            app,
-                            &out,
-                            &item.query,
-                            chrono::DateTime::UNIX_EPOCH,
-                            backend,
-                        ) {
-                            problems
-                                .extend(ps.into_iter().map(|x| x.prefixed(&format!("{p}/query"))));
-                            break;
-                        }
-                    }
+                    check_query(app, &out, &item.query, &format!("{p}/query"), &mut problems);
                 }
+            }
+            for name in out.alerts.keys() {
+                let path = format!("{}/query", section_path(app, "alerts", name));
+                check_query(app, &out, &out.alerts[name].def.query, &path, &mut problems);
             }
         }
         if problems.is_empty() {
@@ -545,13 +611,26 @@ impl Reports {
     }
 }
 
-fn dashboard_path(app: &App, name: &str) -> String {
+/// The JSON pointer of a dashboard or alert in the definition.
+fn section_path(app: &App, section: &str, name: &str) -> String {
     for (i, item) in app.def.reports.iter().enumerate() {
-        if item.get("dashboards").and_then(|d| d.get(name)).is_some() {
-            return format!("/reports/{i}/dashboards/{name}");
+        if item.get(section).and_then(|d| d.get(name)).is_some() {
+            return format!("/reports/{i}/{section}/{name}");
         }
     }
-    format!("/reports/dashboards/{name}")
+    format!("/reports/{section}/{name}")
+}
+
+/// A stored query (dashboard panel, alert) must plan on both backends.
+fn check_query(app: &App, reports: &Reports, q: &Query, path: &str, problems: &mut Vec<Problem>) {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        if let Err(FormError::Query(ps)) =
+            crate::engine::plan(app, reports, q, chrono::DateTime::UNIX_EPOCH, backend)
+        {
+            problems.extend(ps.into_iter().map(|x| x.prefixed(path)));
+            return;
+        }
+    }
 }
 
 fn valid_name(s: &str) -> bool {

@@ -645,7 +645,7 @@ async fn broken_metric_definitions_list_every_problem() {
         "j": {"type": "aggregate", "entity": "opportunity", "agg": "count", "time": "name"},
         "k": {"type": "aggregate", "entity": "opportunity", "agg": "sum", "expr": "system('rm')"},
         "l": {"type": "aggregate", "entity": "opportunity", "agg": "count", "filter": "amount > 'x'"}
-    }, "dashboards": {"d1": {"items": [{"key": "x", "chart": "pie", "query": {"metric": "a"}}]}}}]);
+    }, "alerts": {"no_flag": {"query": {"metric": "a"}}, "bad_every": {"every": "minute", "query": {"metric": "a"}}}, "dashboards": {"d1": {"items": [{"key": "x", "chart": "pie", "query": {"metric": "a"}}]}}}]);
     let out = apps::import(&t.db, &def, ImportOptions::default(), None, now())
         .await
         .unwrap();
@@ -894,6 +894,74 @@ async fn hostile_names_and_values_never_reach_sql() {
             json!({"leads": 13, "opportunities": 5}),
             "{b}: the data is intact"
         );
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn alerts_fire_once_per_finding_and_leave_an_event() {
+    for t in testing::each().await {
+        let db = &t.db;
+        let b = t.backend;
+        let mut def = crm_def();
+        def["reports"].as_array_mut().unwrap().push(json!({"alerts": {"lead_drop": {
+            "every": "day",
+            "query": {"metric": "leads", "time": {"from": "2026-04-01", "to": "2026-07-01"},
+                      "compare": "previous_period", "flag": {"metric": "leads", "change_pct_lte": -30}}
+        }}}));
+        // The fixture's data, under a definition with one more alert.
+        let _data = fixture(db).await;
+        let out = apps::import(db, &def, ImportOptions::default(), None, now())
+            .await
+            .unwrap();
+        let app = apps::load(db, &out.app).await.unwrap().unwrap();
+        let reports = Reports::compile(&app).unwrap();
+        let fired = trellis_report::alerts::evaluate(db, &app, &reports, now())
+            .await
+            .unwrap();
+        // The CRM's own alerts find nothing in this small fixture; ours fires.
+        assert_eq!(
+            fired.iter().map(|f| f.alert.as_str()).collect::<Vec<_>>(),
+            vec!["lead_drop"],
+            "{b}"
+        );
+        assert_eq!(fired[0].rows["rows"][0]["leads"], json!(1), "{b}");
+        assert_eq!(fired[0].rows["rows"][0]["leads_previous"], json!(3), "{b}");
+        let events = db
+            .fetch_all(
+                &trellis_form::db::Sql::new(
+                    "SELECT \"record\" FROM \"events\" WHERE \"kind\" = 'alert.fired'",
+                ),
+                &[trellis_form::model::ColKind::Json],
+            )
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1, "{b}");
+        // Not due again within the day; due the next day, but the same finding does not fire twice.
+        assert!(
+            trellis_report::alerts::evaluate(
+                db,
+                &app,
+                &reports,
+                now() + chrono::Duration::hours(2)
+            )
+            .await
+            .unwrap()
+            .is_empty(),
+            "{b}"
+        );
+        assert!(
+            trellis_report::alerts::evaluate(db, &app, &reports, now() + chrono::Duration::days(2))
+                .await
+                .unwrap()
+                .is_empty(),
+            "{b}"
+        );
+        let listed = trellis_report::alerts::firings(db, "crm", 10)
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1, "{b}");
+        assert_eq!(listed[0].id, fired[0].id, "{b}");
         t.cleanup().await;
     }
 }

@@ -495,6 +495,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     tokio::spawn(purge_history_hourly(state.clone()));
     tokio::spawn(follow_app_versions(state.clone()));
+    tokio::spawn(evaluate_alerts(state.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -516,6 +517,30 @@ async fn follow_app_versions(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(apps = n, "reloaded app definitions imported elsewhere"),
             Err(e) => tracing::warn!(error = %e, "cannot check app versions"),
+        }
+    }
+}
+
+/// Evaluate the apps' report alerts that are due, once a minute (each alert has its own
+/// schedule; firings go to the events outbox).
+async fn evaluate_alerts(state: AppState) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        for loaded in state.all_apps() {
+            let now = state.clock.now();
+            match trellis_report::alerts::evaluate(&state.db, &loaded.app, &loaded.reports, now)
+                .await
+            {
+                Ok(fired) => {
+                    for f in fired {
+                        tracing::info!(app = %loaded.app.key, alert = %f.alert, "alert fired")
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(app = %loaded.app.key, error = %e, "alert evaluation failed")
+                }
+            }
         }
     }
 }

@@ -25,6 +25,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(query_report))
         .routes(routes!(drill_report))
         .routes(routes!(get_dashboard))
+        .routes(routes!(list_alerts))
 }
 
 async fn prelude(state: &AppState, actor: &Actor, app: &str) -> ApiResult<(Visibility, Loaded)> {
@@ -268,4 +269,33 @@ async fn get_dashboard(
         "label": d.def.label.as_ref().map(|l| l.get("en", &d.name).to_owned()).unwrap_or_else(|| d.name.clone()),
         "items": items,
     })))
+}
+
+/// The app's alerts and their latest firings (callers who see every record only: an alert
+/// looks at all of them).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/alerts", tag = "reports",
+    params(("app" = String, Path, description = "App key")),
+    responses((status = 200, description = "`{alerts: [{name, label, every, query}], firings: [{id, alert, fired_at, rows}]}`", body = Object),
+              (status = 403, description = "The caller's role sees only some records", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn list_alerts(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    if vis.owners.is_some() {
+        return Err(ApiError::new(
+            "forbidden",
+            "Alerts look at every record of the app; your role sees only some of them.",
+        ));
+    }
+    let alerts: Vec<Value> = loaded
+        .reports
+        .alerts
+        .values()
+        .map(|a| json!({"name": a.name, "label": a.label, "every": a.def.every, "query": a.def.query}))
+        .collect();
+    let firings = trellis_report::alerts::firings(&state.db, &app, 100).await?;
+    Ok(Json(json!({"alerts": alerts, "firings": firings})))
 }

@@ -1,0 +1,16 @@
+-- Report alerts: when each alert was last evaluated, and every time one fired.
+CREATE TABLE report_alerts (
+    app             TEXT NOT NULL,
+    alert           TEXT NOT NULL,
+    last_checked_at TEXT NOT NULL,
+    last_key        TEXT,
+    PRIMARY KEY (app, alert)
+);
+CREATE TABLE report_alert_firings (
+    id       TEXT PRIMARY KEY,
+    app      TEXT NOT NULL,
+    alert    TEXT NOT NULL,
+    fired_at TEXT NOT NULL,
+    rows     TEXT NOT NULL
+);
+CREATE INDEX report_alert_firings_app ON report_alert_firings (app, alert, fired_at);
