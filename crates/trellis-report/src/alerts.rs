@@ -87,9 +87,8 @@ pub async fn evaluate(
         let mut up = if state.is_some() {
             let mut u = Sql::new("UPDATE \"report_alerts\" SET \"last_checked_at\" = ");
             u.bind(Value::DateTime(now));
-            if key.is_some() {
-                u.push(", \"last_key\" = ")
-                    .bind(Value::Text(key.clone().unwrap_or_default()));
+            if let Some(k) = &key {
+                u.push(", \"last_key\" = ").bind(Value::Text(k.clone()));
             }
             u.push(" WHERE \"app\" = ")
                 .bind(Value::Text(app.key.clone()))

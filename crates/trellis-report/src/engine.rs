@@ -749,7 +749,7 @@ pub async fn run(
             range = Some((f, tomorrow));
         }
     }
-    let (mut rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis).await?;
+    let (rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis).await?;
     let totals_rows = if plan.per_stage.is_some() {
         None
     } else if plan.dims.is_empty() && plan.grain.is_none() {
@@ -900,7 +900,6 @@ pub async fn run(
             totals.insert(m.clone(), num(reports, m, v));
         }
     }
-    rows.order.clear();
     let meta = json!({
         "timezone": plan.tz.name(),
         "from": cur_range.map(|r| r.0.to_string()),
