@@ -2,18 +2,38 @@
 //! opportunities, each beside a hand-written SQL query for the same answer in the same run.
 //!
 //! The data comes from [`crate::demo_data`] (the `trellis demo-data` generator), deterministic
-//! for a seed. SQLite only for now: the hand-written baselines are SQLite SQL.
+//! for a seed. The hand-written baselines are written per backend (SQLite and PostgreSQL).
 
 use anyhow::Context;
 use chrono::{TimeZone, Utc};
 use std::time::Instant;
-use trellis_form::db::{Db, Sql};
+use trellis_form::db::{Backend, Db, Sql};
 use trellis_form::model::App;
 use trellis_report::{engine, Query, Reports, Visibility};
 use uuid::Uuid;
 
-/// The hand-written SQL for each CRM metric (SQLite), the baseline of the benchmark.
-pub fn baselines() -> Vec<(&'static str, &'static str)> {
+/// The hand-written SQL for each CRM metric on `backend`, the baseline of the benchmark.
+pub fn baselines(backend: Backend) -> Vec<(&'static str, &'static str)> {
+    match backend {
+        Backend::Sqlite => sqlite_baselines(),
+        Backend::Postgres => postgres_baselines(),
+    }
+}
+
+fn postgres_baselines() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("pipeline_value", "SELECT SUM(\"amount\") FROM \"crm__opportunity\" WHERE \"stage\" IN ('mql','sql','proposal','quoted','negotiation')"),
+        ("weighted_forecast", "SELECT SUM(\"amount\" * CASE \"stage\" WHEN 'mql' THEN 0.1 WHEN 'sql' THEN 0.2 WHEN 'proposal' THEN 0.4 WHEN 'quoted' THEN 0.6 WHEN 'negotiation' THEN 0.8 END) FROM \"crm__opportunity\" WHERE \"stage\" IN ('mql','sql','proposal','quoted','negotiation')"),
+        ("win_rate", "SELECT COUNT(*) FILTER (WHERE \"stage\" = 'won')::numeric / NULLIF(COUNT(*) FILTER (WHERE \"stage\" IN ('won','lost')), 0) FROM \"crm__opportunity\""),
+        ("avg_deal_size", "SELECT AVG(\"amount\") FROM \"crm__opportunity\" WHERE \"stage\" = 'won'"),
+        ("sales_cycle_days", "SELECT AVG(EXTRACT(EPOCH FROM \"stage__entered_won\" - \"created_at\") / 86400.0) FROM \"crm__opportunity\" WHERE \"stage__entered_won\" IS NOT NULL"),
+        ("lead_conversion", "SELECT COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM \"crm__opportunity\" o WHERE o.\"lead\" = l.\"id\" AND o.\"created_at\" >= l.\"created_at\"))::numeric / COUNT(*) FROM \"crm__lead\" l"),
+        ("stage_conversion", "SELECT COUNT(*) FILTER (WHERE \"stage__entered_mql\" IS NOT NULL OR \"stage__entered_sql\" IS NOT NULL OR \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_sql\" IS NOT NULL OR \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(\"stage__entered_won\") FROM \"crm__opportunity\""),
+        ("time_in_stage", "SELECT stage, AVG(v) FROM (SELECT record_id, stage, SUM(EXTRACT(EPOCH FROM COALESCE(left_at, TIMESTAMPTZ '2026-11-27T12:00:00Z') - at) / 86400.0) AS v FROM (SELECT record_id, new_value #>> '{}' AS stage, at, LEAD(at) OVER (PARTITION BY record_id ORDER BY at, id) AS left_at FROM history WHERE app = 'crm' AND entity = 'opportunity' AND field = 'stage') s WHERE stage IN ('mql','sql','proposal','quoted','negotiation') GROUP BY record_id, stage) x GROUP BY stage"),
+    ]
+}
+
+fn sqlite_baselines() -> Vec<(&'static str, &'static str)> {
     vec![
         ("pipeline_value", "SELECT SUM(\"amount\") FROM \"crm__opportunity\" WHERE \"stage\" IN ('mql','sql','proposal','quoted','negotiation')"),
         ("weighted_forecast", "SELECT SUM(\"amount\" * CASE \"stage\" WHEN 'mql' THEN 0.1 WHEN 'sql' THEN 0.2 WHEN 'proposal' THEN 0.4 WHEN 'quoted' THEN 0.6 WHEN 'negotiation' THEN 0.8 END) FROM \"crm__opportunity\" WHERE \"stage\" IN ('mql','sql','proposal','quoted','negotiation')"),
@@ -53,10 +73,6 @@ pub async fn run(
     seed: u64,
     runs: usize,
 ) -> anyhow::Result<Vec<Line>> {
-    anyhow::ensure!(
-        db.backend() == trellis_form::db::Backend::Sqlite,
-        "the report benchmark runs on SQLite only for now"
-    );
     let now = Utc
         .with_ymd_and_hms(2026, 11, 27, 12, 0, 0)
         .single()
@@ -79,7 +95,7 @@ pub async fn run(
     let reports = Reports::compile(app)?;
     let vis = Visibility::default();
     let mut out = vec![];
-    for (name, hand) in baselines() {
+    for (name, hand) in baselines(db.backend()) {
         let q = Query {
             metric: Some(name.into()),
             ..Default::default()
