@@ -27,7 +27,11 @@ pub struct WriteCtx {
     /// Owner of records created without one (the app's default owner).
     pub default_owner: Option<Uuid>,
     /// Allow historical `created_at` and `stage_history` (admin batch import of old data).
+    /// Events of an import are written as already processed: the past starts no automation.
     pub import: bool,
+    /// Chain depth: 0 for people and API clients, one more than the run for a workflow's write
+    /// (the workflow engine's loop guard).
+    pub depth: u32,
 }
 
 /// The system part of a stored record.
@@ -145,8 +149,8 @@ pub async fn get(db: &crate::db::Db, e: &Entity, id: Uuid) -> Result<Record> {
     Ok(decode(e, row))
 }
 
-/// Read one record inside a write transaction.
-async fn get_in(tx: &mut Tx, e: &Entity, id: Uuid) -> Result<Record> {
+/// Read one record inside a transaction (sees the transaction's own writes).
+pub async fn get_in(tx: &mut Tx, e: &Entity, id: Uuid) -> Result<Record> {
     let (sql, kinds) = by_id(e, id);
     let row = tx
         .fetch_optional(&sql, &kinds)
@@ -867,7 +871,7 @@ async fn write_rows(
         .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
         .collect();
     write_history_rows(tx, &app.key, e, &history, ctx.actor).await?;
-    let events: Vec<(Uuid, Json, Json, DateTime<Utc>)> = rows
+    let events: Vec<(Uuid, Json, Json, DateTime<Utc>, bool)> = rows
         .iter()
         .map(|r| {
             (
@@ -875,6 +879,7 @@ async fn write_rows(
                 json!(r.changed),
                 r.record.to_json(),
                 r.record.meta.updated_at,
+                ctx.import && r.record.meta.created_at < ctx.now,
             )
         })
         .collect();
@@ -1229,7 +1234,7 @@ async fn write_event(
         app,
         e,
         kind,
-        &[(id, json!(changed), record.clone(), ctx.now)],
+        &[(id, json!(changed), record.clone(), ctx.now, false)],
         ctx,
     )
     .await
@@ -1241,18 +1246,21 @@ async fn write_events(
     app: &str,
     e: &Entity,
     kind: &str,
-    events: &[(Uuid, Json, Json, DateTime<Utc>)],
+    events: &[(Uuid, Json, Json, DateTime<Utc>, bool)],
     ctx: &WriteCtx,
 ) -> Result<()> {
     for chunk in events.chunks(MAX_PARAMS / 4) {
-        let mut sql = Sql::new("INSERT INTO \"events\" (\"app\", \"entity\", \"record_id\", \"kind\", \"changed\", \"record\", \"actor\", \"at\") VALUES ");
+        let mut sql = Sql::new("INSERT INTO \"events\" (\"app\", \"entity\", \"record_id\", \"kind\", \"changed\", \"record\", \"actor\", \"at\", \"depth\", \"processed_at\") VALUES ");
         let shared = [
             sql.param(Value::Text(app.into())),
             sql.param(Value::Text(e.key.clone())),
             sql.param(Value::Text(kind.into())),
             sql.param(Value::opt_uuid(ctx.actor)),
+            sql.param(Value::Int(ctx.depth as i64)),
+            sql.param(Value::DateTime(ctx.now)),
+            sql.param(Value::Null(ColKind::DateTime)),
         ];
-        for (i, (id, changed, record, at)) in chunk.iter().enumerate() {
+        for (i, (id, changed, record, at, historical)) in chunk.iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
             sql.push(&format!("{}, {}, ", shared[0], shared[1]));
             sql.bind(Value::Uuid(*id))
@@ -1261,7 +1269,10 @@ async fn write_events(
             sql.bind(Value::Json(record.clone()))
                 .push(&format!(", {}, ", shared[3]));
             // Each event carries its own write's time (a group commit mixes several).
-            sql.bind(Value::DateTime(*at)).push(")");
+            // A historical import describes the past: its events start no automation.
+            let processed = if *historical { &shared[5] } else { &shared[6] };
+            sql.bind(Value::DateTime(*at))
+                .push(&format!(", {}, {processed})", shared[4]));
         }
         tx.execute(&sql).await?;
     }

@@ -25,6 +25,8 @@ pub struct User {
     pub active: bool,
     /// Administrators manage apps.
     pub is_admin: bool,
+    /// Out of office: workflows skip this user when assigning records.
+    pub out_of_office: bool,
 }
 
 /// Fields to create or change a user.
@@ -42,6 +44,8 @@ pub struct UserInput {
     pub active: Option<bool>,
     /// Admin flag.
     pub is_admin: Option<bool>,
+    /// Out-of-office flag (assignment skips the user).
+    pub out_of_office: Option<bool>,
 }
 
 mod double_option {
@@ -53,12 +57,14 @@ mod double_option {
     }
 }
 
-const USER_COLS: &str = "\"id\", \"name\", \"email\", \"manager_id\", \"active\", \"is_admin\"";
-const USER_KINDS: [ColKind; 6] = [
+const USER_COLS: &str =
+    "\"id\", \"name\", \"email\", \"manager_id\", \"active\", \"is_admin\", \"out_of_office\"";
+const USER_KINDS: [ColKind; 7] = [
     ColKind::Uuid,
     ColKind::Text,
     ColKind::Text,
     ColKind::Uuid,
+    ColKind::Bool,
     ColKind::Bool,
     ColKind::Bool,
 ];
@@ -86,6 +92,7 @@ fn user(r: Vec<Value>) -> User {
         },
         active: matches!(r[4], Value::Bool(true)),
         is_admin: matches!(r[5], Value::Bool(true)),
+        out_of_office: matches!(r[6], Value::Bool(true)),
     }
 }
 
@@ -234,6 +241,8 @@ pub async fn create(tx: &mut Tx, input: &UserInput, now: DateTime<Utc>) -> Resul
         .push(", ");
     sql.bind(Value::Bool(input.is_admin.unwrap_or(false)))
         .push(", ");
+    sql.bind(Value::Bool(input.out_of_office.unwrap_or(false)))
+        .push(", ");
     sql.bind(Value::DateTime(now)).push(")");
     tx.execute(&sql).await?;
     Ok(get_in(tx, id).await?.expect("just inserted"))
@@ -260,6 +269,9 @@ pub async fn update(tx: &mut Tx, id: Uuid, input: &UserInput) -> Result<User> {
     }
     if let Some(a) = input.is_admin {
         sql.push(", \"is_admin\" = ").bind(Value::Bool(a));
+    }
+    if let Some(a) = input.out_of_office {
+        sql.push(", \"out_of_office\" = ").bind(Value::Bool(a));
     }
     sql.push(" WHERE \"id\" = ").bind(Value::Uuid(id));
     tx.execute(&sql).await?;

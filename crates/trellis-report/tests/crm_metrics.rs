@@ -73,6 +73,7 @@ async fn fixture(db: &Db) -> Fx {
         now: now(),
         default_owner: Some(rep_a),
         import: true,
+        depth: 0,
     };
     let mut ids = std::collections::HashMap::new();
     let acct = store::create_batch(
@@ -816,6 +817,7 @@ async fn hostile_names_and_values_never_reach_sql() {
             now: now(),
             default_owner: Some(fx.rep_a),
             import: false,
+            depth: 0,
         };
         let recs: Vec<Json> = hostile
             .iter()

@@ -239,6 +239,7 @@ pub async fn writes(db: Db, records: usize, clients: usize) -> anyhow::Result<Ve
         now: trellis_form::Clock::now(&SystemClock),
         default_owner: Some(owner),
         import: true,
+        depth: 0,
     };
     match crate::sheets::import(&db, &app, e, &sheet, &ctx, false, false).await? {
         crate::sheets::Outcome::Ok { .. } => {}

@@ -765,6 +765,7 @@ async fn import_sheet(args: &ImportArgs) -> anyhow::Result<i32> {
         now: SystemClock.now(),
         default_owner: Some(default_owner(&db, &app, admin).await?),
         import: true,
+        depth: 0,
     };
     use std::io::IsTerminal;
     let progress = std::io::stderr().is_terminal();

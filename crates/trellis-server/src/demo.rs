@@ -221,6 +221,7 @@ pub async fn install(
         now,
         default_owner: Some(admin),
         import: true,
+        depth: 0,
     };
     let mut g = Gen(20261127);
     let industries = [

@@ -23,6 +23,7 @@ async fn setup(db: &trellis_form::db::Db) -> (trellis_form::model::App, WriteCtx
         now: trellis_form::Clock::now(&trellis_form::SystemClock),
         default_owner: Some(loaded.default_owner),
         import: true,
+        depth: 0,
     };
     (app, ctx)
 }

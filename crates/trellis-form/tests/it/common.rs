@@ -91,6 +91,7 @@ pub fn ctx(actor: Uuid) -> WriteCtx {
         now: t0(),
         default_owner: Some(actor),
         import: false,
+        depth: 0,
     }
 }
 

@@ -503,6 +503,7 @@ async fn batches_are_all_or_nothing_and_can_import_funnel_history() {
         let deal = app.entity("deal").unwrap();
         let imp = WriteCtx {
             import: true,
+            depth: 0,
             ..ctx(admin)
         };
         let batch = [

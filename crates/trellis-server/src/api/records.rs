@@ -35,6 +35,7 @@ fn ctx(state: &AppState, loaded: &Loaded, actor: &Actor) -> WriteCtx {
         now: state.clock.now(),
         default_owner: Some(loaded.default_owner),
         import: actor.is_admin,
+        depth: 0,
     }
 }
 
