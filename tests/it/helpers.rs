@@ -24,10 +24,26 @@ impl TestApp {
 
     /// Start with other HTTP settings (rate limit, CORS, timeout).
     pub async fn start_with(db: TestDb, http: trellis_server::limits::HttpSettings) -> TestApp {
-        let clock = Arc::new(trellis_form::SystemClock);
-        let (state, _) = trellis_server::cli::prepare(db.db.clone(), clock, None, Some(TOKEN))
-            .await
-            .expect("prepare");
+        TestApp::start_full(
+            db,
+            http,
+            trellis_flow::Settings::default(),
+            Arc::new(trellis_form::SystemClock),
+        )
+        .await
+    }
+
+    /// Start with workflow settings (SMTP sink, outbound allow-list, variables) and a clock.
+    pub async fn start_full(
+        db: TestDb,
+        http: trellis_server::limits::HttpSettings,
+        flow: trellis_flow::Settings,
+        clock: Arc<dyn trellis_form::Clock>,
+    ) -> TestApp {
+        let (state, _) =
+            trellis_server::cli::prepare_with(db.db.clone(), clock, None, Some(TOKEN), flow)
+                .await
+                .expect("prepare");
         let state = state.with_http(http);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -8,3 +8,5 @@ mod identity_api;
 mod permissions_api;
 mod records_api;
 mod reports_api;
+mod sinks;
+mod workflows_api;

@@ -440,7 +440,8 @@ async fn pick(
         Strategy::RoundRobin => {
             // One counter per team, advanced in the run's transaction: fair across restarts and
             // across instances sharing the database (the row lock orders concurrent turns).
-            let mut sql = Sql::new("INSERT INTO \"flow_counters\" (\"app\", \"key\", \"value\") VALUES (");
+            let mut sql =
+                Sql::new("INSERT INTO \"flow_counters\" (\"app\", \"key\", \"value\") VALUES (");
             sql.bind(Value::Text(env.app.key.clone())).push(", ");
             sql.bind(Value::Text(format!("round_robin:{key}")))
                 .push(", 1) ON CONFLICT (\"app\", \"key\") DO UPDATE SET \"value\" = \"flow_counters\".\"value\" + 1 RETURNING \"value\"");
@@ -513,10 +514,7 @@ async fn pick(
                 .expect("not empty");
             Ok(Ok((
                 u,
-                format!(
-                    "team `{key}` least open records ({} open){note}",
-                    count(&u)
-                ),
+                format!("team `{key}` least open records ({} open){note}", count(&u)),
             )))
         }
     }

@@ -174,7 +174,8 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn problem(&mut self, path: &str, code: &'static str, msg: String) {
-        self.problems.push(Problem::new(format!("/{path}"), code, msg));
+        self.problems
+            .push(Problem::new(format!("/{path}"), code, msg));
     }
 
     fn condition(&mut self, name: String, text: &str) {
@@ -192,7 +193,11 @@ impl Checker<'_> {
 
     fn template(&mut self, name: String, text: &str) {
         if let Err(m) = self.templates.add(&name, text) {
-            self.problem(&name, "template", format!("This template does not parse: {m}"));
+            self.problem(
+                &name,
+                "template",
+                format!("This template does not parse: {m}"),
+            );
         }
     }
 
@@ -291,11 +296,17 @@ fn compile_one(
         );
     }
     if def.version < 1 {
-        c.problem("version", "invalid", "The version must be 1 or more.".into());
+        c.problem(
+            "version",
+            "invalid",
+            "The version must be 1 or more.".into(),
+        );
     }
     // Trigger.
     let entity_key = def.trigger.entity().to_owned();
-    let entity = c.entity("trigger/entity", &entity_key).map(|e| e.key.clone());
+    let entity = c
+        .entity("trigger/entity", &entity_key)
+        .map(|e| e.key.clone());
     if let Some(ek) = &entity {
         let e = app.entity(ek).expect("checked");
         match &def.trigger {
@@ -343,7 +354,9 @@ fn compile_one(
                     );
                 }
                 if let Some(a) = activity_entity {
-                    if let Some(ae) = c.entity("trigger/activity_entity", a).map(|x| x.key.clone())
+                    if let Some(ae) = c
+                        .entity("trigger/activity_entity", a)
+                        .map(|x| x.key.clone())
                     {
                         let ae = app.entity(&ae).expect("checked");
                         if !ae.fields.iter().any(|f| {
@@ -368,12 +381,20 @@ fn compile_one(
     // Nodes.
     let mut index: HashMap<String, usize> = HashMap::new();
     if def.nodes.is_empty() {
-        c.problem("nodes", "empty", "A workflow needs at least one node.".into());
+        c.problem(
+            "nodes",
+            "empty",
+            "A workflow needs at least one node.".into(),
+        );
     }
     for (i, n) in def.nodes.iter().enumerate() {
         let np = format!("nodes/{i}");
         if n.id.is_empty() {
-            c.problem(&format!("{np}/id"), "invalid", "The node id is empty.".into());
+            c.problem(
+                &format!("{np}/id"),
+                "invalid",
+                "The node id is empty.".into(),
+            );
         }
         if index.insert(n.id.clone(), i).is_some() {
             c.problem(
@@ -395,12 +416,17 @@ fn compile_one(
         }
         let e = entity.as_deref().and_then(|k| app.entity(k).ok());
         match &n.action {
-            Action::Condition { condition } => {
-                c.condition(cond_name(&["nodes", &i.to_string(), "condition"]), condition)
-            }
+            Action::Condition { condition } => c.condition(
+                cond_name(&["nodes", &i.to_string(), "condition"]),
+                condition,
+            ),
             Action::Switch { cases } => {
                 if cases.is_empty() {
-                    c.problem(&format!("{np}/cases"), "empty", "A switch needs cases.".into());
+                    c.problem(
+                        &format!("{np}/cases"),
+                        "empty",
+                        "A switch needs cases.".into(),
+                    );
                 }
                 for (j, case) in cases.iter().enumerate() {
                     c.condition(
@@ -449,8 +475,14 @@ fn compile_one(
                     c.values(&format!("{np}/values"), e, values);
                 }
             }
-            Action::CreateRecord { entity: target, values } => {
-                if let Some(te) = c.entity(&format!("{np}/entity"), target).map(|x| x.key.clone()) {
+            Action::CreateRecord {
+                entity: target,
+                values,
+            } => {
+                if let Some(te) = c
+                    .entity(&format!("{np}/entity"), target)
+                    .map(|x| x.key.clone())
+                {
                     let te = app.entity(&te).expect("checked");
                     c.values(&format!("{np}/values"), te, values);
                 }
@@ -465,14 +497,23 @@ fn compile_one(
                         format!("{np}/fallback")
                     };
                     if r.user.is_some() == r.team.is_some() {
-                        c.problem(&rp, "invalid", "An assignment rule names either a `user` (email) or a `team` (key).".into());
+                        c.problem(
+                            &rp,
+                            "invalid",
+                            "An assignment rule names either a `user` (email) or a `team` (key)."
+                                .into(),
+                        );
                     }
                     if let Some(w) = &r.when {
                         c.condition(format!("{rp}/when"), w);
                     }
                 }
                 if rules.is_empty() && fallback.is_none() {
-                    c.problem(&np, "empty", "An assignment needs rules or a fallback.".into());
+                    c.problem(
+                        &np,
+                        "empty",
+                        "An assignment needs rules or a fallback.".into(),
+                    );
                 }
             }
             Action::Notify {
@@ -507,7 +548,11 @@ fn compile_one(
             }
             Action::Approval { steps } => {
                 if steps.is_empty() {
-                    c.problem(&format!("{np}/steps"), "empty", "An approval needs at least one step.".into());
+                    c.problem(
+                        &format!("{np}/steps"),
+                        "empty",
+                        "An approval needs at least one step.".into(),
+                    );
                 }
                 for (j, s) in steps.iter().enumerate() {
                     c.recipient(&format!("{np}/steps/{j}/approvers"), &s.approvers);

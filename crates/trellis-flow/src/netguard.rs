@@ -67,7 +67,9 @@ fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
             };
             u128::from(a) & mask == u128::from(b) & mask
         }
-        (IpAddr::V6(a), IpAddr::V4(_)) => embedded_v4(a).is_some_and(|v4| in_net(v4.into(), net, bits)),
+        (IpAddr::V6(a), IpAddr::V4(_)) => {
+            embedded_v4(a).is_some_and(|v4| in_net(v4.into(), net, bits))
+        }
         _ => false,
     }
 }
@@ -143,7 +145,10 @@ pub async fn check(url: &str, allow: &AllowList) -> Result<Checked, String> {
     let parsed =
         reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("only http and https URLs are allowed, not `{}`", parsed.scheme()));
+        return Err(format!(
+            "only http and https URLs are allowed, not `{}`",
+            parsed.scheme()
+        ));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err("URLs with credentials are not allowed".into());
@@ -248,7 +253,13 @@ mod tests {
 
     #[test]
     fn public_addresses_pass_the_check() {
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "172.32.0.1", "100.128.0.1"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "172.32.0.1",
+            "100.128.0.1",
+        ] {
             assert!(!is_blocked(ip.parse().unwrap()), "{ip}");
         }
     }
@@ -265,7 +276,9 @@ mod tests {
         assert!(rt.block_on(check("http://127.0.0.2/", &allow)).is_err());
         assert!(rt.block_on(check("http://192.168.0.1/", &allow)).is_err());
         // Mapped IPv6 of an allowed address is the same address.
-        assert!(rt.block_on(check("http://[::ffff:127.0.0.1]/", &allow)).is_ok());
+        assert!(rt
+            .block_on(check("http://[::ffff:127.0.0.1]/", &allow))
+            .is_ok());
         assert!(AllowList::parse("10.0.0.0/40").is_err());
     }
 }

@@ -58,6 +58,8 @@ pub struct Settings {
     pub lease: Duration,
     /// Runs claimed per round.
     pub batch: usize,
+    /// How often the host looks for idle records (inactivity triggers).
+    pub scan_every: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -70,6 +72,7 @@ impl Default for Settings {
             max_depth: 5,
             lease: Duration::seconds(60),
             batch: 64,
+            scan_every: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -80,6 +83,7 @@ pub type Result<T> = std::result::Result<T, trellis_form::FormError>;
 struct Installed {
     app: Arc<App>,
     flows: Arc<Flows>,
+    default_owner: Option<Uuid>,
 }
 
 /// The workflow runtime of one process.
@@ -202,8 +206,9 @@ fn event(r: Vec<Value>) -> Event {
 }
 
 /// The context conditions and templates see.
-fn context(ev: &Event, vars: &Vars, now: DateTime<Utc>) -> Json {
+fn context(ev: &Event, vars: &Vars, now: DateTime<Utc>, inst: &Installed) -> Json {
     json!({
+        "app": { "key": inst.app.key, "default_owner": inst.default_owner },
         "record": ev.record,
         "old": ev.old,
         "changed": ev.changed,
@@ -336,7 +341,8 @@ impl Runtime {
     }
 
     /// Compile and install the workflows of `app`; keeps every version runs may need.
-    pub async fn install(&self, app: Arc<App>) -> Result<()> {
+    /// `default_owner` owns records nobody was assigned to (`app.default_owner` in conditions).
+    pub async fn install(&self, app: Arc<App>, default_owner: Option<Uuid>) -> Result<()> {
         let flows = compile::compile(&app).map_err(trellis_form::FormError::Definition)?;
         let now = self.clock.now();
         for wf in flows.workflows.values() {
@@ -364,6 +370,7 @@ impl Runtime {
             Arc::new(Installed {
                 app,
                 flows: Arc::new(flows),
+                default_owner,
             }),
         );
         Ok(())
@@ -400,7 +407,10 @@ impl Runtime {
         // Compile the pinned version against the current app (its entities may have grown).
         let mut app_def = inst.app.def.clone();
         app_def.workflows = vec![serde_json::to_value(&def).expect("serializable")];
-        let app = trellis_form::compile::compile(trellis_form::compile::parse(&serde_json::to_value(&app_def).expect("ser"))?, inst.app.version)?;
+        let app = trellis_form::compile::compile(
+            trellis_form::compile::parse(&serde_json::to_value(&app_def).expect("ser"))?,
+            inst.app.version,
+        )?;
         let flows = compile::compile(&app).map_err(trellis_form::FormError::Definition)?;
         let wf = flows
             .workflows
@@ -456,7 +466,7 @@ impl Runtime {
         let now = self.clock.now();
         let mut changed = false;
         for wf in wfs {
-            let mut ctx = context(&ev, &self.settings.vars, now);
+            let mut ctx = context(&ev, &self.settings.vars, now, &inst);
             match matches(&wf, &ev, &ctx, &inst.app) {
                 Ok(false) => continue,
                 Ok(true) => {}
@@ -476,7 +486,7 @@ impl Runtime {
                 write: WriteCtx {
                     actor: None,
                     now,
-                    default_owner: None,
+                    default_owner: inst.default_owner,
                     import: false,
                     depth: ev.depth + 1,
                 },
@@ -491,7 +501,14 @@ impl Runtime {
                 let started = std::time::Instant::now();
                 match run_db_node(tx, &env, idx, n, &mut ctx).await {
                     Ok(out) => {
-                        log.push((id.clone(), n.action.kind(), "succeeded", out.data.clone(), None::<String>, started.elapsed()));
+                        log.push((
+                            id.clone(),
+                            n.action.kind(),
+                            "succeeded",
+                            out.data.clone(),
+                            None::<String>,
+                            started.elapsed(),
+                        ));
                         steps.insert(id.clone(), out.data.clone());
                         ctx["steps"] = Json::Object(steps.clone());
                         node = next_node(&wf, &id, &out.output, &ctx).map_err(|m| InlineError {
@@ -505,7 +522,14 @@ impl Runtime {
                         // An `error` edge handles it; otherwise the write fails.
                         let has_error_edge = wf.edges_from(&id).any(|(_, e)| e.output == "error");
                         if has_error_edge {
-                            log.push((id.clone(), n.action.kind(), "failed", Json::Null, Some(m.clone()), started.elapsed()));
+                            log.push((
+                                id.clone(),
+                                n.action.kind(),
+                                "failed",
+                                Json::Null,
+                                Some(m.clone()),
+                                started.elapsed(),
+                            ));
                             steps.insert(id.clone(), json!({ "error": m }));
                             ctx["steps"] = Json::Object(steps.clone());
                             node = next_node(&wf, &id, "error", &ctx).map_err(|m| InlineError {
@@ -603,7 +627,7 @@ impl Runtime {
                 if wf.def.mode != Mode::Async || wf.def.trigger.entity() != ev.entity {
                     continue;
                 }
-                let ctx = context(ev, &self.settings.vars, now);
+                let ctx = context(ev, &self.settings.vars, now, &inst);
                 let (status, error) = match matches(wf, ev, &ctx, &inst.app) {
                     Ok(false) => continue,
                     Ok(true) if ev.depth >= self.settings.max_depth => (
@@ -666,7 +690,13 @@ impl Runtime {
     }
 
     /// Start a workflow by hand on a record (manual trigger, or any trigger for testing).
-    pub async fn start(&self, app: &str, workflow: &str, record: Uuid, actor: Option<Uuid>) -> Result<Uuid> {
+    pub async fn start(
+        &self,
+        app: &str,
+        workflow: &str,
+        record: Uuid,
+        actor: Option<Uuid>,
+    ) -> Result<Uuid> {
         let inst = self
             .installed(app)
             .ok_or_else(|| trellis_form::FormError::AppNotFound(app.into()))?;
@@ -692,7 +722,7 @@ impl Runtime {
             at: now,
             depth: 0,
         };
-        let ctx = context(&ev, &self.settings.vars, now);
+        let ctx = context(&ev, &self.settings.vars, now, &inst);
         let id = Uuid::now_v7();
         let mut tx = self.db.begin().await?;
         insert_run(
@@ -772,7 +802,8 @@ impl Runtime {
         let now = self.clock.now();
         let until = now + self.settings.lease;
         let mut tx = self.db.begin().await?;
-        let mut sql = Sql::new("UPDATE \"flow_runs\" SET \"status\" = 'running', \"lease_owner\" = ");
+        let mut sql =
+            Sql::new("UPDATE \"flow_runs\" SET \"status\" = 'running', \"lease_owner\" = ");
         sql.bind(Value::Text(self.settings.worker.clone()))
             .push(", \"lease_until\" = ")
             .bind(Value::DateTime(until))
@@ -805,7 +836,11 @@ impl Runtime {
     async fn advance(&self, mut run: Claimed) -> Result<()> {
         let Some(inst) = self.installed(&run.app) else {
             return self
-                .finish(&run, "failed", Some(&format!("the app `{}` is not installed", run.app)))
+                .finish(
+                    &run,
+                    "failed",
+                    Some(&format!("the app `{}` is not installed", run.app)),
+                )
                 .await
                 .map(drop);
         };
@@ -813,7 +848,11 @@ impl Runtime {
             Ok(w) => w,
             Err(e) => {
                 return self
-                    .finish(&run, "failed", Some(&format!("workflow version {} cannot run: {e}", run.version)))
+                    .finish(
+                        &run,
+                        "failed",
+                        Some(&format!("workflow version {} cannot run: {e}", run.version)),
+                    )
                     .await
                     .map(drop)
             }
@@ -825,8 +864,12 @@ impl Runtime {
                 return Ok(());
             };
             let Some(&idx) = wf.nodes.get(&id) else {
-                self.finish(&run, "failed", Some(&format!("the node `{id}` does not exist in this version")))
-                    .await?;
+                self.finish(
+                    &run,
+                    "failed",
+                    Some(&format!("the node `{id}` does not exist in this version")),
+                )
+                .await?;
                 return Ok(());
             };
             let node = &wf.def.nodes[idx];
@@ -837,11 +880,15 @@ impl Runtime {
                     run.context["record"] = r.to_json();
                 }
             }
+            run.context["related"] = self.related(&inst.app, entity, &run.context).await;
             run.context["now"] = json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             run.context["steps"] = run.steps.clone();
             let next = match &node.action {
                 Action::Wait { .. } => self.wait_node(&mut run, &wf, idx, node, now).await?,
-                Action::Approval { .. } => self.approval_node(&mut run, &wf, &inst, idx, node, now).await?,
+                Action::Approval { .. } => {
+                    self.approval_node(&mut run, &wf, &inst, idx, node, now)
+                        .await?
+                }
                 a if a.database_only() => self.db_step(&mut run, &wf, &inst, idx, node).await?,
                 _ => self.effect_step(&mut run, &wf, &inst, idx, node).await?,
             };
@@ -856,6 +903,29 @@ impl Runtime {
         }
     }
 
+    /// The records the run's record points to (one level of relations), as `related.<field>`.
+    async fn related(&self, app: &App, entity: &trellis_form::model::Entity, ctx: &Json) -> Json {
+        let mut out = Map::new();
+        for f in entity
+            .fields
+            .iter()
+            .filter(|f| f.ty == trellis_form::def::FieldType::Relation)
+        {
+            let (Some(target), Some(id)) = (
+                f.def.entity.as_deref().and_then(|t| app.entity(t).ok()),
+                ctx.pointer(&format!("/record/{}", f.key))
+                    .and_then(Json::as_str)
+                    .and_then(|s| Uuid::parse_str(s).ok()),
+            ) else {
+                continue;
+            };
+            if let Ok(r) = store::get(&self.db, target, id).await {
+                out.insert(f.key.clone(), r.to_json());
+            }
+        }
+        Json::Object(out)
+    }
+
     fn env<'a>(&self, inst: &'a Installed, wf: &'a Workflow, run: &Claimed) -> Env<'a> {
         Env {
             app: &inst.app,
@@ -864,7 +934,7 @@ impl Runtime {
             write: WriteCtx {
                 actor: None,
                 now: self.clock.now(),
-                default_owner: None,
+                default_owner: inst.default_owner,
                 import: false,
                 depth: run.depth + 1,
             },
@@ -893,12 +963,26 @@ impl Runtime {
         match result {
             Ok(out) => {
                 let seq = next_seq(&mut tx, run.id).await?;
-                insert_step(&mut tx, run.id, seq, &node.id, node.action.kind(), "succeeded", &format!("{}.{}", run.id, node.id), &out.data, None, now, Some(took)).await?;
+                insert_step(
+                    &mut tx,
+                    run.id,
+                    seq,
+                    &node.id,
+                    node.action.kind(),
+                    "succeeded",
+                    &format!("{}.{}", run.id, node.id),
+                    &out.data,
+                    None,
+                    now,
+                    Some(took),
+                )
+                .await?;
                 run.steps[&node.id] = out.data.clone();
                 ctx["steps"] = run.steps.clone();
                 run.context = ctx;
                 let next = next_node(wf, &node.id, &out.output, &run.context);
-                self.progress(&mut tx, run, next.as_ref().ok().cloned().flatten(), now).await?;
+                self.progress(&mut tx, run, next.as_ref().ok().cloned().flatten(), now)
+                    .await?;
                 tx.commit().await?;
                 match next {
                     Ok(n) => Ok(Next::Node(n)),
@@ -911,7 +995,8 @@ impl Runtime {
             Err(m) => {
                 // Roll the node's writes back; record the failure in a fresh transaction.
                 drop(tx);
-                self.failed_step(run, wf, node, &m, now, Some(took), false).await
+                self.failed_step(run, wf, node, &m, now, Some(took), false)
+                    .await
             }
         }
     }
@@ -932,7 +1017,20 @@ impl Runtime {
             return Ok(Next::Lost);
         }
         let seq = next_seq(&mut tx, run.id).await?;
-        insert_step(&mut tx, run.id, seq, &node.id, node.action.kind(), "started", &key, &Json::Null, None, now, None).await?;
+        insert_step(
+            &mut tx,
+            run.id,
+            seq,
+            &node.id,
+            node.action.kind(),
+            "started",
+            &key,
+            &Json::Null,
+            None,
+            now,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         let started = std::time::Instant::now();
         let env = self.env(inst, wf, run);
@@ -950,17 +1048,30 @@ impl Runtime {
                 if let Action::Notify { .. } = &node.action {
                     if let Err(m) = run_db_node(&mut tx, &env, idx, node, &mut ctx).await {
                         drop(tx);
-                        return self.failed_step(run, wf, node, &m, now, Some(took), true).await;
+                        return self
+                            .failed_step(run, wf, node, &m, now, Some(took), true)
+                            .await;
                     }
                 }
                 if let Action::SendEmail { .. } = &node.action {
                     record_email(&mut tx, &env, run, &out.data, now).await?;
                 }
-                finish_step(&mut tx, run.id, seq, "succeeded", &out.data, None, now, took).await?;
+                finish_step(
+                    &mut tx,
+                    run.id,
+                    seq,
+                    "succeeded",
+                    &out.data,
+                    None,
+                    now,
+                    took,
+                )
+                .await?;
                 run.steps[&node.id] = out.data.clone();
                 run.context["steps"] = run.steps.clone();
                 let next = next_node(wf, &node.id, &out.output, &run.context);
-                self.progress(&mut tx, run, next.as_ref().ok().cloned().flatten(), now).await?;
+                self.progress(&mut tx, run, next.as_ref().ok().cloned().flatten(), now)
+                    .await?;
                 tx.commit().await?;
                 match next {
                     Ok(n) => Ok(Next::Node(n)),
@@ -972,9 +1083,20 @@ impl Runtime {
             }
             Err(m) => {
                 let mut tx = self.db.begin().await?;
-                finish_step(&mut tx, run.id, seq, "failed", &Json::Null, Some(&m), now, took).await?;
+                finish_step(
+                    &mut tx,
+                    run.id,
+                    seq,
+                    "failed",
+                    &Json::Null,
+                    Some(&m),
+                    now,
+                    took,
+                )
+                .await?;
                 tx.commit().await?;
-                self.failed_step(run, wf, node, &m, now, Some(took), true).await
+                self.failed_step(run, wf, node, &m, now, Some(took), true)
+                    .await
             }
         }
     }
@@ -999,7 +1121,20 @@ impl Runtime {
         }
         if !logged {
             let seq = next_seq(&mut tx, run.id).await?;
-            insert_step(&mut tx, run.id, seq, &node.id, node.action.kind(), "failed", &format!("{}.{}", run.id, node.id), &Json::Null, Some(message), now, took).await?;
+            insert_step(
+                &mut tx,
+                run.id,
+                seq,
+                &node.id,
+                node.action.kind(),
+                "failed",
+                &format!("{}.{}", run.id, node.id),
+                &Json::Null,
+                Some(message),
+                now,
+                took,
+            )
+            .await?;
         }
         if retriable && run.attempt + 1 < retry.max_attempts {
             run.attempt += 1;
@@ -1007,8 +1142,12 @@ impl Runtime {
                 + Duration::from_std(retry.delay(run.attempt + 1)).unwrap_or(Duration::seconds(1));
             let mut sql = Sql::new("UPDATE \"flow_runs\" SET \"attempt\" = ");
             sql.bind(Value::Int(run.attempt as i64));
-            sql.push(", \"error\" = ")
-                .bind(Value::Text(format!("attempt {} of {} failed: {message}; retrying at {}", run.attempt, retry.max_attempts, at.to_rfc3339())));
+            sql.push(", \"error\" = ").bind(Value::Text(format!(
+                "attempt {} of {} failed: {message}; retrying at {}",
+                run.attempt,
+                retry.max_attempts,
+                at.to_rfc3339()
+            )));
             self.lease_where(&mut sql, run.id);
             tx.execute(&sql).await?;
             tx.commit().await?;
@@ -1024,7 +1163,11 @@ impl Runtime {
         }
         tx.commit().await?;
         let why = if retriable {
-            format!("the node `{}` failed {} time(s): {message}", node.id, run.attempt + 1)
+            format!(
+                "the node `{}` failed {} time(s): {message}",
+                node.id,
+                run.attempt + 1
+            )
         } else {
             format!("the node `{}` failed: {message}", node.id)
         };
@@ -1042,15 +1185,27 @@ impl Runtime {
         key: &str,
     ) -> std::result::Result<Outcome, String> {
         let i = idx.to_string();
-        let timeout = std::time::Duration::from_secs(node.timeout_seconds.unwrap_or(10).clamp(1, 30) as u64);
+        let timeout =
+            std::time::Duration::from_secs(node.timeout_seconds.unwrap_or(10).clamp(1, 30) as u64);
         match &node.action {
             Action::SendEmail { .. } => {
-                let to = env.wf.templates.render(&tpl_name(&["nodes", &i, "to"]), ctx)?;
-                let subject = env.wf.templates.render(&tpl_name(&["nodes", &i, "subject"]), ctx)?;
-                let body = env.wf.templates.render(&tpl_name(&["nodes", &i, "body"]), ctx)?;
+                let to = env
+                    .wf
+                    .templates
+                    .render(&tpl_name(&["nodes", &i, "to"]), ctx)?;
+                let subject = env
+                    .wf
+                    .templates
+                    .render(&tpl_name(&["nodes", &i, "subject"]), ctx)?;
+                let body = env
+                    .wf
+                    .templates
+                    .render(&tpl_name(&["nodes", &i, "body"]), ctx)?;
                 let to = to.trim().to_owned();
                 if to.is_empty() {
-                    return Err("the email has no recipient (the `to` template rendered empty)".into());
+                    return Err(
+                        "the email has no recipient (the `to` template rendered empty)".into(),
+                    );
                 }
                 let message_id = format!("<{key}@trellis>");
                 let sent = match &self.settings.smtp {
@@ -1076,18 +1231,42 @@ impl Runtime {
                 }
                 let payload = render_json(env.wf, &format!("nodes/{i}/body"), body, ctx)?;
                 let secret = match secret {
-                    Some(s) => Some(actions::render_str(env.wf, &tpl_name(&["nodes", &i, "secret"]), s, ctx)?),
+                    Some(s) => Some(actions::render_str(
+                        env.wf,
+                        &tpl_name(&["nodes", &i, "secret"]),
+                        s,
+                        ctx,
+                    )?),
                     None => None,
                 };
-                let status = post_signed(&self.settings.allow, url, &payload, secret.as_deref(), key, self.clock.now(), timeout).await?;
+                let status = post_signed(
+                    &self.settings.allow,
+                    url,
+                    &payload,
+                    secret.as_deref(),
+                    key,
+                    self.clock.now(),
+                    timeout,
+                )
+                .await?;
                 Ok(Outcome {
                     output: "ok".into(),
                     data: json!({ "url": url, "status": status, "webhook_id": key }),
                 })
             }
-            Action::Notify { im_webhook: Some(hook), im_format, title, body, .. } => {
-                let url = env.wf.templates.render(&tpl_name(&["nodes", &i, "im_webhook"]), ctx)?;
-                let t = actions::render_str(env.wf, &tpl_name(&["nodes", &i, "title"]), title, ctx)?;
+            Action::Notify {
+                im_webhook: Some(hook),
+                im_format,
+                title,
+                body,
+                ..
+            } => {
+                let url = env
+                    .wf
+                    .templates
+                    .render(&tpl_name(&["nodes", &i, "im_webhook"]), ctx)?;
+                let t =
+                    actions::render_str(env.wf, &tpl_name(&["nodes", &i, "title"]), title, ctx)?;
                 let b = actions::render_str(env.wf, &tpl_name(&["nodes", &i, "body"]), body, ctx)?;
                 let _ = hook;
                 let url = url.trim();
@@ -1097,17 +1276,47 @@ impl Runtime {
                 let text = if b.is_empty() { t } else { format!("{t}\n{b}") };
                 let payload = match im_format.unwrap_or(ImFormat::Slack) {
                     ImFormat::Slack => json!({ "text": text }),
-                    ImFormat::Dingtalk | ImFormat::Wecom => json!({ "msgtype": "text", "text": { "content": text } }),
+                    ImFormat::Dingtalk | ImFormat::Wecom => {
+                        json!({ "msgtype": "text", "text": { "content": text } })
+                    }
                 };
-                let status = post_signed(&self.settings.allow, url, &payload, None, key, self.clock.now(), timeout).await?;
+                let status = post_signed(
+                    &self.settings.allow,
+                    url,
+                    &payload,
+                    None,
+                    key,
+                    self.clock.now(),
+                    timeout,
+                )
+                .await?;
                 Ok(Outcome::ok_data(json!({ "im": status })))
             }
-            other => Err(format!("the node type `{}` has no external effect", other.kind())),
+            other => Err(format!(
+                "the node type `{}` has no external effect",
+                other.kind()
+            )),
         }
     }
 
-    async fn wait_node(&self, run: &mut Claimed, wf: &Workflow, idx: usize, node: &NodeDef, now: DateTime<Utc>) -> Result<Next> {
-        let Action::Wait { minutes, hours, working_days, until_field, offset_days, until, timeout_hours } = &node.action else {
+    async fn wait_node(
+        &self,
+        run: &mut Claimed,
+        wf: &Workflow,
+        idx: usize,
+        node: &NodeDef,
+        now: DateTime<Utc>,
+    ) -> Result<Next> {
+        let Action::Wait {
+            minutes,
+            hours,
+            working_days,
+            until_field,
+            offset_days,
+            until,
+            timeout_hours,
+        } = &node.action
+        else {
             unreachable!("wait node")
         };
         let state = run.steps.get(&node.id).cloned();
@@ -1118,7 +1327,10 @@ impl Runtime {
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
             .map(|t| t.with_timezone(&Utc));
         let since = started.unwrap_or(now);
-        let calendar = self.flows(&run.app).map(|f| f.calendar()).unwrap_or_else(|| crate::calendar::Calendar::weekdays(chrono_tz::UTC));
+        let calendar = self
+            .flows(&run.app)
+            .map(|f| f.calendar())
+            .unwrap_or_else(|| crate::calendar::Calendar::weekdays(chrono_tz::UTC));
         let (due, output): (Option<DateTime<Utc>>, Option<&str>) = if until.is_some() {
             let c = wf.condition(&cond_name(&["nodes", &idx.to_string(), "until"]));
             match c.eval(&run.context) {
@@ -1140,19 +1352,33 @@ impl Runtime {
             let at = if let Some(n) = working_days {
                 calendar.add_working_days(since, *n)
             } else if let Some(f) = until_field {
-                let v = run.context.pointer(&format!("/record/{f}")).and_then(Json::as_str).unwrap_or_default().to_owned();
+                let v = run
+                    .context
+                    .pointer(&format!("/record/{f}"))
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
                 let base = DateTime::parse_from_rfc3339(&v)
                     .map(|t| t.with_timezone(&Utc))
-                    .or_else(|_| chrono::NaiveDate::parse_from_str(&v, "%Y-%m-%d").map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc()));
+                    .or_else(|_| {
+                        chrono::NaiveDate::parse_from_str(&v, "%Y-%m-%d")
+                            .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+                    });
                 match base {
                     Ok(b) => b + Duration::days(offset_days.unwrap_or(0) as i64),
                     // An empty date: nothing to wait for.
                     Err(_) => now,
                 }
             } else {
-                since + Duration::minutes(minutes.unwrap_or(0) as i64) + Duration::hours(hours.unwrap_or(0) as i64)
+                since
+                    + Duration::minutes(minutes.unwrap_or(0) as i64)
+                    + Duration::hours(hours.unwrap_or(0) as i64)
             };
-            if now >= at { (None, Some("ok")) } else { (Some(at), None) }
+            if now >= at {
+                (None, Some("ok"))
+            } else {
+                (Some(at), None)
+            }
         };
         let mut tx = self.db.begin().await?;
         if !self.hold(&mut tx, run.id, now).await? {
@@ -1162,7 +1388,20 @@ impl Runtime {
             (_, Some(out)) => {
                 let seq = next_seq(&mut tx, run.id).await?;
                 let data = json!({ "since": since, "ended": now, "output": out });
-                insert_step(&mut tx, run.id, seq, &node.id, "wait", "succeeded", &format!("{}.{}", run.id, node.id), &data, None, now, None).await?;
+                insert_step(
+                    &mut tx,
+                    run.id,
+                    seq,
+                    &node.id,
+                    "wait",
+                    "succeeded",
+                    &format!("{}.{}", run.id, node.id),
+                    &data,
+                    None,
+                    now,
+                    None,
+                )
+                .await?;
                 run.steps[&node.id] = data;
                 run.context["steps"] = run.steps.clone();
                 let next = next_node(wf, &node.id, out, &run.context).unwrap_or(None);
@@ -1183,28 +1422,59 @@ impl Runtime {
         }
     }
 
-    async fn approval_node(&self, run: &mut Claimed, wf: &Workflow, inst: &Installed, idx: usize, node: &NodeDef, now: DateTime<Utc>) -> Result<Next> {
-        let Action::Approval { steps } = &node.action else { unreachable!("approval node") };
+    async fn approval_node(
+        &self,
+        run: &mut Claimed,
+        wf: &Workflow,
+        inst: &Installed,
+        idx: usize,
+        node: &NodeDef,
+        now: DateTime<Utc>,
+    ) -> Result<Next> {
+        let Action::Approval { steps } = &node.action else {
+            unreachable!("approval node")
+        };
         let env = self.env(inst, wf, run);
         let mut tx = self.db.begin().await?;
         if !self.hold(&mut tx, run.id, now).await? {
             return Ok(Next::Lost);
         }
         let mut sql = Sql::new("SELECT \"id\", \"step\", \"status\", \"due_at\", \"escalated\", \"approvers\", \"comment\", \"name\" FROM \"approvals\" WHERE \"run_id\" = ");
-        sql.bind(Value::Uuid(run.id)).push(" AND \"node\" = ").bind(Value::Text(node.id.clone())).push(" ORDER BY \"step\" DESC LIMIT 1");
-        let last = tx.fetch_optional(&sql, &[ColKind::Uuid, ColKind::Int, ColKind::Text, ColKind::DateTime, ColKind::Bool, ColKind::Json, ColKind::Text, ColKind::Text]).await?;
+        sql.bind(Value::Uuid(run.id))
+            .push(" AND \"node\" = ")
+            .bind(Value::Text(node.id.clone()))
+            .push(" ORDER BY \"step\" DESC LIMIT 1");
+        let last = tx
+            .fetch_optional(
+                &sql,
+                &[
+                    ColKind::Uuid,
+                    ColKind::Int,
+                    ColKind::Text,
+                    ColKind::DateTime,
+                    ColKind::Bool,
+                    ColKind::Json,
+                    ColKind::Text,
+                    ColKind::Text,
+                ],
+            )
+            .await?;
         let mut from_step = 0usize;
         if let Some(r) = &last {
             let step = int(&r[1]) as usize;
             let status = text(&r[2]);
-            let comment = match &r[6] { Value::Text(s) => json!(s), _ => Json::Null };
+            let comment = match &r[6] {
+                Value::Text(s) => json!(s),
+                _ => Json::Null,
+            };
             match status.as_str() {
                 "pending" => {
                     let due = time(&r[3]);
                     if due.is_some_and(|d| now >= d) {
                         if !matches!(r[4], Value::Bool(true)) {
                             // Escalate once: the approvers' managers join, the clock restarts.
-                            let mut approvers: Vec<Uuid> = serde_json::from_value(json_of(&r[5])).unwrap_or_default();
+                            let mut approvers: Vec<Uuid> =
+                                serde_json::from_value(json_of(&r[5])).unwrap_or_default();
                             let managers = managers_of(&mut tx, &approvers).await?;
                             for m in &managers {
                                 if !approvers.contains(m) {
@@ -1214,30 +1484,94 @@ impl Runtime {
                             let hours = steps[step].timeout_hours.unwrap_or(24) as i64;
                             let new_due = now + Duration::hours(hours);
                             let mut up = Sql::new("UPDATE \"approvals\" SET \"escalated\" = ");
-                            up.bind(Value::Bool(true)).push(", \"approvers\" = ").bind(Value::Json(json!(approvers))).push(", \"due_at\" = ").bind(Value::DateTime(new_due)).push(" WHERE \"id\" = ").bind(r[0].clone());
+                            up.bind(Value::Bool(true))
+                                .push(", \"approvers\" = ")
+                                .bind(Value::Json(json!(approvers)))
+                                .push(", \"due_at\" = ")
+                                .bind(Value::DateTime(new_due))
+                                .push(" WHERE \"id\" = ")
+                                .bind(r[0].clone());
                             tx.execute(&up).await?;
                             let entity = inst.app.entity(&run.entity)?;
                             for m in &managers {
-                                notify_user(&mut tx, &env, *m, &format!("Escalated approval: {}", steps[step].name), "An approval waits for a decision past its deadline.", &entity.key, record_id(&run.context)).await?;
+                                notify_user(
+                                    &mut tx,
+                                    &env,
+                                    *m,
+                                    &format!("Escalated approval: {}", steps[step].name),
+                                    "An approval waits for a decision past its deadline.",
+                                    &entity.key,
+                                    record_id(&run.context),
+                                )
+                                .await?;
                             }
                             let seq = next_seq(&mut tx, run.id).await?;
-                            insert_step(&mut tx, run.id, seq, &node.id, "approval", "succeeded", &format!("{}.{}.escalate.{step}", run.id, node.id), &json!({ "escalated_to": managers, "step": steps[step].name }), None, now, None).await?;
+                            insert_step(
+                                &mut tx,
+                                run.id,
+                                seq,
+                                &node.id,
+                                "approval",
+                                "succeeded",
+                                &format!("{}.{}.escalate.{step}", run.id, node.id),
+                                &json!({ "escalated_to": managers, "step": steps[step].name }),
+                                None,
+                                now,
+                                None,
+                            )
+                            .await?;
                             tx.commit().await?;
                             return Ok(Next::Sleep(new_due));
                         }
-                        let mut up = Sql::new("UPDATE \"approvals\" SET \"status\" = 'timeout', \"decided_at\" = ");
-                        up.bind(Value::DateTime(now)).push(" WHERE \"id\" = ").bind(r[0].clone());
+                        let mut up = Sql::new(
+                            "UPDATE \"approvals\" SET \"status\" = 'timeout', \"decided_at\" = ",
+                        );
+                        up.bind(Value::DateTime(now))
+                            .push(" WHERE \"id\" = ")
+                            .bind(r[0].clone());
                         tx.execute(&up).await?;
-                        return self.approval_done(tx, run, wf, node, "timeout", json!({ "step": steps[step].name }), now).await;
+                        return self
+                            .approval_done(
+                                tx,
+                                run,
+                                wf,
+                                node,
+                                "timeout",
+                                json!({ "step": steps[step].name }),
+                                now,
+                            )
+                            .await;
                     }
                     tx.commit().await?;
                     return Ok(Next::Sleep(due.unwrap_or(now + Duration::days(3650))));
                 }
                 "approved" => from_step = step + 1,
                 "rejected" => {
-                    return self.approval_done(tx, run, wf, node, "rejected", json!({ "step": steps[step].name, "comment": comment }), now).await;
+                    return self
+                        .approval_done(
+                            tx,
+                            run,
+                            wf,
+                            node,
+                            "rejected",
+                            json!({ "step": steps[step].name, "comment": comment }),
+                            now,
+                        )
+                        .await;
                 }
-                _ => return self.approval_done(tx, run, wf, node, "timeout", json!({ "step": steps[step].name }), now).await,
+                _ => {
+                    return self
+                        .approval_done(
+                            tx,
+                            run,
+                            wf,
+                            node,
+                            "timeout",
+                            json!({ "step": steps[step].name }),
+                            now,
+                        )
+                        .await
+                }
             }
         }
         // Open the next step whose condition holds.
@@ -1245,7 +1579,10 @@ impl Runtime {
         while j < steps.len() {
             let s = &steps[j];
             let applies = match &s.when {
-                Some(_) => wf.condition(&format!("nodes/{idx}/steps/{j}/when")).eval(&run.context).unwrap_or(false),
+                Some(_) => wf
+                    .condition(&format!("nodes/{idx}/steps/{j}/when"))
+                    .eval(&run.context)
+                    .unwrap_or(false),
                 None => true,
             };
             if applies {
@@ -1254,18 +1591,48 @@ impl Runtime {
             j += 1;
         }
         if j >= steps.len() {
-            return self.approval_done(tx, run, wf, node, "approved", json!({ "steps": steps.len() }), now).await;
+            return self
+                .approval_done(
+                    tx,
+                    run,
+                    wf,
+                    node,
+                    "approved",
+                    json!({ "steps": steps.len() }),
+                    now,
+                )
+                .await;
         }
         let s = &steps[j];
         let approvers = match actions::recipients(&mut tx, &env, &s.approvers, &run.context).await {
             Ok(a) if !a.is_empty() => a,
             Ok(_) => {
                 drop(tx);
-                return self.failed_step(run, wf, node, &format!("the approval step `{}` has no approvers", s.name), now, None, false).await;
+                return self
+                    .failed_step(
+                        run,
+                        wf,
+                        node,
+                        &format!("the approval step `{}` has no approvers", s.name),
+                        now,
+                        None,
+                        false,
+                    )
+                    .await;
             }
             Err(m) => {
                 drop(tx);
-                return self.failed_step(run, wf, node, &format!("approval step `{}`: {m}", s.name), now, None, false).await;
+                return self
+                    .failed_step(
+                        run,
+                        wf,
+                        node,
+                        &format!("approval step `{}`: {m}", s.name),
+                        now,
+                        None,
+                        false,
+                    )
+                    .await;
             }
         };
         let due = s.timeout_hours.map(|h| now + Duration::hours(h as i64));
@@ -1278,30 +1645,88 @@ impl Runtime {
         ins.bind(Value::Int(j as i64)).push(", ");
         ins.bind(Value::Text(s.name.clone())).push(", ");
         ins.bind(Value::Text(run.entity.clone())).push(", ");
-        ins.bind(Value::opt_uuid(record_id(&run.context))).push(", ");
+        ins.bind(Value::opt_uuid(record_id(&run.context)))
+            .push(", ");
         ins.bind(Value::Json(json!(approvers))).push(", ");
-        ins.bind(Value::Text(match s.rule { ApprovalRule::Any => "any".into(), ApprovalRule::All => "all".into() })).push(", ");
+        ins.bind(Value::Text(match s.rule {
+            ApprovalRule::Any => "any".into(),
+            ApprovalRule::All => "all".into(),
+        }))
+        .push(", ");
         ins.bind(Value::Json(json!({}))).push(", 'pending', ");
-        ins.bind(due.map(Value::DateTime).unwrap_or(Value::Null(ColKind::DateTime))).push(", ");
+        ins.bind(
+            due.map(Value::DateTime)
+                .unwrap_or(Value::Null(ColKind::DateTime)),
+        )
+        .push(", ");
         ins.bind(Value::Bool(false)).push(", ");
         ins.bind(Value::DateTime(now)).push(")");
         tx.execute(&ins).await?;
-        let name = run.context.pointer("/record/name").and_then(Json::as_str).unwrap_or_default().to_owned();
+        let name = run
+            .context
+            .pointer("/record/name")
+            .and_then(Json::as_str)
+            .unwrap_or_default()
+            .to_owned();
         for a in &approvers {
-            notify_user(&mut tx, &env, *a, &format!("Approval requested: {}", s.name), &name, &run.entity, record_id(&run.context)).await?;
+            notify_user(
+                &mut tx,
+                &env,
+                *a,
+                &format!("Approval requested: {}", s.name),
+                &name,
+                &run.entity,
+                record_id(&run.context),
+            )
+            .await?;
         }
         let seq = next_seq(&mut tx, run.id).await?;
-        insert_step(&mut tx, run.id, seq, &node.id, "approval", "succeeded", &format!("{}.{}.open.{j}", run.id, node.id), &json!({ "approval": approval, "step": s.name, "approvers": approvers }), None, now, None).await?;
+        insert_step(
+            &mut tx,
+            run.id,
+            seq,
+            &node.id,
+            "approval",
+            "succeeded",
+            &format!("{}.{}.open.{j}", run.id, node.id),
+            &json!({ "approval": approval, "step": s.name, "approvers": approvers }),
+            None,
+            now,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Next::Sleep(due.unwrap_or(now + Duration::days(3650))))
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn approval_done(&self, mut tx: Tx, run: &mut Claimed, wf: &Workflow, node: &NodeDef, outcome: &str, data: Json, now: DateTime<Utc>) -> Result<Next> {
+    async fn approval_done(
+        &self,
+        mut tx: Tx,
+        run: &mut Claimed,
+        wf: &Workflow,
+        node: &NodeDef,
+        outcome: &str,
+        data: Json,
+        now: DateTime<Utc>,
+    ) -> Result<Next> {
         let mut data = data;
         data["outcome"] = json!(outcome);
         let seq = next_seq(&mut tx, run.id).await?;
-        insert_step(&mut tx, run.id, seq, &node.id, "approval", "succeeded", &format!("{}.{}", run.id, node.id), &data, None, now, None).await?;
+        insert_step(
+            &mut tx,
+            run.id,
+            seq,
+            &node.id,
+            "approval",
+            "succeeded",
+            &format!("{}.{}", run.id, node.id),
+            &data,
+            None,
+            now,
+            None,
+        )
+        .await?;
         run.steps[&node.id] = data;
         run.context["steps"] = run.steps.clone();
         let next = next_node(wf, &node.id, outcome, &run.context).unwrap_or(None);
@@ -1327,7 +1752,13 @@ impl Runtime {
         Ok(tx.execute(&sql).await? == 1)
     }
 
-    async fn progress(&self, tx: &mut Tx, run: &Claimed, next: Option<String>, now: DateTime<Utc>) -> Result<()> {
+    async fn progress(
+        &self,
+        tx: &mut Tx,
+        run: &Claimed,
+        next: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
         let mut sql = Sql::new("UPDATE \"flow_runs\" SET \"node\" = ");
         sql.bind(next.map(Value::Text).unwrap_or(Value::Null(ColKind::Text)))
             .push(", \"steps\" = ")
@@ -1344,7 +1775,9 @@ impl Runtime {
     async fn sleep(&self, run: &Claimed, at: DateTime<Utc>) -> Result<()> {
         let mut tx = self.db.begin().await?;
         let mut sql = Sql::new("UPDATE \"flow_runs\" SET \"status\" = 'waiting', \"lease_owner\" = NULL, \"lease_until\" = NULL, \"wake_at\" = ");
-        sql.bind(Value::DateTime(at)).push(", \"updated_at\" = ").bind(Value::DateTime(self.clock.now()));
+        sql.bind(Value::DateTime(at))
+            .push(", \"updated_at\" = ")
+            .bind(Value::DateTime(self.clock.now()));
         self.lease_where(&mut sql, run.id);
         tx.execute(&sql).await?;
         tx.commit().await
@@ -1356,7 +1789,11 @@ impl Runtime {
         let mut sql = Sql::new("UPDATE \"flow_runs\" SET \"status\" = ");
         sql.bind(Value::Text(status.into()))
             .push(", \"node\" = NULL, \"lease_owner\" = NULL, \"lease_until\" = NULL, \"error\" = ")
-            .bind(error.map(|e| Value::Text(e.into())).unwrap_or(Value::Null(ColKind::Text)))
+            .bind(
+                error
+                    .map(|e| Value::Text(e.into()))
+                    .unwrap_or(Value::Null(ColKind::Text)),
+            )
             .push(", \"finished_at\" = ")
             .bind(Value::DateTime(now))
             .push(", \"updated_at\" = ")
@@ -1370,15 +1807,37 @@ impl Runtime {
     // ----- approvals -----------------------------------------------------------------------
 
     /// Record a decision on an approval step by `user`; wakes the run when the step is decided.
-    pub async fn decide(&self, app: &str, approval: Uuid, user: Uuid, admin: bool, approve: bool, comment: Option<&str>) -> std::result::Result<Json, DecideError> {
+    pub async fn decide(
+        &self,
+        app: &str,
+        approval: Uuid,
+        user: Uuid,
+        admin: bool,
+        approve: bool,
+        comment: Option<&str>,
+    ) -> std::result::Result<Json, DecideError> {
         let now = self.clock.now();
         let mut tx = self.db.begin().await?;
         let mut sql = Sql::new("SELECT \"approvers\", \"rule\", \"votes\", \"status\", \"run_id\" FROM \"approvals\" WHERE \"id\" = ");
-        sql.bind(Value::Uuid(approval)).push(" AND \"app\" = ").bind(Value::Text(app.into()));
+        sql.bind(Value::Uuid(approval))
+            .push(" AND \"app\" = ")
+            .bind(Value::Text(app.into()));
         if tx.backend() == Backend::Postgres {
             sql.push(" FOR UPDATE");
         }
-        let Some(r) = tx.fetch_optional(&sql, &[ColKind::Json, ColKind::Text, ColKind::Json, ColKind::Text, ColKind::Uuid]).await? else {
+        let Some(r) = tx
+            .fetch_optional(
+                &sql,
+                &[
+                    ColKind::Json,
+                    ColKind::Text,
+                    ColKind::Json,
+                    ColKind::Text,
+                    ColKind::Uuid,
+                ],
+            )
+            .await?
+        else {
             return Err(DecideError::NotFound);
         };
         let approvers: Vec<Uuid> = serde_json::from_value(json_of(&r[0])).unwrap_or_default();
@@ -1390,7 +1849,16 @@ impl Runtime {
         }
         let mut votes = json_of(&r[2]);
         votes[user.to_string()] = json!({ "approve": approve, "comment": comment, "at": now });
-        let approvals = approvers.iter().filter(|a| votes.get(a.to_string()).and_then(|v| v.get("approve")).and_then(Json::as_bool) == Some(true)).count();
+        let approvals = approvers
+            .iter()
+            .filter(|a| {
+                votes
+                    .get(a.to_string())
+                    .and_then(|v| v.get("approve"))
+                    .and_then(Json::as_bool)
+                    == Some(true)
+            })
+            .count();
         let status = if !approve {
             "rejected"
         } else if text(&r[1]) == "any" || admin || approvals >= approvers.len() {
@@ -1399,16 +1867,25 @@ impl Runtime {
             "pending"
         };
         let mut up = Sql::new("UPDATE \"approvals\" SET \"votes\" = ");
-        up.bind(Value::Json(votes.clone())).push(", \"status\" = ").bind(Value::Text(status.into()));
+        up.bind(Value::Json(votes.clone()))
+            .push(", \"status\" = ")
+            .bind(Value::Text(status.into()));
         if status != "pending" {
             up.push(", \"decided_at\" = ").bind(Value::DateTime(now));
-            up.push(", \"comment\" = ").bind(comment.map(|c| Value::Text(c.into())).unwrap_or(Value::Null(ColKind::Text)));
+            up.push(", \"comment\" = ").bind(
+                comment
+                    .map(|c| Value::Text(c.into()))
+                    .unwrap_or(Value::Null(ColKind::Text)),
+            );
         }
         up.push(" WHERE \"id\" = ").bind(Value::Uuid(approval));
         tx.execute(&up).await?;
         if status != "pending" {
             let mut wake = Sql::new("UPDATE \"flow_runs\" SET \"wake_at\" = ");
-            wake.bind(Value::DateTime(now)).push(" WHERE \"id\" = ").bind(r[4].clone()).push(" AND \"status\" = 'waiting'");
+            wake.bind(Value::DateTime(now))
+                .push(" WHERE \"id\" = ")
+                .bind(r[4].clone())
+                .push(" AND \"status\" = 'waiting'");
             tx.execute(&wake).await?;
         }
         tx.commit().await?;
@@ -1425,32 +1902,71 @@ impl Runtime {
         let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
         for inst in apps {
             for wf in inst.flows.enabled() {
-                let Trigger::Inactivity { entity, hours, working_days, activity_entity, .. } = &wf.def.trigger else {
+                let Trigger::Inactivity {
+                    entity,
+                    hours,
+                    working_days,
+                    activity_entity,
+                    ..
+                } = &wf.def.trigger
+                else {
                     continue;
                 };
                 let e = inst.app.entity(entity)?;
-                let mut sql = Sql::new(format!("SELECT t.\"id\", t.\"created_at\""));
+                // Last activity: the later of the last stage change (or creation) and the newest
+                // related activity record. Candidates are records idle for at least the calendar
+                // length of the limit (a necessary condition) with no mark since their last
+                // activity; the exact due time is computed below on the calendar.
                 let stage = e.stage();
-                if let Some(sf) = stage {
-                    sql.push(&format!(", t.{}", trellis_form::db::quote(&trellis_form::model::stage_changed_column(&sf.key))));
+                let changed = match stage {
+                    Some(sf) => format!(
+                        "COALESCE(t.{}, t.\"created_at\")",
+                        trellis_form::db::quote(&trellis_form::model::stage_changed_column(
+                            &sf.key
+                        ))
+                    ),
+                    None => "t.\"created_at\"".to_owned(),
+                };
+                let rel = activity_entity
+                    .as_ref()
+                    .and_then(|a| inst.app.entity(a).ok())
+                    .and_then(|ae| {
+                        ae.fields
+                            .iter()
+                            .find(|f| {
+                                f.ty == trellis_form::def::FieldType::Relation
+                                    && f.def.entity.as_deref() == Some(entity.as_str())
+                            })
+                            .map(|f| (ae.table.clone(), f.key.clone()))
+                    });
+                let activity = match &rel {
+                    Some((table, col)) => format!(
+                        "COALESCE((SELECT MAX(a.\"created_at\") FROM {} a WHERE a.{} = t.\"id\"), t.\"created_at\")",
+                        trellis_form::db::quote(table),
+                        trellis_form::db::quote(col)
+                    ),
+                    None => "t.\"created_at\"".to_owned(),
+                };
+                let greatest = if self.db.backend() == Backend::Postgres {
+                    "GREATEST"
                 } else {
-                    sql.push(", t.\"created_at\"");
-                }
-                let rel = activity_entity.as_ref().and_then(|a| inst.app.entity(a).ok()).and_then(|ae| {
-                    ae.fields.iter().find(|f| f.ty == trellis_form::def::FieldType::Relation && f.def.entity.as_deref() == Some(entity.as_str())).map(|f| (ae.table.clone(), f.key.clone()))
-                });
-                match &rel {
-                    Some((table, col)) => {
-                        sql.push(&format!(", (SELECT MAX(a.\"created_at\") FROM {} a WHERE a.{} = t.\"id\")", trellis_form::db::quote(table), trellis_form::db::quote(col)));
-                    }
-                    None => {
-                        sql.push(", NULL");
-                    }
-                }
-                sql.push(&format!(" FROM {} t", trellis_form::db::quote(&e.table)));
+                    "MAX"
+                };
+                let mut sql = Sql::new(format!(
+                    "SELECT x.\"id\", x.\"last\" FROM (SELECT t.\"id\" AS \"id\", {greatest}({changed}, {activity}) AS \"last\" FROM {} t",
+                    trellis_form::db::quote(&e.table)
+                ));
                 if let Some(sf) = stage {
-                    let open: Vec<&str> = sf.stages.iter().filter(|s| s.kind == trellis_form::def::StageKind::Open).map(|s| s.key.as_str()).collect();
-                    sql.push(&format!(" WHERE t.{} IN (", trellis_form::db::quote(&sf.key)));
+                    let open: Vec<&str> = sf
+                        .stages
+                        .iter()
+                        .filter(|s| s.kind == trellis_form::def::StageKind::Open)
+                        .map(|s| s.key.as_str())
+                        .collect();
+                    sql.push(&format!(
+                        " WHERE t.{} IN (",
+                        trellis_form::db::quote(&sf.key)
+                    ));
                     for (n, s) in open.iter().enumerate() {
                         if n > 0 {
                             sql.push(", ");
@@ -1462,10 +1978,25 @@ impl Runtime {
                     }
                     sql.push(")");
                 }
-                let rows = self.db.fetch_all(&sql, &[ColKind::Uuid, ColKind::DateTime, ColKind::DateTime, ColKind::DateTime]).await?;
+                let span = match (hours, working_days) {
+                    (Some(h), _) => Duration::hours(*h as i64),
+                    (_, Some(d)) => Duration::days(*d as i64),
+                    _ => continue,
+                };
+                sql.push(") x WHERE x.\"last\" <= ")
+                    .bind(Value::DateTime(now - span))
+                    .push(" AND NOT EXISTS (SELECT 1 FROM \"flow_marks\" m WHERE m.\"app\" = ")
+                    .bind(Value::Text(inst.app.key.clone()))
+                    .push(" AND m.\"workflow\" = ")
+                    .bind(Value::Text(wf.def.key.clone()))
+                    .push(" AND m.\"record_id\" = x.\"id\" AND m.\"created_at\" >= x.\"last\") ORDER BY x.\"last\" LIMIT 500");
+                let rows = self
+                    .db
+                    .fetch_all(&sql, &[ColKind::Uuid, ColKind::DateTime])
+                    .await?;
                 for r in rows {
                     let Some(id) = uuid(&r[0]) else { continue };
-                    let last = [time(&r[1]), time(&r[2]), time(&r[3])].into_iter().flatten().max().unwrap_or(now);
+                    let Some(last) = time(&r[1]) else { continue };
                     let due = match (hours, working_days) {
                         (Some(h), _) => last + Duration::hours(*h as i64),
                         (_, Some(d)) => inst.flows.calendar().add_working_days(last, *d),
@@ -1474,18 +2005,65 @@ impl Runtime {
                     if now < due {
                         continue;
                     }
-                    let Ok(rec) = store::get(&self.db, e, id).await else { continue };
-                    let ev = Event { id: 0, app: inst.app.key.clone(), entity: entity.clone(), record_id: id, kind: "inactivity".into(), changed: vec![], record: rec.to_json(), old: Json::Null, actor: None, at: now, depth: 0 };
-                    let mut ctx = context(&ev, &self.settings.vars, now);
+                    let Ok(rec) = store::get(&self.db, e, id).await else {
+                        continue;
+                    };
+                    let ev = Event {
+                        id: 0,
+                        app: inst.app.key.clone(),
+                        entity: entity.clone(),
+                        record_id: id,
+                        kind: "inactivity".into(),
+                        changed: vec![],
+                        record: rec.to_json(),
+                        old: Json::Null,
+                        actor: None,
+                        at: now,
+                        depth: 0,
+                    };
+                    let mut ctx = context(&ev, &self.settings.vars, now, &inst);
                     ctx["idle_since"] = json!(last);
-                    if wf.def.trigger.condition().is_some() && !wf.condition(&cond_name(&["trigger", "condition"])).eval(&ctx).unwrap_or(false) {
+                    if wf.def.trigger.condition().is_some()
+                        && !wf
+                            .condition(&cond_name(&["trigger", "condition"]))
+                            .eval(&ctx)
+                            .unwrap_or(false)
+                    {
                         continue;
                     }
                     let mut tx = self.db.begin().await?;
                     let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
-                    mark.bind(Value::Text(inst.app.key.clone())).push(", ").bind(Value::Text(wf.def.key.clone())).push(", ").bind(Value::Uuid(id)).push(", ").bind(Value::Text(last.to_rfc3339())).push(", ").bind(Value::DateTime(now)).push(") ON CONFLICT DO NOTHING");
+                    mark.bind(Value::Text(inst.app.key.clone()))
+                        .push(", ")
+                        .bind(Value::Text(wf.def.key.clone()))
+                        .push(", ")
+                        .bind(Value::Uuid(id))
+                        .push(", ")
+                        .bind(Value::Text(last.to_rfc3339()))
+                        .push(", ")
+                        .bind(Value::DateTime(now))
+                        .push(") ON CONFLICT DO NOTHING");
                     if tx.execute(&mark).await? == 1 {
-                        insert_run(&mut tx, &NewRun { id: Uuid::now_v7(), app: &inst.app.key, wf: &wf.def, entity, record: Some(id), event: None, context: &ctx, status: "queued", node: Some(&wf.entry), steps: &json!({}), depth: 0, wake_at: now, error: None, now }).await?;
+                        insert_run(
+                            &mut tx,
+                            &NewRun {
+                                id: Uuid::now_v7(),
+                                app: &inst.app.key,
+                                wf: &wf.def,
+                                entity,
+                                record: Some(id),
+                                event: None,
+                                context: &ctx,
+                                status: "queued",
+                                node: Some(&wf.entry),
+                                steps: &json!({}),
+                                depth: 0,
+                                wake_at: now,
+                                error: None,
+                                now,
+                            },
+                        )
+                        .await?;
                         started += 1;
                     }
                     tx.commit().await?;
@@ -1503,30 +2081,98 @@ impl Runtime {
     /// Run a workflow against a record with no side effects: every database step runs in a
     /// transaction that is rolled back, external steps are described instead of performed.
     /// Returns the path taken and what each node would do (record changes as a diff).
-    pub async fn dry_run(&self, app: &str, def: Option<&Json>, workflow: &str, record: Option<Uuid>, sample: Option<&Json>) -> Result<Json> {
-        let inst = self.installed(app).ok_or_else(|| trellis_form::FormError::AppNotFound(app.into()))?;
+    pub async fn dry_run(
+        &self,
+        app: &str,
+        def: Option<&Json>,
+        workflow: &str,
+        record: Option<Uuid>,
+        sample: Option<&Json>,
+    ) -> Result<Json> {
+        let inst = self
+            .installed(app)
+            .ok_or_else(|| trellis_form::FormError::AppNotFound(app.into()))?;
         let wf: Arc<Workflow> = match def {
             Some(d) => {
                 let mut app_def = inst.app.def.clone();
                 app_def.workflows = vec![d.clone()];
-                let a = trellis_form::compile::compile(trellis_form::compile::parse(&serde_json::to_value(&app_def).expect("ser"))?, inst.app.version)?;
+                let a = trellis_form::compile::compile(
+                    trellis_form::compile::parse(&serde_json::to_value(&app_def).expect("ser"))?,
+                    inst.app.version,
+                )?;
                 let flows = compile::compile(&a).map_err(trellis_form::FormError::Definition)?;
-                flows.workflows.values().next().cloned().ok_or(trellis_form::FormError::NotFound("workflow"))?
+                flows
+                    .workflows
+                    .values()
+                    .next()
+                    .cloned()
+                    .ok_or(trellis_form::FormError::NotFound("workflow"))?
             }
-            None => inst.flows.workflows.get(workflow).cloned().ok_or(trellis_form::FormError::NotFound("workflow"))?,
+            None => inst
+                .flows
+                .workflows
+                .get(workflow)
+                .cloned()
+                .ok_or(trellis_form::FormError::NotFound("workflow"))?,
         };
         let e = inst.app.entity(wf.def.trigger.entity())?;
         let now = self.clock.now();
         let mut tx = self.db.begin().await?;
         let rec = match (record, sample) {
             (Some(id), _) => store::get_in(&mut tx, e, id).await?,
-            (None, Some(s)) => store::create(&mut tx, &inst.app, e, s, &WriteCtx { actor: None, now, default_owner: None, import: false, depth: 0 }).await?,
-            (None, None) => return Err(trellis_form::FormError::Invalid(vec![trellis_form::error::Problem::new("/record_id", "required", "Give a record_id or a sample record.")])),
+            (None, Some(s)) => {
+                store::create(
+                    &mut tx,
+                    &inst.app,
+                    e,
+                    s,
+                    &WriteCtx {
+                        actor: None,
+                        now,
+                        default_owner: None,
+                        import: false,
+                        depth: 0,
+                    },
+                )
+                .await?
+            }
+            (None, None) => {
+                return Err(trellis_form::FormError::Invalid(vec![
+                    trellis_form::error::Problem::new(
+                        "/record_id",
+                        "required",
+                        "Give a record_id or a sample record.",
+                    ),
+                ]))
+            }
         };
         let before = rec.to_json();
-        let ev = Event { id: 0, app: app.into(), entity: e.key.clone(), record_id: rec.meta.id, kind: "dry_run".into(), changed: vec![], record: before.clone(), old: Json::Null, actor: None, at: now, depth: 0 };
-        let mut ctx = context(&ev, &self.settings.vars, now);
-        let env = Env { app: &inst.app, wf: &wf, run_id: Uuid::nil(), write: WriteCtx { actor: None, now, default_owner: None, import: false, depth: 1 } };
+        let ev = Event {
+            id: 0,
+            app: app.into(),
+            entity: e.key.clone(),
+            record_id: rec.meta.id,
+            kind: "dry_run".into(),
+            changed: vec![],
+            record: before.clone(),
+            old: Json::Null,
+            actor: None,
+            at: now,
+            depth: 0,
+        };
+        let mut ctx = context(&ev, &self.settings.vars, now, &inst);
+        let env = Env {
+            app: &inst.app,
+            wf: &wf,
+            run_id: Uuid::nil(),
+            write: WriteCtx {
+                actor: None,
+                now,
+                default_owner: None,
+                import: false,
+                depth: 1,
+            },
+        };
         let mut path = vec![];
         let mut node = Some(wf.entry.clone());
         let mut steps = Map::new();
@@ -1540,7 +2186,11 @@ impl Runtime {
                     Err(m) => ("error".into(), Json::Null, Some(m)),
                 }
             } else {
-                (n.action.outputs()[0].clone(), describe_effect(&wf, idx, n, &ctx), None)
+                (
+                    n.action.outputs()[0].clone(),
+                    describe_effect(&wf, idx, n, &ctx),
+                    None,
+                )
             };
             path.push(json!({ "node": id, "type": n.action.kind(), "output": output, "would": data, "error": error }));
             if error.is_some() && !wf.edges_from(&id).any(|(_, e)| e.output == "error") {
@@ -1550,7 +2200,10 @@ impl Runtime {
             ctx["steps"] = Json::Object(steps.clone());
             node = next_node(&wf, &id, &output, &ctx).unwrap_or(None);
         }
-        let after = store::get_in(&mut tx, e, rec.meta.id).await.map(|r| r.to_json()).unwrap_or(Json::Null);
+        let after = store::get_in(&mut tx, e, rec.meta.id)
+            .await
+            .map(|r| r.to_json())
+            .unwrap_or(Json::Null);
         drop(tx); // rolled back: nothing happened
         let mut diff = Map::new();
         if let (Some(b), Some(a)) = (before.as_object(), after.as_object()) {
@@ -1563,13 +2216,21 @@ impl Runtime {
                 }
             }
         }
-        Ok(json!({ "workflow": wf.def.key, "version": wf.def.version, "path": path, "record_changes": diff }))
+        Ok(
+            json!({ "workflow": wf.def.key, "version": wf.def.version, "path": path, "record_changes": diff }),
+        )
     }
 
     // ----- reading -------------------------------------------------------------------------
 
     /// Runs of an app, newest first, filtered by workflow and/or record.
-    pub async fn runs(&self, app: &str, workflow: Option<&str>, record: Option<Uuid>, limit: i64) -> Result<Vec<Json>> {
+    pub async fn runs(
+        &self,
+        app: &str,
+        workflow: Option<&str>,
+        record: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Json>> {
         let mut sql = Sql::new("SELECT \"id\", \"workflow\", \"version\", \"mode\", \"entity\", \"record_id\", \"status\", \"node\", \"attempt\", \"depth\", \"wake_at\", \"error\", \"created_at\", \"finished_at\" FROM \"flow_runs\" WHERE \"app\" = ");
         sql.bind(Value::Text(app.into()));
         if let Some(w) = workflow {
@@ -1578,8 +2239,26 @@ impl Runtime {
         if let Some(r) = record {
             sql.push(" AND \"record_id\" = ").bind(Value::Uuid(r));
         }
-        sql.push(&format!(" ORDER BY \"created_at\" DESC, \"id\" DESC LIMIT {}", limit.clamp(1, 500)));
-        let kinds = [ColKind::Uuid, ColKind::Text, ColKind::Int, ColKind::Text, ColKind::Text, ColKind::Uuid, ColKind::Text, ColKind::Text, ColKind::Int, ColKind::Int, ColKind::DateTime, ColKind::Text, ColKind::DateTime, ColKind::DateTime];
+        sql.push(&format!(
+            " ORDER BY \"created_at\" DESC, \"id\" DESC LIMIT {}",
+            limit.clamp(1, 500)
+        ));
+        let kinds = [
+            ColKind::Uuid,
+            ColKind::Text,
+            ColKind::Int,
+            ColKind::Text,
+            ColKind::Text,
+            ColKind::Uuid,
+            ColKind::Text,
+            ColKind::Text,
+            ColKind::Int,
+            ColKind::Int,
+            ColKind::DateTime,
+            ColKind::Text,
+            ColKind::DateTime,
+            ColKind::DateTime,
+        ];
         Ok(self.db.fetch_all(&sql, &kinds).await?.into_iter().map(|r| {
             json!({
                 "id": uuid(&r[0]), "workflow": text(&r[1]), "version": int(&r[2]), "mode": text(&r[3]),
@@ -1595,12 +2274,44 @@ impl Runtime {
     /// One run with its steps.
     pub async fn run(&self, app: &str, id: Uuid) -> Result<Option<Json>> {
         let mut sql = Sql::new("SELECT \"id\", \"workflow\", \"version\", \"mode\", \"entity\", \"record_id\", \"status\", \"node\", \"attempt\", \"depth\", \"wake_at\", \"error\", \"created_at\", \"finished_at\", \"context\" FROM \"flow_runs\" WHERE \"app\" = ");
-        sql.bind(Value::Text(app.into())).push(" AND \"id\" = ").bind(Value::Uuid(id));
-        let kinds = [ColKind::Uuid, ColKind::Text, ColKind::Int, ColKind::Text, ColKind::Text, ColKind::Uuid, ColKind::Text, ColKind::Text, ColKind::Int, ColKind::Int, ColKind::DateTime, ColKind::Text, ColKind::DateTime, ColKind::DateTime, ColKind::Json];
-        let Some(r) = self.db.fetch_optional(&sql, &kinds).await? else { return Ok(None) };
+        sql.bind(Value::Text(app.into()))
+            .push(" AND \"id\" = ")
+            .bind(Value::Uuid(id));
+        let kinds = [
+            ColKind::Uuid,
+            ColKind::Text,
+            ColKind::Int,
+            ColKind::Text,
+            ColKind::Text,
+            ColKind::Uuid,
+            ColKind::Text,
+            ColKind::Text,
+            ColKind::Int,
+            ColKind::Int,
+            ColKind::DateTime,
+            ColKind::Text,
+            ColKind::DateTime,
+            ColKind::DateTime,
+            ColKind::Json,
+        ];
+        let Some(r) = self.db.fetch_optional(&sql, &kinds).await? else {
+            return Ok(None);
+        };
         let mut s = Sql::new("SELECT \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\" FROM \"flow_steps\" WHERE \"run_id\" = ");
         s.bind(Value::Uuid(id)).push(" ORDER BY \"seq\"");
-        let sk = [ColKind::Int, ColKind::Text, ColKind::Text, ColKind::Text, ColKind::Int, ColKind::Text, ColKind::Json, ColKind::Text, ColKind::DateTime, ColKind::DateTime, ColKind::Int];
+        let sk = [
+            ColKind::Int,
+            ColKind::Text,
+            ColKind::Text,
+            ColKind::Text,
+            ColKind::Int,
+            ColKind::Text,
+            ColKind::Json,
+            ColKind::Text,
+            ColKind::DateTime,
+            ColKind::DateTime,
+            ColKind::Int,
+        ];
         let steps: Vec<Json> = self.db.fetch_all(&s, &sk).await?.into_iter().map(|x| json!({
             "seq": int(&x[0]), "node": text(&x[1]), "type": text(&x[2]), "status": text(&x[3]), "attempt": int(&x[4]),
             "idempotency_key": text(&x[5]), "output": json_of(&x[6]),
@@ -1624,7 +2335,10 @@ impl Runtime {
 
 impl Outcome {
     fn ok_data(data: Json) -> Self {
-        Outcome { output: "ok".into(), data }
+        Outcome {
+            output: "ok".into(),
+            data,
+        }
     }
 }
 
@@ -1646,7 +2360,11 @@ pub struct InlineError {
 
 impl From<trellis_form::FormError> for InlineError {
     fn from(e: trellis_form::FormError) -> Self {
-        InlineError { workflow: String::new(), node: None, message: e.to_string() }
+        InlineError {
+            workflow: String::new(),
+            node: None,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -1666,7 +2384,12 @@ pub enum DecideError {
 
 /// The next node after `id` left by `output`: the first edge with that output whose condition
 /// holds. `None` ends the run.
-fn next_node(wf: &Workflow, id: &str, output: &str, ctx: &Json) -> std::result::Result<Option<String>, String> {
+fn next_node(
+    wf: &Workflow,
+    id: &str,
+    output: &str,
+    ctx: &Json,
+) -> std::result::Result<Option<String>, String> {
     for (j, e) in wf.edges_from(id) {
         if e.output != output {
             continue;
@@ -1679,14 +2402,34 @@ fn next_node(wf: &Workflow, id: &str, output: &str, ctx: &Json) -> std::result::
     Ok(None)
 }
 
-fn render_json(wf: &Workflow, base: &str, v: &Json, ctx: &Json) -> std::result::Result<Json, String> {
+fn render_json(
+    wf: &Workflow,
+    base: &str,
+    v: &Json,
+    ctx: &Json,
+) -> std::result::Result<Json, String> {
     Ok(match v {
-        Json::String(s) if crate::template::is_template(s) => json!(wf.templates.render(base, ctx)?),
-        Json::Array(a) => Json::Array(a.iter().enumerate().map(|(i, x)| render_json(wf, &format!("{base}/{i}"), x, ctx)).collect::<std::result::Result<_, _>>()?),
+        Json::String(s) if crate::template::is_template(s) => {
+            json!(wf.templates.render(base, ctx)?)
+        }
+        Json::Array(a) => Json::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| render_json(wf, &format!("{base}/{i}"), x, ctx))
+                .collect::<std::result::Result<_, _>>()?,
+        ),
         Json::Object(m) => {
             let mut out = Map::new();
             for (k, x) in m {
-                out.insert(k.clone(), render_json(wf, &format!("{base}/{}", trellis_form::error::pointer_segment(k)), x, ctx)?);
+                out.insert(
+                    k.clone(),
+                    render_json(
+                        wf,
+                        &format!("{base}/{}", trellis_form::error::pointer_segment(k)),
+                        x,
+                        ctx,
+                    )?,
+                );
             }
             Json::Object(out)
         }
@@ -1696,12 +2439,22 @@ fn render_json(wf: &Workflow, base: &str, v: &Json, ctx: &Json) -> std::result::
 
 fn describe_effect(wf: &Workflow, idx: usize, n: &NodeDef, ctx: &Json) -> Json {
     let i = idx.to_string();
-    let r = |part: &str| wf.templates.render(&tpl_name(&["nodes", &i, part]), ctx).unwrap_or_else(|e| format!("(template error: {e})"));
+    let r = |part: &str| {
+        wf.templates
+            .render(&tpl_name(&["nodes", &i, part]), ctx)
+            .unwrap_or_else(|e| format!("(template error: {e})"))
+    };
     match &n.action {
-        Action::SendEmail { .. } => json!({ "email": { "to": r("to"), "subject": r("subject"), "body": r("body") } }),
-        Action::HttpRequest { url, body, .. } => json!({ "http": { "url": actions::render_str(wf, &tpl_name(&["nodes", &i, "url"]), url, ctx).unwrap_or_default(), "body": render_json(wf, &format!("nodes/{i}/body"), body, ctx).unwrap_or(Json::Null) } }),
+        Action::SendEmail { .. } => {
+            json!({ "email": { "to": r("to"), "subject": r("subject"), "body": r("body") } })
+        }
+        Action::HttpRequest { url, body, .. } => {
+            json!({ "http": { "url": actions::render_str(wf, &tpl_name(&["nodes", &i, "url"]), url, ctx).unwrap_or_default(), "body": render_json(wf, &format!("nodes/{i}/body"), body, ctx).unwrap_or(Json::Null) } })
+        }
         Action::Wait { .. } => json!({ "wait": "the run would sleep here" }),
-        Action::Approval { steps } => json!({ "approval": steps.iter().map(|s| &s.name).collect::<Vec<_>>() }),
+        Action::Approval { steps } => {
+            json!({ "approval": steps.iter().map(|s| &s.name).collect::<Vec<_>>() })
+        }
         Action::Notify { .. } => json!({ "notify": { "title": r("title") } }),
         _ => Json::Null,
     }
@@ -1723,7 +2476,15 @@ async fn managers_of(tx: &mut Tx, users: &[Uuid]) -> Result<Vec<Uuid>> {
     Ok(out)
 }
 
-async fn notify_user(tx: &mut Tx, env: &Env<'_>, user: Uuid, title: &str, body: &str, entity: &str, record: Option<Uuid>) -> Result<()> {
+async fn notify_user(
+    tx: &mut Tx,
+    env: &Env<'_>,
+    user: Uuid,
+    title: &str,
+    body: &str,
+    entity: &str,
+    record: Option<Uuid>,
+) -> Result<()> {
     let mut sql = Sql::new("INSERT INTO \"notifications\" (\"id\", \"app\", \"user_id\", \"title\", \"body\", \"entity\", \"record_id\", \"run_id\", \"created_at\") VALUES (");
     sql.bind(Value::Uuid(Uuid::now_v7())).push(", ");
     sql.bind(Value::Text(env.app.key.clone())).push(", ");
@@ -1738,8 +2499,19 @@ async fn notify_user(tx: &mut Tx, env: &Env<'_>, user: Uuid, title: &str, body: 
     Ok(())
 }
 
-async fn record_email(tx: &mut Tx, env: &Env<'_>, run: &Claimed, data: &Json, now: DateTime<Utc>) -> Result<()> {
-    let s = |k: &str| data.get(k).and_then(Json::as_str).unwrap_or_default().to_owned();
+async fn record_email(
+    tx: &mut Tx,
+    env: &Env<'_>,
+    run: &Claimed,
+    data: &Json,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let s = |k: &str| {
+        data.get(k)
+            .and_then(Json::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     let sent = data.get("sent").and_then(Json::as_bool) == Some(true);
     let mut sql = Sql::new("INSERT INTO \"email_outbox\" (\"id\", \"app\", \"run_id\", \"message_id\", \"to_addr\", \"subject\", \"body\", \"status\", \"entity\", \"record_id\", \"created_at\", \"sent_at\") VALUES (");
     sql.bind(Value::Uuid(Uuid::now_v7())).push(", ");
@@ -1749,11 +2521,22 @@ async fn record_email(tx: &mut Tx, env: &Env<'_>, run: &Claimed, data: &Json, no
     sql.bind(Value::Text(s("to"))).push(", ");
     sql.bind(Value::Text(s("subject"))).push(", ");
     sql.bind(Value::Text(s("body"))).push(", ");
-    sql.bind(Value::Text(if sent { "sent".into() } else { "kept".into() })).push(", ");
+    sql.bind(Value::Text(if sent {
+        "sent".into()
+    } else {
+        "kept".into()
+    }))
+    .push(", ");
     sql.bind(Value::Text(run.entity.clone())).push(", ");
-    sql.bind(Value::opt_uuid(record_id(&run.context))).push(", ");
+    sql.bind(Value::opt_uuid(record_id(&run.context)))
+        .push(", ");
     sql.bind(Value::DateTime(now)).push(", ");
-    sql.bind(if sent { Value::DateTime(now) } else { Value::Null(ColKind::DateTime) }).push(") ON CONFLICT (\"message_id\") DO NOTHING");
+    sql.bind(if sent {
+        Value::DateTime(now)
+    } else {
+        Value::Null(ColKind::DateTime)
+    })
+    .push(") ON CONFLICT (\"message_id\") DO NOTHING");
     tx.execute(&sql).await?;
     Ok(())
 }
@@ -1782,20 +2565,40 @@ async fn insert_run(tx: &mut Tx, r: &NewRun<'_>) -> Result<()> {
     sql.bind(Value::Text(r.app.into())).push(", ");
     sql.bind(Value::Text(r.wf.key.clone())).push(", ");
     sql.bind(Value::Int(r.wf.version)).push(", ");
-    sql.bind(Value::Text(match r.wf.mode { Mode::Inline => "inline".into(), Mode::Async => "async".into() })).push(", ");
+    sql.bind(Value::Text(match r.wf.mode {
+        Mode::Inline => "inline".into(),
+        Mode::Async => "async".into(),
+    }))
+    .push(", ");
     sql.bind(Value::Text(r.entity.into())).push(", ");
     sql.bind(Value::opt_uuid(r.record)).push(", ");
-    sql.bind(r.event.map(Value::Int).unwrap_or(Value::Null(ColKind::Int))).push(", ");
+    sql.bind(r.event.map(Value::Int).unwrap_or(Value::Null(ColKind::Int)))
+        .push(", ");
     sql.bind(Value::Json(r.context.clone())).push(", ");
     sql.bind(Value::Text(r.status.into())).push(", ");
-    sql.bind(r.node.map(|n| Value::Text(n.into())).unwrap_or(Value::Null(ColKind::Text))).push(", ");
+    sql.bind(
+        r.node
+            .map(|n| Value::Text(n.into()))
+            .unwrap_or(Value::Null(ColKind::Text)),
+    )
+    .push(", ");
     sql.bind(Value::Json(r.steps.clone())).push(", 0, ");
     sql.bind(Value::Int(r.depth as i64)).push(", ");
     sql.bind(Value::DateTime(r.wake_at)).push(", ");
-    sql.bind(r.error.map(|e| Value::Text(e.into())).unwrap_or(Value::Null(ColKind::Text))).push(", ");
+    sql.bind(
+        r.error
+            .map(|e| Value::Text(e.into()))
+            .unwrap_or(Value::Null(ColKind::Text)),
+    )
+    .push(", ");
     sql.bind(Value::DateTime(r.now)).push(", ");
     sql.bind(Value::DateTime(r.now)).push(", ");
-    sql.bind(if finished { Value::DateTime(r.now) } else { Value::Null(ColKind::DateTime) }).push(")");
+    sql.bind(if finished {
+        Value::DateTime(r.now)
+    } else {
+        Value::Null(ColKind::DateTime)
+    })
+    .push(")");
     tx.execute(&sql).await?;
     Ok(())
 }
@@ -1807,17 +2610,38 @@ async fn count_recent(tx: &mut Tx, app: &str, wf: &str, now: DateTime<Utc>) -> R
         .bind(Value::Text(wf.into()))
         .push(" AND \"wake_at\" > ")
         .bind(Value::DateTime(now - Duration::seconds(60)));
-    Ok(tx.fetch_optional(&sql, &[ColKind::Int]).await?.map(|r| int(&r[0])).unwrap_or(0))
+    Ok(tx
+        .fetch_optional(&sql, &[ColKind::Int])
+        .await?
+        .map(|r| int(&r[0]))
+        .unwrap_or(0))
 }
 
 async fn next_seq(tx: &mut Tx, run: Uuid) -> Result<i64> {
-    let mut sql = Sql::new("SELECT COALESCE(MAX(\"seq\"), 0) + 1 FROM \"flow_steps\" WHERE \"run_id\" = ");
+    let mut sql =
+        Sql::new("SELECT COALESCE(MAX(\"seq\"), 0) + 1 FROM \"flow_steps\" WHERE \"run_id\" = ");
     sql.bind(Value::Uuid(run));
-    Ok(tx.fetch_optional(&sql, &[ColKind::Int]).await?.map(|r| int(&r[0])).unwrap_or(1))
+    Ok(tx
+        .fetch_optional(&sql, &[ColKind::Int])
+        .await?
+        .map(|r| int(&r[0]))
+        .unwrap_or(1))
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn insert_step(tx: &mut Tx, run: Uuid, seq: i64, node: &str, kind: &str, status: &str, key: &str, output: &Json, error: Option<&str>, now: DateTime<Utc>, took: Option<i64>) -> Result<()> {
+async fn insert_step(
+    tx: &mut Tx,
+    run: Uuid,
+    seq: i64,
+    node: &str,
+    kind: &str,
+    status: &str,
+    key: &str,
+    output: &Json,
+    error: Option<&str>,
+    now: DateTime<Utc>,
+    took: Option<i64>,
+) -> Result<()> {
     let done = status != "started";
     let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\") VALUES (");
     sql.bind(Value::Uuid(run)).push(", ");
@@ -1827,22 +2651,46 @@ async fn insert_step(tx: &mut Tx, run: Uuid, seq: i64, node: &str, kind: &str, s
     sql.bind(Value::Text(status.into())).push(", 1, ");
     sql.bind(Value::Text(key.into())).push(", ");
     sql.bind(Value::Json(output.clone())).push(", ");
-    sql.bind(error.map(|e| Value::Text(e.into())).unwrap_or(Value::Null(ColKind::Text))).push(", ");
+    sql.bind(
+        error
+            .map(|e| Value::Text(e.into()))
+            .unwrap_or(Value::Null(ColKind::Text)),
+    )
+    .push(", ");
     sql.bind(Value::DateTime(now)).push(", ");
-    sql.bind(if done { Value::DateTime(now) } else { Value::Null(ColKind::DateTime) }).push(", ");
-    sql.bind(took.map(Value::Int).unwrap_or(Value::Null(ColKind::Int))).push(")");
+    sql.bind(if done {
+        Value::DateTime(now)
+    } else {
+        Value::Null(ColKind::DateTime)
+    })
+    .push(", ");
+    sql.bind(took.map(Value::Int).unwrap_or(Value::Null(ColKind::Int)))
+        .push(")");
     tx.execute(&sql).await?;
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn finish_step(tx: &mut Tx, run: Uuid, seq: i64, status: &str, output: &Json, error: Option<&str>, now: DateTime<Utc>, took: i64) -> Result<()> {
+async fn finish_step(
+    tx: &mut Tx,
+    run: Uuid,
+    seq: i64,
+    status: &str,
+    output: &Json,
+    error: Option<&str>,
+    now: DateTime<Utc>,
+    took: i64,
+) -> Result<()> {
     let mut sql = Sql::new("UPDATE \"flow_steps\" SET \"status\" = ");
     sql.bind(Value::Text(status.into()))
         .push(", \"output\" = ")
         .bind(Value::Json(output.clone()))
         .push(", \"error\" = ")
-        .bind(error.map(|e| Value::Text(e.into())).unwrap_or(Value::Null(ColKind::Text)))
+        .bind(
+            error
+                .map(|e| Value::Text(e.into()))
+                .unwrap_or(Value::Null(ColKind::Text)),
+        )
         .push(", \"finished_at\" = ")
         .bind(Value::DateTime(now))
         .push(", \"duration_ms\" = ")
@@ -1856,11 +2704,24 @@ async fn finish_step(tx: &mut Tx, run: Uuid, seq: i64, status: &str, output: &Js
 }
 
 /// Send one email through an SMTP relay (plain SMTP, as to a local relay or a test sink).
-async fn send_smtp(smtp: &Smtp, to: &str, subject: &str, body: &str, message_id: &str, timeout: std::time::Duration) -> std::result::Result<(), String> {
+async fn send_smtp(
+    smtp: &Smtp,
+    to: &str,
+    subject: &str,
+    body: &str,
+    message_id: &str,
+    timeout: std::time::Duration,
+) -> std::result::Result<(), String> {
     use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
     let msg = Message::builder()
-        .from(smtp.from.parse().map_err(|e| format!("the sender `{}` is not an address: {e}", smtp.from))?)
-        .to(to.parse().map_err(|e| format!("`{to}` is not an email address: {e}"))?)
+        .from(
+            smtp.from
+                .parse()
+                .map_err(|e| format!("the sender `{}` is not an address: {e}", smtp.from))?,
+        )
+        .to(to
+            .parse()
+            .map_err(|e| format!("`{to}` is not an email address: {e}"))?)
         .subject(subject)
         .message_id(Some(message_id.to_owned()))
         .body(body.to_owned())
@@ -1869,13 +2730,24 @@ async fn send_smtp(smtp: &Smtp, to: &str, subject: &str, body: &str, message_id:
         .port(smtp.port)
         .timeout(Some(timeout))
         .build();
-    transport.send(msg).await.map_err(|e| format!("SMTP: {e}"))?;
+    transport
+        .send(msg)
+        .await
+        .map_err(|e| format!("SMTP: {e}"))?;
     Ok(())
 }
 
 /// POST `payload` signed per Standard Webhooks: `webhook-id`, `webhook-timestamp` and
 /// `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
-pub async fn post_signed(allow: &AllowList, url: &str, payload: &Json, secret: Option<&str>, id: &str, now: DateTime<Utc>, timeout: std::time::Duration) -> std::result::Result<u16, String> {
+pub async fn post_signed(
+    allow: &AllowList,
+    url: &str,
+    payload: &Json,
+    secret: Option<&str>,
+    id: &str,
+    now: DateTime<Utc>,
+    timeout: std::time::Duration,
+) -> std::result::Result<u16, String> {
     use base64::Engine as _;
     use hmac::{Hmac, Mac};
     let checked = netguard::check(url, allow).await?;
@@ -1889,7 +2761,9 @@ pub async fn post_signed(allow: &AllowList, url: &str, payload: &Json, secret: O
         .header("webhook-timestamp", &ts);
     if let Some(secret) = secret.filter(|s| !s.trim().is_empty()) {
         let key = match secret.trim().strip_prefix("whsec_") {
-            Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| "the webhook secret after `whsec_` is not base64".to_owned())?,
+            Some(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| "the webhook secret after `whsec_` is not base64".to_owned())?,
             None => secret.trim().as_bytes().to_vec(),
         };
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).map_err(|e| e.to_string())?;
@@ -1897,7 +2771,11 @@ pub async fn post_signed(allow: &AllowList, url: &str, payload: &Json, secret: O
         let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
         req = req.header("webhook-signature", format!("v1,{sig}"));
     }
-    let resp = req.body(body).send().await.map_err(|e| format!("the request to {} failed: {e}", checked.host))?;
+    let resp = req
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("the request to {} failed: {e}", checked.host))?;
     let status = resp.status().as_u16();
     if (200..300).contains(&status) {
         Ok(status)

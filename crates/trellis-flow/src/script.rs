@@ -8,8 +8,8 @@
 //! a few milliseconds.
 
 use rhai::packages::{
-    ArithmeticPackage, BasicArrayPackage, BasicMapPackage, BasicStringPackage,
-    LogicPackage, MoreStringPackage, Package,
+    ArithmeticPackage, BasicArrayPackage, BasicMapPackage, BasicStringPackage, LogicPackage,
+    MoreStringPackage, Package,
 };
 use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
 use rust_decimal::Decimal;
@@ -40,10 +40,13 @@ pub fn engine() -> Engine {
     e.on_debug(|_, _, _| {});
     // `eval` compiles text at run time: a way around compile-time checks. Off.
     e.disable_symbol("eval");
-    e.register_fn("decimal", |s: &str| -> Result<Decimal, Box<EvalAltResult>> {
-        s.parse::<Decimal>()
-            .map_err(|_| format!("`{s}` is not a number").into())
-    });
+    e.register_fn(
+        "decimal",
+        |s: &str| -> Result<Decimal, Box<EvalAltResult>> {
+            s.parse::<Decimal>()
+                .map_err(|_| format!("`{s}` is not a number").into())
+        },
+    );
     e.register_fn("decimal", |i: rhai::INT| Decimal::from(i));
     e.register_fn("decimal", |d: Decimal| d);
     e.register_fn(
@@ -63,7 +66,9 @@ fn date(s: &str) -> Result<chrono::NaiveDate, Box<EvalAltResult>> {
 }
 
 /// The variables every condition sees.
-pub const VARIABLES: [&str; 6] = ["record", "old", "changed", "user", "now", "steps"];
+pub const VARIABLES: [&str; 8] = [
+    "record", "old", "changed", "user", "now", "steps", "app", "related",
+];
 
 /// A compiled condition.
 #[derive(Debug, Clone)]
@@ -176,7 +181,9 @@ mod tests {
         assert_eq!(eval("record.n + 1 == 4", ctx.clone()), Ok(true));
         // An empty field compares false instead of failing the run.
         assert_eq!(eval(r#"record.missing == "x""#, ctx.clone()), Ok(false));
-        assert!(eval("record.n", ctx).unwrap_err().contains("not true or false"));
+        assert!(eval("record.n", ctx)
+            .unwrap_err()
+            .contains("not true or false"));
     }
 
     #[test]
@@ -194,7 +201,9 @@ mod tests {
         assert!(compile(&e, "recrod.x == 1").is_err());
         // No eval, sleep or exit: the functions do not exist.
         assert!(eval(r#"eval("1 == 1")"#, json!({})).is_err());
-        assert!(compile(&e, "sleep(10); true").is_err() || eval("sleep(10); true", json!({})).is_err());
+        assert!(
+            compile(&e, "sleep(10); true").is_err() || eval("sleep(10); true", json!({})).is_err()
+        );
     }
 
     #[test]

@@ -69,7 +69,9 @@ impl Templates {
         env.add_filter("add_hours", |s: String, n: i64| {
             shift(&s, Duration::try_hours(n))
         });
-        env.add_filter("add_days", |s: String, n: i64| shift(&s, Duration::try_days(n)));
+        env.add_filter("add_days", |s: String, n: i64| {
+            shift(&s, Duration::try_days(n))
+        });
         env.add_filter("date", |s: String| -> Result<String, Error> {
             Ok(parse_time(&s)?.format("%Y-%m-%d").to_string())
         });
@@ -154,7 +156,10 @@ mod tests {
             render("{{ now | add_hours(24) }}", ctx.clone()).unwrap(),
             "2026-11-28T09:00:00Z"
         );
-        assert_eq!(render("{{ now | date }}", ctx.clone()).unwrap(), "2026-11-27");
+        assert_eq!(
+            render("{{ now | date }}", ctx.clone()).unwrap(),
+            "2026-11-27"
+        );
         // Missing values render empty, also through a missing parent.
         assert_eq!(render("[{{ record.account.name }}]", ctx).unwrap(), "[]");
     }

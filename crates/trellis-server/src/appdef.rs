@@ -15,7 +15,16 @@ use uuid::Uuid;
 pub fn check(def: &Value) -> Result<App> {
     let parsed = trellis_form::compile::parse(def)?;
     let app = trellis_form::compile::compile(parsed, 1)?;
-    trellis_report::Reports::compile(&app)?;
+    let mut problems = vec![];
+    if let Err(trellis_form::FormError::Definition(ps)) = trellis_report::Reports::compile(&app) {
+        problems.extend(ps);
+    }
+    if let Err(ps) = trellis_flow::compile(&app) {
+        problems.extend(ps);
+    }
+    if !problems.is_empty() {
+        return Err(trellis_form::FormError::Definition(problems));
+    }
     Ok(app)
 }
 
@@ -28,7 +37,19 @@ pub async fn import(
     now: DateTime<Utc>,
 ) -> Result<ImportOutcome> {
     apps::import_checked(db, def, opts, actor, now, |app| {
-        trellis_report::Reports::compile(app).map(drop)
+        let mut problems = vec![];
+        if let Err(trellis_form::FormError::Definition(ps)) = trellis_report::Reports::compile(app)
+        {
+            problems.extend(ps);
+        }
+        if let Err(ps) = trellis_flow::compile(app) {
+            problems.extend(ps);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(trellis_form::FormError::Definition(problems))
+        }
     })
     .await
 }

@@ -431,6 +431,24 @@ pub async fn prepare(
     app_dir: Option<&Path>,
     env_token: Option<&str>,
 ) -> anyhow::Result<(AppState, Option<String>)> {
+    prepare_with(
+        db,
+        clock,
+        app_dir,
+        env_token,
+        trellis_flow::Settings::default(),
+    )
+    .await
+}
+
+/// [`prepare`] with the workflow runtime's settings.
+pub async fn prepare_with(
+    db: Db,
+    clock: Arc<dyn Clock>,
+    app_dir: Option<&Path>,
+    env_token: Option<&str>,
+    flow: trellis_flow::Settings,
+) -> anyhow::Result<(AppState, Option<String>)> {
     let (admin, token) = crate::auth::bootstrap(&db, clock.now(), env_token).await?;
     if apps::load_all(&db).await?.is_empty() {
         let def = match app_dir {
@@ -448,7 +466,7 @@ pub async fn prepare(
         .map_err(describe)?;
         tracing::info!(app = %outcome.app, version = outcome.version, "installed app");
     }
-    let state = AppState::new(db, clock, admin).await?;
+    let state = AppState::new_with(db, clock, admin, flow).await?;
     Ok((state, token))
 }
 
@@ -457,11 +475,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let env_token = std::env::var("TRELLIS_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
-    let (state, token) = prepare(
+    let (state, token) = prepare_with(
         db.clone(),
         Arc::new(SystemClock),
         args.app_dir.as_deref(),
         env_token.as_deref(),
+        crate::workflows::settings_from_env()?,
     )
     .await?;
     if let Some(t) = token {

@@ -33,6 +33,30 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../examples/crm/entities/07-review.json"),
     ),
     (
+        "workflows/01-new-lead.json",
+        include_str!("../../../examples/crm/workflows/01-new-lead.json"),
+    ),
+    (
+        "workflows/02-idle-opportunity.json",
+        include_str!("../../../examples/crm/workflows/02-idle-opportunity.json"),
+    ),
+    (
+        "workflows/03-proposal.json",
+        include_str!("../../../examples/crm/workflows/03-proposal.json"),
+    ),
+    (
+        "workflows/04-quoted-approval.json",
+        include_str!("../../../examples/crm/workflows/04-quoted-approval.json"),
+    ),
+    (
+        "workflows/05-closed-review.json",
+        include_str!("../../../examples/crm/workflows/05-closed-review.json"),
+    ),
+    (
+        "workflows/06-won-to-erp.json",
+        include_str!("../../../examples/crm/workflows/06-won-to-erp.json"),
+    ),
+    (
         "reports/sales.json",
         include_str!("../../../examples/crm/reports/sales.json"),
     ),

@@ -202,6 +202,15 @@ pub async fn install(
         users::upsert_team(&mut tx, &input, now).await?;
         summary.teams += 1;
     }
+    // Every rep: the round-robin fallback of lead assignment (leads no region rule catches).
+    let input = TeamInput {
+        key: Some("inside_sales".into()),
+        name: Some("Inside sales (sample)".into()),
+        lead_id: Some(Some(director)),
+        members: Some(reps.iter().map(|(_, id)| *id).collect()),
+    };
+    users::upsert_team(&mut tx, &input, now).await?;
+    summary.teams += 1;
 
     for (user, role) in roles {
         let mut sql = trellis_form::db::Sql::new(

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod policy;
 pub mod sheets;
 pub mod state;
+pub mod workflows;
 pub mod writer;
 
 use axum::extract::DefaultBodyLimit;
@@ -43,6 +44,7 @@ pub const MAX_BULK_BODY: usize = 64 * 1024 * 1024;
           (name = "reports", description = "Metric queries, drill-down and dashboards"),
          (name = "records", description = "Records of an app's entities"),
          (name = "users", description = "Users and teams"),
+         (name = "workflows", description = "Workflows, runs, notifications, emails, documents and approvals"),
          (name = "identity", description = "Logging in and personal API tokens"))
 )]
 struct ApiDoc;
@@ -70,6 +72,7 @@ pub fn api() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
     let normal = OpenApiRouter::new()
         .merge(api::records::router())
         .merge(api::reports::router())
+        .merge(api::workflows::router())
         .merge(api::users::router())
         .merge(api::identity::router())
         .layer(DefaultBodyLimit::max(MAX_BODY));
@@ -187,7 +190,13 @@ pub async fn serve_until(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    // The workflow worker runs beside the HTTP server and stops with it.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(workflows::run_worker(state.clone(), stopped));
+    let out = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    let _ = stop.send(true);
+    let _ = worker.await;
+    out
 }

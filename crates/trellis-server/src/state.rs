@@ -37,14 +37,27 @@ pub struct AppState {
     pub http: crate::limits::HttpSettings,
     /// Per-token rate limiter.
     pub limiter: Arc<crate::limits::RateLimiter>,
+    /// The workflow runtime (inline runs, the durable queue, approvals).
+    pub flows: Arc<trellis_flow::Runtime>,
     apps: Arc<RwLock<HashMap<String, Loaded>>>,
 }
 
 impl AppState {
     /// State over a migrated database; loads every installed app.
     pub async fn new(db: Db, clock: Arc<dyn Clock>, admin_user: Uuid) -> Result<Self> {
+        Self::new_with(db, clock, admin_user, trellis_flow::Settings::default()).await
+    }
+
+    /// State with the workflow runtime's settings (SMTP relay, outbound allow-list, variables).
+    pub async fn new_with(
+        db: Db,
+        clock: Arc<dyn Clock>,
+        admin_user: Uuid,
+        flow: trellis_flow::Settings,
+    ) -> Result<Self> {
+        let flows = Arc::new(trellis_flow::Runtime::new(db.clone(), clock.clone(), flow));
         let writer = (db.backend() == trellis_form::db::Backend::Sqlite)
-            .then(|| crate::writer::Writer::spawn(db.clone()));
+            .then(|| crate::writer::Writer::spawn(db.clone(), flows.clone()));
         let http = crate::limits::HttpSettings::default();
         let limiter = Arc::new(crate::limits::RateLimiter::new(
             http.rate_per_second,
@@ -57,6 +70,7 @@ impl AppState {
             writer,
             http,
             limiter,
+            flows,
             apps: Arc::default(),
         };
         for app in trellis_form::apps::load_all(&state.db).await? {
@@ -102,10 +116,16 @@ impl AppState {
                 trellis_report::Reports::default()
             }
         };
+        let app = Arc::new(app);
+        let default_owner = owner.unwrap_or(self.admin_user);
+        // Same for workflows: a stored definition that no longer compiles runs no automation.
+        if let Err(e) = self.flows.install(app.clone(), Some(default_owner)).await {
+            tracing::error!(app = %app.key, error = %e, "workflows are off for this app");
+        }
         let loaded = Loaded {
             reports: Arc::new(reports),
-            app: Arc::new(app),
-            default_owner: owner.unwrap_or(self.admin_user),
+            app,
+            default_owner,
         };
         self.apps
             .write()

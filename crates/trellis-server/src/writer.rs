@@ -33,6 +33,26 @@ pub struct Writer {
     jobs: mpsc::Sender<Job>,
 }
 
+/// Run the inline workflows of a just-written record in its transaction; a failing workflow
+/// fails the write (its problem names the workflow and node).
+pub async fn inline(
+    flows: &trellis_flow::Runtime,
+    tx: &mut trellis_form::db::Tx,
+    app: &App,
+    entity: &str,
+    record: Record,
+) -> Result<Record> {
+    match flows.inline(tx, &app.key, entity, record.meta.id).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Ok(record),
+        Err(e) => Err(FormError::Invalid(vec![trellis_form::error::Problem::new(
+            "",
+            "workflow_failed",
+            e.to_string(),
+        )])),
+    }
+}
+
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Job({}.{})", self.app.key, self.entity)
@@ -41,9 +61,9 @@ impl std::fmt::Debug for Job {
 
 impl Writer {
     /// Start the task on `db`.
-    pub fn spawn(db: Db) -> Writer {
+    pub fn spawn(db: Db, flows: Arc<trellis_flow::Runtime>) -> Writer {
         let (jobs, rx) = mpsc::channel(4 * MAX_GROUP);
-        tokio::spawn(run(db, rx));
+        tokio::spawn(run(db, flows, rx));
         Writer { jobs }
     }
 
@@ -72,7 +92,7 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<Job>) {
+async fn run(db: Db, flows: Arc<trellis_flow::Runtime>, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -83,25 +103,30 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Job>) {
         }
         if jobs.len() == 1 {
             let j = jobs.pop().expect("one job");
-            let out = alone(&db, &j).await;
+            let out = alone(&db, &flows, &j).await;
             let _ = j.reply.send(out);
+            flows.wake.notify_one();
             continue;
         }
-        if let Err(e) = group(&db, &mut jobs).await {
+        let grouped = group(&db, &flows, &mut jobs).await;
+        flows.wake.notify_one();
+        if let Err(e) = grouped {
             tracing::debug!(error = %e, size = jobs.len(), "group commit failed; retrying its creates one by one");
             for j in jobs.drain(..) {
-                let out = alone(&db, &j).await;
+                let out = alone(&db, &flows, &j).await;
                 let _ = j.reply.send(out);
             }
+            flows.wake.notify_one();
         }
     }
 }
 
 /// One create in its own transaction.
-async fn alone(db: &Db, j: &Job) -> Result<Record> {
+async fn alone(db: &Db, flows: &trellis_flow::Runtime, j: &Job) -> Result<Record> {
     let e = j.app.entity(&j.entity)?;
     let mut tx = db.begin().await?;
     let r = store::insert(&mut tx, &j.app, e, j.draft.clone(), &j.ctx).await?;
+    let r = inline(flows, &mut tx, &j.app, &j.entity, r).await?;
     tx.commit().await?;
     Ok(r)
 }
@@ -109,7 +134,7 @@ async fn alone(db: &Db, j: &Job) -> Result<Record> {
 /// Check every job in one transaction, answer the invalid ones at once, write the rest together.
 /// On success every job in `jobs` has been answered and `jobs` is empty; on error the jobs left
 /// in `jobs` have not been answered (and nothing was committed).
-async fn group(db: &Db, jobs: &mut Vec<Job>) -> Result<()> {
+async fn group(db: &Db, flows: &trellis_flow::Runtime, jobs: &mut Vec<Job>) -> Result<()> {
     let mut tx = db.begin().await?;
     let mut ready: Vec<(Job, store::NewRow)> = vec![];
     let mut pending = std::mem::take(jobs).into_iter();
@@ -163,6 +188,18 @@ async fn group(db: &Db, jobs: &mut Vec<Job>) -> Result<()> {
         if let Err(err) = store::write_new_rows(&mut tx, &first.app, e, batch, &first.ctx).await {
             jobs.extend(owners);
             return Err(err);
+        }
+    }
+    // Inline workflows of every create, in the shared transaction; one failure sends the whole
+    // group back to be retried one by one, so only its own create fails.
+    let mut records = records;
+    for (j, r) in owners.iter().zip(records.iter_mut()) {
+        match inline(flows, &mut tx, &j.app, &j.entity, r.clone()).await {
+            Ok(done) => *r = done,
+            Err(err) => {
+                jobs.extend(owners);
+                return Err(err);
+            }
         }
     }
     if let Err(err) = tx.commit().await {

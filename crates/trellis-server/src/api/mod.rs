@@ -8,6 +8,7 @@ pub mod identity;
 pub mod records;
 pub mod reports;
 pub mod users;
+pub mod workflows;
 
 use crate::error::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Request};

@@ -251,7 +251,9 @@ async fn create_record(
         None => {
             let mut tx = state.db.begin().await?;
             let r = store::insert(&mut tx, &loaded.app, e, draft, &c).await?;
+            let r = crate::writer::inline(&state.flows, &mut tx, &loaded.app, &entity, r).await?;
             tx.commit().await?;
+            state.flows.wake.notify_one();
             r
         }
     };
@@ -295,7 +297,24 @@ async fn batch_create(
     let drafts = store::draft_batch(e, &b.records, &c)?;
     let mut tx = state.db.begin().await?;
     let ids = store::insert_batch(&mut tx, &loaded.app, e, drafts, &c).await?;
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(trellis_form::FormError::Invalid(ps)) = state
+            .flows
+            .inline(&mut tx, &loaded.app.key, &entity, *id)
+            .await
+            .map_err(|e| {
+                trellis_form::FormError::Invalid(vec![trellis_form::error::Problem::new(
+                    format!("/records/{i}"),
+                    "workflow_failed",
+                    e.to_string(),
+                )])
+            })
+        {
+            return Err(trellis_form::FormError::Invalid(ps).into());
+        }
+    }
     tx.commit().await?;
+    state.flows.wake.notify_one();
     Ok((
         StatusCode::CREATED,
         Json(json!({"created": ids.len(), "ids": ids})),
@@ -368,7 +387,9 @@ async fn update_record(
     c.import = false;
     let mut tx = state.db.begin().await?;
     let r = store::update(&mut tx, &loaded.app, e, id, &patch, expected, &c).await?;
+    let r = crate::writer::inline(&state.flows, &mut tx, &loaded.app, &entity, r).await?;
     tx.commit().await?;
+    state.flows.wake.notify_one();
     Ok(record_response(StatusCode::OK, &app, &entity, &r))
 }
 
@@ -395,6 +416,7 @@ async fn delete_record(
     let mut tx = state.db.begin().await?;
     store::delete(&mut tx, &loaded.app, e, id, expected, &c).await?;
     tx.commit().await?;
+    state.flows.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 

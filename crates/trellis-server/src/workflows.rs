@@ -1,0 +1,93 @@
+//! The workflow worker of a server process, and its settings from the environment.
+//!
+//! One task per process: it turns new events into runs, advances due runs, rescues runs whose
+//! worker lost its lease, and looks for idle records (inactivity triggers). It wakes as soon as a
+//! write commits (the write paths notify it) and at least every 200 ms, so timers fire late by at
+//! most that, never early. Several processes on one PostgreSQL database share the work through
+//! leases.
+
+use crate::state::AppState;
+use std::time::{Duration, Instant};
+use trellis_flow::netguard::AllowList;
+use trellis_flow::{Settings, Smtp};
+
+/// Settings from `TRELLIS_SMTP_HOST` / `TRELLIS_SMTP_PORT` / `TRELLIS_SMTP_FROM`,
+/// `TRELLIS_OUTBOUND_ALLOW`, `TRELLIS_FLOW_MAX_DEPTH` and every `TRELLIS_VAR_<NAME>` (a template
+/// variable `vars.<NAME>`).
+pub fn settings_from_env() -> anyhow::Result<Settings> {
+    let mut s = Settings::default();
+    if let Ok(host) = std::env::var("TRELLIS_SMTP_HOST") {
+        if !host.is_empty() {
+            let port = match std::env::var("TRELLIS_SMTP_PORT") {
+                Ok(p) if !p.is_empty() => p
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("TRELLIS_SMTP_PORT `{p}` is not a port"))?,
+                _ => 25,
+            };
+            let from =
+                std::env::var("TRELLIS_SMTP_FROM").unwrap_or_else(|_| "trellis@localhost".into());
+            s.smtp = Some(Smtp { host, port, from });
+        }
+    }
+    if let Ok(a) = std::env::var("TRELLIS_OUTBOUND_ALLOW") {
+        s.allow =
+            AllowList::parse(&a).map_err(|e| anyhow::anyhow!("TRELLIS_OUTBOUND_ALLOW: {e}"))?;
+    }
+    if let Ok(d) = std::env::var("TRELLIS_FLOW_MAX_DEPTH") {
+        s.max_depth = d
+            .parse()
+            .map_err(|_| anyhow::anyhow!("TRELLIS_FLOW_MAX_DEPTH `{d}` is not a number"))?;
+    }
+    for (k, v) in std::env::vars() {
+        if let Some(name) = k.strip_prefix("TRELLIS_VAR_") {
+            s.vars.insert(name.to_owned(), v);
+        }
+    }
+    Ok(s)
+}
+
+/// Work until `stop` turns true.
+pub async fn run_worker(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let flows = state.flows.clone();
+    let mut last_rescue = Instant::now() - Duration::from_secs(60);
+    let mut last_scan = Instant::now() - Duration::from_secs(60);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let mut busy = false;
+        match flows.dispatch(500).await {
+            Ok(n) => busy |= n > 0,
+            Err(e) => tracing::warn!(error = %e, "cannot dispatch workflow events"),
+        }
+        match flows.work().await {
+            Ok(n) => busy |= n > 0,
+            Err(e) => tracing::warn!(error = %e, "cannot claim workflow runs"),
+        }
+        if last_rescue.elapsed() > Duration::from_secs(5) {
+            last_rescue = Instant::now();
+            match flows.rescue().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    runs = n,
+                    "rescued workflow runs whose worker lost its lease"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot rescue workflow runs"),
+            }
+        }
+        if last_scan.elapsed() >= flows.settings().scan_every {
+            last_scan = Instant::now();
+            if let Err(e) = flows.scan_inactivity().await {
+                tracing::warn!(error = %e, "cannot scan for idle records");
+            }
+        }
+        if busy {
+            continue;
+        }
+        tokio::select! {
+            _ = flows.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
