@@ -43,6 +43,11 @@ fn settings(smtp: Option<&SmtpSink>, http: Option<&HttpSink>) -> trellis_flow::S
 
 /// Install the sample organisation; returns user ids by the local part of their email.
 async fn demo(app: &TestApp) -> HashMap<String, String> {
+    use trellis_form::Clock;
+    demo_at(app, trellis_form::SystemClock.now()).await
+}
+
+async fn demo_at(app: &TestApp, now: chrono::DateTime<chrono::Utc>) -> HashMap<String, String> {
     let db = &app.db.db;
     let crm = trellis_form::apps::load(db, "crm").await.unwrap().unwrap();
     let admin = trellis_form::users::list(db)
@@ -52,7 +57,7 @@ async fn demo(app: &TestApp) -> HashMap<String, String> {
         .find(|u| u.is_admin)
         .unwrap()
         .id;
-    trellis_server::demo::install(db, &crm, admin, chrono::Utc::now())
+    trellis_server::demo::install(db, &crm, admin, now)
         .await
         .unwrap();
     let (_, users) = app.call(Method::GET, "/api/v1/users", None).await;
@@ -805,6 +810,40 @@ async fn broken_workflows_are_refused_and_runaway_scripts_and_internal_urls_fail
             .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(t["title"], "hello");
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn failing_webhooks_retry_with_backoff_and_the_same_id_then_fail_the_run_visibly() {
+    for db in testing::each().await {
+        let sink = HttpSink::start().await;
+        *sink.status.lock().unwrap() = 500;
+        let app = TestApp::start_full(db, Default::default(), settings(None, Some(&sink)), Arc::new(trellis_form::SystemClock)).await;
+        let be = app.backend;
+        let def = json!({"key": "hooks", "entities": [{"key": "ticket", "fields": [{"key": "title", "type": "text"}]}], "workflows": [
+            {"key": "notify_erp", "trigger": {"type": "record_created", "entity": "ticket"},
+             "nodes": [{"id": "post", "type": "http_request", "url": "{{ vars.ERP_WEBHOOK_URL }}", "body": {"title": "{{ record.title }}"},
+                        "retry": {"max_attempts": 3, "backoff_seconds": 1, "max_backoff_seconds": 1}}]}
+        ]});
+        let (s, body) = app.call(Method::POST, "/api/v1/apps", Some(def)).await;
+        assert!(s.is_success(), "{be}: {body}");
+        let (_, t) = app.call(Method::POST, "/api/v1/apps/hooks/records/ticket", Some(json!({"title": "t1"}))).await;
+        let id = t["id"].as_str().unwrap().to_owned();
+        let run = wait_for("the run to fail", || async {
+            let (_, r) = app.call(Method::GET, &format!("/api/v1/apps/hooks/runs?entity=ticket&record_id={id}"), None).await;
+            r["runs"].as_array().unwrap().first().filter(|r| r["status"] == "failed").cloned()
+        })
+        .await;
+        let hits = sink.hits();
+        assert_eq!(hits.len(), 3, "{be}: three attempts");
+        let ids: std::collections::HashSet<&str> = hits.iter().map(|h| h.header("webhook-id").unwrap()).collect();
+        assert_eq!(ids.len(), 1, "{be}: every attempt carries the same webhook-id");
+        assert!(run["error"].as_str().unwrap().contains("failed 3 time(s)"), "{be}: {run}");
+        assert!(run["error"].as_str().unwrap().contains("HTTP 500"), "{be}: {run}");
+        let (_, detail) = app.call(Method::GET, &format!("/api/v1/apps/hooks/runs/{}", run["id"].as_str().unwrap()), None).await;
+        let failed = detail["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "failed").count();
+        assert_eq!(failed, 3, "{be}: {detail}");
         app.stop().await;
     }
 }

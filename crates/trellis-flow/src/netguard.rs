@@ -173,7 +173,7 @@ pub async fn check(url: &str, allow: &AllowList) -> Result<Checked, String> {
         }
         None => return Err(format!("`{url}` has no host")),
     };
-    let host_allowed = allow.hosts.iter().any(|h| *h == host);
+    let host_allowed = allow.hosts.contains(&host);
     for ip in &addrs {
         if is_blocked(*ip) && !host_allowed && !allow.allows_ip(*ip) {
             return Err(format!(
