@@ -819,7 +819,13 @@ async fn failing_webhooks_retry_with_backoff_and_the_same_id_then_fail_the_run_v
     for db in testing::each().await {
         let sink = HttpSink::start().await;
         *sink.status.lock().unwrap() = 500;
-        let app = TestApp::start_full(db, Default::default(), settings(None, Some(&sink)), Arc::new(trellis_form::SystemClock)).await;
+        let app = TestApp::start_full(
+            db,
+            Default::default(),
+            settings(None, Some(&sink)),
+            Arc::new(trellis_form::SystemClock),
+        )
+        .await;
         let be = app.backend;
         let def = json!({"key": "hooks", "entities": [{"key": "ticket", "fields": [{"key": "title", "type": "text"}]}], "workflows": [
             {"key": "notify_erp", "trigger": {"type": "record_created", "entity": "ticket"},
@@ -828,21 +834,62 @@ async fn failing_webhooks_retry_with_backoff_and_the_same_id_then_fail_the_run_v
         ]});
         let (s, body) = app.call(Method::POST, "/api/v1/apps", Some(def)).await;
         assert!(s.is_success(), "{be}: {body}");
-        let (_, t) = app.call(Method::POST, "/api/v1/apps/hooks/records/ticket", Some(json!({"title": "t1"}))).await;
+        let (_, t) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/hooks/records/ticket",
+                Some(json!({"title": "t1"})),
+            )
+            .await;
         let id = t["id"].as_str().unwrap().to_owned();
         let run = wait_for("the run to fail", || async {
-            let (_, r) = app.call(Method::GET, &format!("/api/v1/apps/hooks/runs?entity=ticket&record_id={id}"), None).await;
-            r["runs"].as_array().unwrap().first().filter(|r| r["status"] == "failed").cloned()
+            let (_, r) = app
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/apps/hooks/runs?entity=ticket&record_id={id}"),
+                    None,
+                )
+                .await;
+            r["runs"]
+                .as_array()
+                .unwrap()
+                .first()
+                .filter(|r| r["status"] == "failed")
+                .cloned()
         })
         .await;
         let hits = sink.hits();
         assert_eq!(hits.len(), 3, "{be}: three attempts");
-        let ids: std::collections::HashSet<&str> = hits.iter().map(|h| h.header("webhook-id").unwrap()).collect();
-        assert_eq!(ids.len(), 1, "{be}: every attempt carries the same webhook-id");
-        assert!(run["error"].as_str().unwrap().contains("failed 3 time(s)"), "{be}: {run}");
-        assert!(run["error"].as_str().unwrap().contains("HTTP 500"), "{be}: {run}");
-        let (_, detail) = app.call(Method::GET, &format!("/api/v1/apps/hooks/runs/{}", run["id"].as_str().unwrap()), None).await;
-        let failed = detail["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "failed").count();
+        let ids: std::collections::HashSet<&str> = hits
+            .iter()
+            .map(|h| h.header("webhook-id").unwrap())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{be}: every attempt carries the same webhook-id"
+        );
+        assert!(
+            run["error"].as_str().unwrap().contains("failed 3 time(s)"),
+            "{be}: {run}"
+        );
+        assert!(
+            run["error"].as_str().unwrap().contains("HTTP 500"),
+            "{be}: {run}"
+        );
+        let (_, detail) = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/apps/hooks/runs/{}", run["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        let failed = detail["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["status"] == "failed")
+            .count();
         assert_eq!(failed, 3, "{be}: {detail}");
         app.stop().await;
     }

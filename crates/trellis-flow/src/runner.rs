@@ -70,7 +70,7 @@ impl Default for Settings {
             allow: AllowList::default(),
             smtp: None,
             max_depth: 5,
-            lease: Duration::seconds(60),
+            lease: Duration::seconds(15),
             batch: 64,
             scan_every: std::time::Duration::from_secs(30),
         }
@@ -88,6 +88,7 @@ struct Installed {
 
 /// The workflow runtime of one process.
 pub struct Runtime {
+    mailer: Option<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>>,
     db: Db,
     clock: Arc<dyn Clock>,
     settings: Settings,
@@ -325,7 +326,15 @@ enum Next {
 impl Runtime {
     /// A runtime over `db` with `clock`.
     pub fn new(db: Db, clock: Arc<dyn Clock>, settings: Settings) -> Self {
+        // One pooled SMTP transport: connections are reused across emails.
+        let mailer = settings.smtp.as_ref().map(|smtp| {
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(&smtp.host)
+                .port(smtp.port)
+                .timeout(Some(std::time::Duration::from_secs(10)))
+                .build()
+        });
         Runtime {
+            mailer,
             db,
             clock,
             settings,
@@ -824,11 +833,17 @@ impl Runtime {
             .collect();
         tx.commit().await?;
         let n = runs.len();
-        for run in runs {
-            if let Err(e) = self.advance(run.clone()).await {
-                tracing::warn!(run = %run.id, error = %e, "run could not advance; it will be rescued when its lease lapses");
-            }
-        }
+        // Runs advance concurrently: their side effects (SMTP, HTTP) overlap; their database
+        // writes are short transactions.
+        use futures_util::stream::StreamExt;
+        futures_util::stream::iter(runs)
+            .for_each_concurrent(16, |run| async move {
+                let id = run.id;
+                if let Err(e) = self.advance(run).await {
+                    tracing::warn!(run = %id, error = %e, "run could not advance; it will be rescued when its lease lapses");
+                }
+            })
+            .await;
         Ok(n)
     }
 
@@ -1034,7 +1049,26 @@ impl Runtime {
         tx.commit().await?;
         let started = std::time::Instant::now();
         let env = self.env(inst, wf, run);
-        let result = self.effect(&env, idx, node, &run.context, &key).await;
+        // The effect may take a while (timeouts up to 30 s): renew the lease meanwhile (the
+        // heartbeat), so a lapsed lease always means a dead or stalled worker.
+        let beat = (self.settings.lease / 3)
+            .to_std()
+            .unwrap_or(std::time::Duration::from_secs(5));
+        let result = {
+            let ctx = run.context.clone();
+            let effect = self.effect(&env, idx, node, &ctx, &key);
+            tokio::pin!(effect);
+            loop {
+                tokio::select! {
+                    r = &mut effect => break r,
+                    _ = tokio::time::sleep(beat) => {
+                        let mut tx = self.db.begin().await?;
+                        self.hold(&mut tx, run.id, self.clock.now()).await?;
+                        tx.commit().await?;
+                    }
+                }
+            }
+        };
         let took = started.elapsed().as_millis() as i64;
         let now = self.clock.now();
         match result {
@@ -1208,12 +1242,12 @@ impl Runtime {
                     );
                 }
                 let message_id = format!("<{key}@trellis>");
-                let sent = match &self.settings.smtp {
-                    Some(smtp) => {
-                        send_smtp(smtp, &to, &subject, &body, &message_id, timeout).await?;
+                let sent = match (&self.settings.smtp, &self.mailer) {
+                    (Some(smtp), Some(mailer)) => {
+                        send_smtp(mailer, smtp, &to, &subject, &body, &message_id, timeout).await?;
                         true
                     }
-                    None => false,
+                    _ => false,
                 };
                 Ok(Outcome {
                     output: "ok".into(),
@@ -2703,8 +2737,9 @@ async fn finish_step(
     Ok(())
 }
 
-/// Send one email through an SMTP relay (plain SMTP, as to a local relay or a test sink).
+/// Send one email through the pooled SMTP transport (plain SMTP, as to a local relay or a sink).
 async fn send_smtp(
+    mailer: &lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
     smtp: &Smtp,
     to: &str,
     subject: &str,
@@ -2712,7 +2747,7 @@ async fn send_smtp(
     message_id: &str,
     timeout: std::time::Duration,
 ) -> std::result::Result<(), String> {
-    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    use lettre::{AsyncTransport, Message};
     let msg = Message::builder()
         .from(
             smtp.from
@@ -2726,15 +2761,10 @@ async fn send_smtp(
         .message_id(Some(message_id.to_owned()))
         .body(body.to_owned())
         .map_err(|e| e.to_string())?;
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
-        .port(smtp.port)
-        .timeout(Some(timeout))
-        .build();
-    transport
-        .send(msg)
-        .await
-        .map_err(|e| format!("SMTP: {e}"))?;
-    Ok(())
+    match tokio::time::timeout(timeout, mailer.send(msg)).await {
+        Ok(r) => r.map(drop).map_err(|e| format!("SMTP: {e}")),
+        Err(_) => Err(format!("SMTP: no answer within {} s", timeout.as_secs())),
+    }
 }
 
 /// POST `payload` signed per Standard Webhooks: `webhook-id`, `webhook-timestamp` and

@@ -57,6 +57,10 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../examples/crm/workflows/06-won-to-erp.json"),
     ),
     (
+        "workflows/07-lead-welcome.json",
+        include_str!("../../../examples/crm/workflows/07-lead-welcome.json"),
+    ),
+    (
         "reports/sales.json",
         include_str!("../../../examples/crm/reports/sales.json"),
     ),
