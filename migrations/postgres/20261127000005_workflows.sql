@@ -63,6 +63,7 @@ CREATE TABLE flow_steps (
     started_at      TIMESTAMPTZ NOT NULL,
     finished_at     TIMESTAMPTZ,
     duration_ms     BIGINT,
+    worker          TEXT,
     PRIMARY KEY (run_id, seq)
 );
 

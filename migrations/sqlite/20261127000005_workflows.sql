@@ -63,6 +63,7 @@ CREATE TABLE flow_steps (
     started_at      TEXT NOT NULL,
     finished_at     TEXT,
     duration_ms     INTEGER,
+    worker          TEXT,
     PRIMARY KEY (run_id, seq)
 );
 

@@ -590,6 +590,7 @@ impl Runtime {
                     err.as_deref(),
                     now,
                     Some(took.as_millis() as i64),
+                    None,
                 )
                 .await?;
             }
@@ -798,8 +799,7 @@ impl Runtime {
                     text(&r[1])
                 )),
                 now,
-                None,
-            )
+                None, Some(&self.settings.worker))
             .await?;
         }
         tx.commit().await?;
@@ -990,6 +990,7 @@ impl Runtime {
                     None,
                     now,
                     Some(took),
+                    Some(&self.settings.worker),
                 )
                 .await?;
                 run.steps[&node.id] = out.data.clone();
@@ -1044,6 +1045,7 @@ impl Runtime {
             None,
             now,
             None,
+            Some(&self.settings.worker),
         )
         .await?;
         tx.commit().await?;
@@ -1167,6 +1169,7 @@ impl Runtime {
                 Some(message),
                 now,
                 took,
+                Some(&self.settings.worker),
             )
             .await?;
         }
@@ -1434,6 +1437,7 @@ impl Runtime {
                     None,
                     now,
                     None,
+                    Some(&self.settings.worker),
                 )
                 .await?;
                 run.steps[&node.id] = data;
@@ -1552,6 +1556,7 @@ impl Runtime {
                                 None,
                                 now,
                                 None,
+                                Some(&self.settings.worker),
                             )
                             .await?;
                             tx.commit().await?;
@@ -1727,6 +1732,7 @@ impl Runtime {
             None,
             now,
             None,
+            Some(&self.settings.worker),
         )
         .await?;
         tx.commit().await?;
@@ -1759,6 +1765,7 @@ impl Runtime {
             None,
             now,
             None,
+            Some(&self.settings.worker),
         )
         .await?;
         run.steps[&node.id] = data;
@@ -2675,9 +2682,10 @@ async fn insert_step(
     error: Option<&str>,
     now: DateTime<Utc>,
     took: Option<i64>,
+    worker: Option<&str>,
 ) -> Result<()> {
     let done = status != "started";
-    let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\") VALUES (");
+    let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\", \"worker\") VALUES (");
     sql.bind(Value::Uuid(run)).push(", ");
     sql.bind(Value::Int(seq)).push(", ");
     sql.bind(Value::Text(node.into())).push(", ");
@@ -2699,7 +2707,13 @@ async fn insert_step(
     })
     .push(", ");
     sql.bind(took.map(Value::Int).unwrap_or(Value::Null(ColKind::Int)))
-        .push(")");
+        .push(", ");
+    sql.bind(
+        worker
+            .map(|w| Value::Text(w.into()))
+            .unwrap_or(Value::Null(ColKind::Text)),
+    )
+    .push(")");
     tx.execute(&sql).await?;
     Ok(())
 }
