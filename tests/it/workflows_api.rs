@@ -976,13 +976,27 @@ async fn two_servers_on_one_postgres_share_the_queue_without_running_a_step_twic
     let url = db.url.clone();
     let mut sa = settings(None, None);
     sa.worker = "server-a".into();
-    let a = TestApp::start_full(db, Default::default(), sa, Arc::new(trellis_form::SystemClock)).await;
-    let db2 = trellis_form::db::Db::connect(&url, &Default::default()).await.unwrap();
-    let mut sb = settings(None, None);
-    sb.worker = "server-b".into();
-    let (state_b, _) = trellis_server::cli::prepare_with(db2.clone(), Arc::new(trellis_form::SystemClock), None, Some(crate::helpers::TOKEN), sb)
+    let a = TestApp::start_full(
+        db,
+        Default::default(),
+        sa,
+        Arc::new(trellis_form::SystemClock),
+    )
+    .await;
+    let db2 = trellis_form::db::Db::connect(&url, &Default::default())
         .await
         .unwrap();
+    let mut sb = settings(None, None);
+    sb.worker = "server-b".into();
+    let (state_b, _) = trellis_server::cli::prepare_with(
+        db2.clone(),
+        Arc::new(trellis_form::SystemClock),
+        None,
+        Some(crate::helpers::TOKEN),
+        sb,
+    )
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let b_base = format!("http://{}", listener.local_addr().unwrap());
     let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
@@ -996,7 +1010,11 @@ async fn two_servers_on_one_postgres_share_the_queue_without_running_a_step_twic
     let users = demo(&a).await;
     let mut tasks = vec![];
     for i in 0..200 {
-        let base = if i % 2 == 0 { a.base.clone() } else { b_base.clone() };
+        let base = if i % 2 == 0 {
+            a.base.clone()
+        } else {
+            b_base.clone()
+        };
         let client = a.client.clone();
         tasks.push(tokio::spawn(async move {
             let r = client
@@ -1013,9 +1031,15 @@ async fn two_servers_on_one_postgres_share_the_queue_without_running_a_step_twic
     for t in tasks {
         let (s, lead) = t.await.unwrap();
         assert_eq!(s, StatusCode::CREATED, "{lead}");
-        *owners.entry(lead["owner"].as_str().unwrap().to_owned()).or_default() += 1;
+        *owners
+            .entry(lead["owner"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
-    assert_eq!(owners.get(&users["lin.tao"]), Some(&100), "round-robin across two servers: {owners:?}");
+    assert_eq!(
+        owners.get(&users["lin.tao"]),
+        Some(&100),
+        "round-robin across two servers: {owners:?}"
+    );
     assert_eq!(owners.get(&users["xu.ying"]), Some(&100), "{owners:?}");
     wait_for("every welcome run", || async {
         (count(&a, "SELECT COUNT(*) FROM \"flow_runs\" WHERE \"workflow\" = 'lead_welcome' AND \"status\" = 'succeeded'", &[]).await == 200).then_some(Value::Null)
@@ -1026,7 +1050,15 @@ async fn two_servers_on_one_postgres_share_the_queue_without_running_a_step_twic
         0,
         "no step ran twice"
     );
-    assert_eq!(count(&a, "SELECT COUNT(*) FROM \"email_outbox\" WHERE \"to_addr\" LIKE '%@shared.example'", &[]).await, 200);
+    assert_eq!(
+        count(
+            &a,
+            "SELECT COUNT(*) FROM \"email_outbox\" WHERE \"to_addr\" LIKE '%@shared.example'",
+            &[]
+        )
+        .await,
+        200
+    );
     let workers = count(&a, "SELECT COUNT(DISTINCT \"worker\") FROM \"flow_steps\" WHERE \"worker\" IN ('server-a', 'server-b')", &[]).await;
     assert_eq!(workers, 2, "both servers worked the queue");
     let _ = stop_b.send(());

@@ -904,7 +904,9 @@ impl Runtime {
                     self.approval_node(&mut run, &wf, &inst, idx, node, now)
                         .await?
                 }
-                a if a.database_only() => self.db_step(&mut run, &wf, &inst, idx, node).await?,
+                a if a.database_only() || !self.external(&wf, idx, node, &run.context) => {
+                    self.db_step(&mut run, &wf, &inst, idx, node).await?
+                }
                 _ => self.effect_step(&mut run, &wf, &inst, idx, node).await?,
             };
             match next {
@@ -968,12 +970,32 @@ impl Runtime {
         let env = self.env(inst, wf, run);
         let now = env.now();
         let mut tx = self.db.begin().await?;
-        if !self.hold(&mut tx, run.id, now).await? {
-            return Ok(Next::Lost);
-        }
         let started = std::time::Instant::now();
         let mut ctx = run.context.clone();
-        let result = run_db_node(&mut tx, &env, idx, node, &mut ctx).await;
+        let result = if node.action.database_only() {
+            run_db_node(&mut tx, &env, idx, node, &mut ctx).await
+        } else {
+            // An effect with nothing to send outside (no SMTP relay: the email is kept in the
+            // outbox; no URL: the request is skipped): done in this one transaction.
+            match self
+                .effect(&env, idx, node, &ctx, &format!("{}.{}", run.id, node.id))
+                .await
+            {
+                Ok(out) => {
+                    let mut r = Ok(out.clone());
+                    if let Action::Notify { .. } = &node.action {
+                        r = run_db_node(&mut tx, &env, idx, node, &mut ctx)
+                            .await
+                            .map(|_| out.clone());
+                    }
+                    if let Action::SendEmail { .. } = &node.action {
+                        record_email(&mut tx, &env, run, &out.data, now).await?;
+                    }
+                    r
+                }
+                Err(m) => Err(m),
+            }
+        };
         let took = started.elapsed().as_millis() as i64;
         match result {
             Ok(out) => {
@@ -997,10 +1019,17 @@ impl Runtime {
                 ctx["steps"] = run.steps.clone();
                 run.context = ctx;
                 let next = next_node(wf, &node.id, &out.output, &run.context);
-                self.progress(&mut tx, run, next.as_ref().ok().cloned().flatten(), now)
-                    .await?;
+                let n = next.as_ref().ok().cloned().flatten();
+                // The progress update checks the lease: without it, nothing of this step commits.
+                if !self
+                    .progress_or_finish(&mut tx, run, n.clone(), now)
+                    .await?
+                {
+                    return Ok(Next::Lost);
+                }
                 tx.commit().await?;
                 match next {
+                    Ok(None) => Ok(Next::Lost),
                     Ok(n) => Ok(Next::Node(n)),
                     Err(m) => {
                         self.finish(run, "failed", Some(&m)).await?;
@@ -1015,6 +1044,58 @@ impl Runtime {
                     .await
             }
         }
+    }
+
+    /// Whether a side-effect node has something to send outside right now.
+    fn external(&self, wf: &Workflow, idx: usize, node: &NodeDef, ctx: &Json) -> bool {
+        let i = idx.to_string();
+        let url = |part: &str, src: &str| {
+            actions::render_str(wf, &tpl_name(&["nodes", &i, part]), src, ctx)
+                .map(|u| !u.trim().is_empty())
+                // A template error is reported by the effect itself.
+                .unwrap_or(true)
+        };
+        match &node.action {
+            Action::SendEmail { .. } => self.mailer.is_some(),
+            Action::HttpRequest { url: u, .. } => url("url", u),
+            Action::Notify {
+                im_webhook: Some(u),
+                ..
+            } => url("im_webhook", u),
+            _ => false,
+        }
+    }
+
+    /// Record progress; when the run has no next node, finish it in the same transaction.
+    /// False when this worker no longer holds the lease.
+    async fn progress_or_finish(
+        &self,
+        tx: &mut Tx,
+        run: &Claimed,
+        next: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let mut sql = Sql::new("UPDATE \"flow_runs\" SET \"node\" = ");
+        sql.bind(
+            next.clone()
+                .map(Value::Text)
+                .unwrap_or(Value::Null(ColKind::Text)),
+        )
+        .push(", \"steps\" = ")
+        .bind(Value::Json(run.steps.clone()))
+        .push(", \"context\" = ")
+        .bind(Value::Json(run.context.clone()))
+        .push(", \"attempt\" = 0, \"error\" = NULL, \"updated_at\" = ")
+        .bind(Value::DateTime(now));
+        if next.is_none() {
+            sql.push(", \"status\" = 'succeeded', \"lease_owner\" = NULL, \"lease_until\" = NULL, \"finished_at\" = ")
+                .bind(Value::DateTime(now));
+        } else {
+            sql.push(", \"lease_until\" = ")
+                .bind(Value::DateTime(now + self.settings.lease));
+        }
+        self.lease_where(&mut sql, run.id);
+        Ok(tx.execute(&sql).await? == 1)
     }
 
     /// A node with an external side effect: `started` first, then the effect, then completion.

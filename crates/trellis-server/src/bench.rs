@@ -126,6 +126,22 @@ pub async fn writes(db: Db, records: usize, clients: usize) -> anyhow::Result<Ve
         rate_per_second: 0.0,
         ..Default::default()
     });
+    // The form engine's write speed: the CRM without its automations (`trellis bench flows`
+    // measures those).
+    let mut def = crate::crm::definition();
+    if let Some(m) = def.as_object_mut() {
+        m.remove("workflows");
+    }
+    crate::appdef::import(
+        &db,
+        &def,
+        Default::default(),
+        Some(state.admin_user),
+        trellis_form::Clock::now(&SystemClock),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    state.refresh().await?;
     let loaded = state.app("crm").map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let app = loaded.app.clone();
     let owner = state.admin_user;

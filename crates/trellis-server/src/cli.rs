@@ -132,6 +132,28 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Workflow engine: inline assignment cost beside creates without it, async first-action
+    /// latency at a steady rate, async runs per second, one rhai condition beside native code.
+    Flows {
+        /// An EMPTY database to use (default: a temporary SQLite file).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Single creates with and without the inline workflow (each).
+        #[arg(long, default_value_t = 300)]
+        singles: usize,
+        /// Steady rate of lead creates, per second.
+        #[arg(long, default_value_t = 200)]
+        rate: usize,
+        /// Seconds of steady load.
+        #[arg(long, default_value_t = 10)]
+        seconds: usize,
+        /// Leads of the throughput burst.
+        #[arg(long, default_value_t = 5000)]
+        burst: usize,
+        /// Print the figures as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Report speed: each CRM metric and the sales_overview dashboard over generated data,
     /// each beside hand-written SQL for the same answer (SQLite).
     Reports {
@@ -328,6 +350,25 @@ pub async fn main() -> anyhow::Result<i32> {
             let figures = crate::bench::writes(db, records, clients).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
+            }
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Flows {
+            database_url,
+            singles,
+            rate,
+            seconds,
+            burst,
+            json,
+        }) => {
+            let (db, _dir) = crate::bench::open(database_url.as_deref()).await?;
+            eprintln!(
+                "Workflow benchmark on {} ({singles} single creates each way, {rate} leads/s for {seconds} s, a burst of {burst})",
+                db.backend_name()
+            );
+            let lines = crate::bench_flows::run(db, singles, rate, seconds, burst).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
             }
             Ok(0)
         }

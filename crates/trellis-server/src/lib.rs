@@ -8,6 +8,7 @@ pub mod api;
 pub mod appdef;
 pub mod auth;
 pub mod bench;
+pub mod bench_flows;
 pub mod bench_reports;
 pub mod cli;
 pub mod crm;
