@@ -19,7 +19,7 @@ async fn the_sample_organisation_installs_once_with_a_full_funnel() {
         let s = trellis_server::demo::install(&t.db, &app, state.admin_user, now)
             .await
             .unwrap();
-        assert_eq!((s.users, s.teams), (14, 5), "{}", t.backend);
+        assert_eq!((s.users, s.teams), (14, 6), "{}", t.backend);
         assert_eq!(
             s.records,
             [
