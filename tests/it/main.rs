@@ -9,4 +9,5 @@ mod permissions_api;
 mod records_api;
 mod reports_api;
 mod sinks;
+mod workflow_engine;
 mod workflows_api;

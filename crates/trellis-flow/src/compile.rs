@@ -372,6 +372,20 @@ fn compile_one(
                     }
                 }
             }
+            Trigger::DateRelative { field, hour, .. } => {
+                match e.field(field) {
+                    Some(fd) if matches!(fd.ty, FieldType::Date | FieldType::Datetime) => {}
+                    Some(_) => c.problem(
+                        "trigger/field",
+                        "not_a_date",
+                        format!("The field `{field}` is not a date or date-time field."),
+                    ),
+                    None => c.field("trigger/field", e, field),
+                }
+                if hour.is_some_and(|h| h > 23) {
+                    c.problem("trigger/hour", "invalid", "The hour is 0 to 23.".into());
+                }
+            }
             _ => {}
         }
     }

@@ -121,6 +121,23 @@ pub enum Trigger {
         #[serde(default)]
         condition: Option<String>,
     },
+    /// A date or date-time field reached, shifted by `offset_days` (e.g. 7 days before the
+    /// expected close date); fires once per record and field value.
+    DateRelative {
+        /// Entity key.
+        entity: String,
+        /// A date or date-time field.
+        field: String,
+        /// Days after the field's value (negative: before).
+        #[serde(default)]
+        offset_days: i32,
+        /// Local hour of day for a date field (default 9).
+        #[serde(default)]
+        hour: Option<u32>,
+        /// Optional rhai condition.
+        #[serde(default)]
+        condition: Option<String>,
+    },
     /// Started by hand on a record (`POST …/workflows/{key}/run`).
     Manual {
         /// Entity key.
@@ -137,6 +154,7 @@ impl Trigger {
             | Trigger::StageChanged { entity, .. }
             | Trigger::RecordDeleted { entity, .. }
             | Trigger::Inactivity { entity, .. }
+            | Trigger::DateRelative { entity, .. }
             | Trigger::Manual { entity } => entity,
         }
     }
@@ -148,7 +166,8 @@ impl Trigger {
             | Trigger::RecordUpdated { condition, .. }
             | Trigger::StageChanged { condition, .. }
             | Trigger::RecordDeleted { condition, .. }
-            | Trigger::Inactivity { condition, .. } => condition.as_deref(),
+            | Trigger::Inactivity { condition, .. }
+            | Trigger::DateRelative { condition, .. } => condition.as_deref(),
             Trigger::Manual { .. } => None,
         }
     }

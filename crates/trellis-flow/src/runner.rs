@@ -253,7 +253,9 @@ fn matches(wf: &Workflow, ev: &Event, ctx: &Json, app: &App) -> std::result::Res
                         .is_some_and(|s| to.iter().any(|t| t == s)))
         }
         Trigger::RecordDeleted { .. } => ev.kind == "deleted",
-        Trigger::Inactivity { .. } | Trigger::Manual { .. } => false,
+        Trigger::Inactivity { .. } | Trigger::DateRelative { .. } | Trigger::Manual { .. } => {
+            false
+        }
     };
     if !hit {
         return Ok(false);
@@ -2186,6 +2188,82 @@ impl Runtime {
                             },
                         )
                         .await?;
+                        started += 1;
+                    }
+                    tx.commit().await?;
+                }
+            }
+        }
+        if started > 0 {
+            self.wake.notify_one();
+        }
+        Ok(started)
+    }
+
+    /// Start date-relative workflows whose moment has come, once per record and field value.
+    /// Moments up to 7 days past are caught up (a server that was down that long).
+    pub async fn scan_dates(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut started = 0;
+        let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
+        for inst in apps {
+            for wf in inst.flows.enabled() {
+                let Trigger::DateRelative { entity, field, offset_days, hour, .. } = &wf.def.trigger else {
+                    continue;
+                };
+                let e = inst.app.entity(entity)?;
+                let Some(f) = e.field(field) else { continue };
+                let is_date = f.ty == trellis_form::def::FieldType::Date;
+                let offset = Duration::days(*offset_days as i64);
+                let catch_up = Duration::days(7);
+                let (lo, hi) = if is_date {
+                    (
+                        Value::Date((now - catch_up - offset - Duration::days(1)).date_naive()),
+                        Value::Date((now - offset + Duration::days(1)).date_naive()),
+                    )
+                } else {
+                    (Value::DateTime(now - catch_up - offset), Value::DateTime(now - offset))
+                };
+                let mut sql = Sql::new(format!(
+                    "SELECT \"id\" FROM {} WHERE {c} >= ",
+                    trellis_form::db::quote(&e.table),
+                    c = trellis_form::db::quote(field)
+                ));
+                sql.bind(lo)
+                    .push(&format!(" AND {} <= ", trellis_form::db::quote(field)))
+                    .bind(hi)
+                    .push(" LIMIT 2000");
+                let tz = e.timezone;
+                for r in self.db.fetch_all(&sql, &[ColKind::Uuid]).await? {
+                    let Some(id) = uuid(&r[0]) else { continue };
+                    let Ok(rec) = store::get(&self.db, e, id).await else { continue };
+                    let value = rec.fields.get(field).and_then(Json::as_str).unwrap_or_default().to_owned();
+                    let moment = if is_date {
+                        let Ok(d) = chrono::NaiveDate::parse_from_str(&value, "%Y-%m-%d") else { continue };
+                        let local = d.and_hms_opt(hour.unwrap_or(9), 0, 0).expect("valid hour");
+                        match chrono::TimeZone::from_local_datetime(&tz, &local).earliest() {
+                            Some(t) => t.with_timezone(&Utc) + offset,
+                            None => continue,
+                        }
+                    } else {
+                        match DateTime::parse_from_rfc3339(&value) {
+                            Ok(t) => t.with_timezone(&Utc) + offset,
+                            Err(_) => continue,
+                        }
+                    };
+                    if now < moment || now - moment > catch_up {
+                        continue;
+                    }
+                    let ev = Event { id: 0, app: inst.app.key.clone(), entity: entity.clone(), record_id: id, kind: "date_reached".into(), changed: vec![], record: rec.to_json(), old: Json::Null, actor: None, at: now, depth: 0 };
+                    let ctx = context(&ev, &self.settings.vars, now, &inst);
+                    if wf.def.trigger.condition().is_some() && !wf.condition(&cond_name(&["trigger", "condition"])).eval(&ctx).unwrap_or(false) {
+                        continue;
+                    }
+                    let mut tx = self.db.begin().await?;
+                    let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
+                    mark.bind(Value::Text(inst.app.key.clone())).push(", ").bind(Value::Text(wf.def.key.clone())).push(", ").bind(Value::Uuid(id)).push(", ").bind(Value::Text(format!("{field}={value}"))).push(", ").bind(Value::DateTime(now)).push(") ON CONFLICT DO NOTHING");
+                    if tx.execute(&mark).await? == 1 {
+                        insert_run(&mut tx, &NewRun { id: Uuid::now_v7(), app: &inst.app.key, wf: &wf.def, entity, record: Some(id), event: None, context: &ctx, status: "queued", node: Some(&wf.entry), steps: &json!({}), depth: 0, wake_at: now, error: None, now }).await?;
                         started += 1;
                     }
                     tx.commit().await?;

@@ -80,6 +80,9 @@ pub async fn run_worker(state: AppState, mut stop: tokio::sync::watch::Receiver<
             if let Err(e) = flows.scan_inactivity().await {
                 tracing::warn!(error = %e, "cannot scan for idle records");
             }
+            if let Err(e) = flows.scan_dates().await {
+                tracing::warn!(error = %e, "cannot scan for date triggers");
+            }
         }
         if busy {
             continue;
