@@ -40,13 +40,19 @@ where
 
 async fn runs(app: &TestApp, id: &str) -> Vec<Value> {
     let (_, r) = app
-        .call(Method::GET, &format!("/api/v1/apps/t/runs?entity=deal&record_id={id}"), None)
+        .call(
+            Method::GET,
+            &format!("/api/v1/apps/t/runs?entity=deal&record_id={id}"),
+            None,
+        )
         .await;
     r["runs"].as_array().unwrap().clone()
 }
 
 fn t0() -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::parse_from_rfc3339("2026-11-27T09:00:00Z").unwrap().to_utc()
+    chrono::DateTime::parse_from_rfc3339("2026-11-27T09:00:00Z")
+        .unwrap()
+        .to_utc()
 }
 
 fn entity() -> Value {
@@ -68,15 +74,38 @@ async fn a_date_trigger_fires_once_at_its_moment_in_the_app_time_zone() {
              "nodes": [{"id": "mark", "type": "update_record", "values": {"title": "closing in a week"}}]}
         ]})).await;
         // Closes 2026-12-10: the moment is 2026-12-03 09:00 Shanghai = 01:00 UTC.
-        let (s, d) = app.call(Method::POST, "/api/v1/apps/t/records/deal", Some(json!({"title": "x", "close": "2026-12-10"}))).await;
+        let (s, d) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal",
+                Some(json!({"title": "x", "close": "2026-12-10"})),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED);
         let id = d["id"].as_str().unwrap().to_owned();
-        clock.advance(chrono::Duration::days(5) + chrono::Duration::hours(15) + chrono::Duration::minutes(59));
+        clock.advance(
+            chrono::Duration::days(5) + chrono::Duration::hours(15) + chrono::Duration::minutes(59),
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(runs(&app, &id).await.is_empty(), "{be}: 2026-12-03 00:59 UTC is a minute early");
+        assert!(
+            runs(&app, &id).await.is_empty(),
+            "{be}: 2026-12-03 00:59 UTC is a minute early"
+        );
         clock.advance(chrono::Duration::minutes(2));
-        eventually("the date run", || async { runs(&app, &id).await.first().is_some_and(|r| r["status"] == "succeeded") }).await;
-        let (_, d) = app.call(Method::GET, &format!("/api/v1/apps/t/records/deal/{id}"), None).await;
+        eventually("the date run", || async {
+            runs(&app, &id)
+                .await
+                .first()
+                .is_some_and(|r| r["status"] == "succeeded")
+        })
+        .await;
+        let (_, d) = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/apps/t/records/deal/{id}"),
+                None,
+            )
+            .await;
         assert_eq!(d["title"], "closing in a week", "{be}");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(runs(&app, &id).await.len(), 1, "{be}: once per value");
@@ -93,10 +122,27 @@ async fn a_workflow_that_triggers_itself_stops_at_the_loop_guard() {
             {"key": "bump", "trigger": {"type": "record_updated", "entity": "deal", "fields": ["n"]},
              "nodes": [{"id": "inc", "type": "update_record", "values": {"n": "{{ record.n + 1 }}"}}]}
         ]})).await;
-        let (_, d) = app.call(Method::POST, "/api/v1/apps/t/records/deal", Some(json!({"n": 0}))).await;
+        let (_, d) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal",
+                Some(json!({"n": 0})),
+            )
+            .await;
         let id = d["id"].as_str().unwrap().to_owned();
-        app.call(Method::PATCH, &format!("/api/v1/apps/t/records/deal/{id}"), Some(json!({"n": 1}))).await;
-        eventually("the guard", || async { runs(&app, &id).await.iter().any(|r| r["status"] == "failed") }).await;
+        app.call(
+            Method::PATCH,
+            &format!("/api/v1/apps/t/records/deal/{id}"),
+            Some(json!({"n": 1})),
+        )
+        .await;
+        eventually("the guard", || async {
+            runs(&app, &id)
+                .await
+                .iter()
+                .any(|r| r["status"] == "failed")
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let all = runs(&app, &id).await;
         let ok = all.iter().filter(|r| r["status"] == "succeeded").count();
@@ -104,8 +150,21 @@ async fn a_workflow_that_triggers_itself_stops_at_the_loop_guard() {
         // The person's update starts depth 0; runs at depths 0..4 succeed; depth 5 is refused.
         assert_eq!(ok, 5, "{be}: {all:?}");
         assert_eq!(failed.len(), 1, "{be}");
-        assert!(failed[0]["error"].as_str().unwrap().starts_with("loop guard"), "{be}: {}", failed[0]);
-        let (_, d) = app.call(Method::GET, &format!("/api/v1/apps/t/records/deal/{id}"), None).await;
+        assert!(
+            failed[0]["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("loop guard"),
+            "{be}: {}",
+            failed[0]
+        );
+        let (_, d) = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/apps/t/records/deal/{id}"),
+                None,
+            )
+            .await;
         assert_eq!(d["n"], 6, "{be}");
         app.stop().await;
     }
@@ -117,34 +176,83 @@ async fn waiting_runs_keep_the_version_they_started_with() {
         let clock = Arc::new(trellis_form::ManualClock::new(t0()));
         let app = start(db, clock.clone()).await;
         let be = app.backend;
-        let def = |version: i64, title: &str| json!({"key": "t", "entities": [entity()], "workflows": [
-            {"key": "later", "version": version, "trigger": {"type": "record_created", "entity": "deal"},
-             "nodes": [{"id": "pause", "type": "wait", "minutes": 10},
-                       {"id": "stamp", "type": "update_record", "values": {"title": title}}],
-             "edges": [{"from": "pause", "to": "stamp"}]}
-        ]});
+        let def = |version: i64, title: &str| {
+            json!({"key": "t", "entities": [entity()], "workflows": [
+                {"key": "later", "version": version, "trigger": {"type": "record_created", "entity": "deal"},
+                 "nodes": [{"id": "pause", "type": "wait", "minutes": 10},
+                           {"id": "stamp", "type": "update_record", "values": {"title": title}}],
+                 "edges": [{"from": "pause", "to": "stamp"}]}
+            ]})
+        };
         install(&app, def(1, "v1")).await;
-        let (_, a) = app.call(Method::POST, "/api/v1/apps/t/records/deal", Some(json!({"title": "a"}))).await;
+        let (_, a) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal",
+                Some(json!({"title": "a"})),
+            )
+            .await;
         let a = a["id"].as_str().unwrap().to_owned();
-        eventually("the first run to wait", || async { runs(&app, &a).await.first().is_some_and(|r| r["status"] == "waiting") }).await;
+        eventually("the first run to wait", || async {
+            runs(&app, &a)
+                .await
+                .first()
+                .is_some_and(|r| r["status"] == "waiting")
+        })
+        .await;
         install(&app, def(2, "v2")).await;
-        let (_, b) = app.call(Method::POST, "/api/v1/apps/t/records/deal", Some(json!({"title": "b"}))).await;
+        let (_, b) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal",
+                Some(json!({"title": "b"})),
+            )
+            .await;
         let b = b["id"].as_str().unwrap().to_owned();
-        eventually("the second run to wait", || async { runs(&app, &b).await.first().is_some_and(|r| r["status"] == "waiting") }).await;
+        eventually("the second run to wait", || async {
+            runs(&app, &b)
+                .await
+                .first()
+                .is_some_and(|r| r["status"] == "waiting")
+        })
+        .await;
         // Nine minutes: nobody wakes early.
         clock.advance(chrono::Duration::minutes(9));
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(runs(&app, &a).await[0]["status"], "waiting", "{be}");
         clock.advance(chrono::Duration::minutes(2));
         for id in [&a, &b] {
-            eventually("the run to finish", || async { runs(&app, id).await.first().is_some_and(|r| r["status"] == "succeeded") }).await;
+            eventually("the run to finish", || async {
+                runs(&app, id)
+                    .await
+                    .first()
+                    .is_some_and(|r| r["status"] == "succeeded")
+            })
+            .await;
         }
         let title = |id: String| {
             let app = &app;
-            async move { app.call(Method::GET, &format!("/api/v1/apps/t/records/deal/{id}"), None).await.1["title"].clone() }
+            async move {
+                app.call(
+                    Method::GET,
+                    &format!("/api/v1/apps/t/records/deal/{id}"),
+                    None,
+                )
+                .await
+                .1["title"]
+                    .clone()
+            }
         };
-        assert_eq!(title(a.clone()).await, "v1", "{be}: the old run kept version 1");
-        assert_eq!(title(b.clone()).await, "v2", "{be}: the new run uses version 2");
+        assert_eq!(
+            title(a.clone()).await,
+            "v1",
+            "{be}: the old run kept version 1"
+        );
+        assert_eq!(
+            title(b.clone()).await,
+            "v2",
+            "{be}: the new run uses version 2"
+        );
         assert_eq!(runs(&app, &a).await[0]["version"], 1);
         assert_eq!(runs(&app, &b).await[0]["version"], 2);
         app.stop().await;

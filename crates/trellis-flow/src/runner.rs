@@ -94,8 +94,10 @@ pub struct Runtime {
     settings: Settings,
     apps: RwLock<HashMap<String, Arc<Installed>>>,
     pinned: Mutex<HashMap<(String, String, i64), Arc<Workflow>>>,
-    /// Woken after each commit that may have made work (the host calls `notify_one`).
+    /// Woken after each commit that may have made events (the host calls `notify_one`).
     pub wake: Arc<tokio::sync::Notify>,
+    /// Woken when runs became due (dispatch, manual start, a decision).
+    pub work_wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -253,9 +255,7 @@ fn matches(wf: &Workflow, ev: &Event, ctx: &Json, app: &App) -> std::result::Res
                         .is_some_and(|s| to.iter().any(|t| t == s)))
         }
         Trigger::RecordDeleted { .. } => ev.kind == "deleted",
-        Trigger::Inactivity { .. } | Trigger::DateRelative { .. } | Trigger::Manual { .. } => {
-            false
-        }
+        Trigger::Inactivity { .. } | Trigger::DateRelative { .. } | Trigger::Manual { .. } => false,
     };
     if !hit {
         return Ok(false);
@@ -281,10 +281,12 @@ struct Claimed {
     steps: Json,
     attempt: u32,
     depth: u32,
+    /// Number of the last step logged (steps are numbered per run).
+    seq: i64,
 }
 
 const RUN_COLS: &str = "\"id\", \"app\", \"workflow\", \"version\", \"entity\", \"context\", \"node\", \"steps\", \"attempt\", \"depth\"";
-const RUN_KINDS: [ColKind; 10] = [
+const RUN_KINDS: [ColKind; 11] = [
     ColKind::Uuid,
     ColKind::Text,
     ColKind::Text,
@@ -293,6 +295,7 @@ const RUN_KINDS: [ColKind; 10] = [
     ColKind::Json,
     ColKind::Text,
     ColKind::Json,
+    ColKind::Int,
     ColKind::Int,
     ColKind::Int,
 ];
@@ -312,6 +315,7 @@ fn claimed(r: Vec<Value>) -> Claimed {
         steps: json_of(&r[7]),
         attempt: int(&r[8]) as u32,
         depth: int(&r[9]) as u32,
+        seq: int(&r[10]),
     }
 }
 
@@ -343,6 +347,7 @@ impl Runtime {
             apps: RwLock::default(),
             pinned: Mutex::default(),
             wake: Arc::new(tokio::sync::Notify::new()),
+            work_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -698,6 +703,7 @@ impl Runtime {
         sql.push(")");
         tx.execute(&sql).await?;
         tx.commit().await?;
+        self.work_wake.notify_one();
         Ok(events.len())
     }
 
@@ -758,7 +764,7 @@ impl Runtime {
         )
         .await?;
         tx.commit().await?;
-        self.wake.notify_one();
+        self.work_wake.notify_one();
         Ok(id)
     }
 
@@ -826,7 +832,7 @@ impl Runtime {
         if tx.backend() == Backend::Postgres {
             sql.push(" FOR UPDATE SKIP LOCKED");
         }
-        sql.push(&format!(") RETURNING {RUN_COLS}"));
+        sql.push(&format!(") RETURNING {RUN_COLS}, (SELECT COALESCE(MAX(s.\"seq\"), 0) FROM \"flow_steps\" s WHERE s.\"run_id\" = \"flow_runs\".\"id\")"));
         let runs: Vec<Claimed> = tx
             .fetch_all(&sql, &RUN_KINDS)
             .await?
@@ -1001,7 +1007,10 @@ impl Runtime {
         let took = started.elapsed().as_millis() as i64;
         match result {
             Ok(out) => {
-                let seq = next_seq(&mut tx, run.id).await?;
+                let seq = {
+                    run.seq += 1;
+                    run.seq
+                };
                 insert_step(
                     &mut tx,
                     run.id,
@@ -1085,8 +1094,6 @@ impl Runtime {
         )
         .push(", \"steps\" = ")
         .bind(Value::Json(run.steps.clone()))
-        .push(", \"context\" = ")
-        .bind(Value::Json(run.context.clone()))
         .push(", \"attempt\" = 0, \"error\" = NULL, \"updated_at\" = ")
         .bind(Value::DateTime(now));
         if next.is_none() {
@@ -1115,7 +1122,10 @@ impl Runtime {
         if !self.hold(&mut tx, run.id, now).await? {
             return Ok(Next::Lost);
         }
-        let seq = next_seq(&mut tx, run.id).await?;
+        let seq = {
+            run.seq += 1;
+            run.seq
+        };
         insert_step(
             &mut tx,
             run.id,
@@ -1239,7 +1249,10 @@ impl Runtime {
             return Ok(Next::Lost);
         }
         if !logged {
-            let seq = next_seq(&mut tx, run.id).await?;
+            let seq = {
+                run.seq += 1;
+                run.seq
+            };
             insert_step(
                 &mut tx,
                 run.id,
@@ -1506,7 +1519,10 @@ impl Runtime {
         }
         match (due, output) {
             (_, Some(out)) => {
-                let seq = next_seq(&mut tx, run.id).await?;
+                let seq = {
+                    run.seq += 1;
+                    run.seq
+                };
                 let data = json!({ "since": since, "ended": now, "output": out });
                 insert_step(
                     &mut tx,
@@ -1626,7 +1642,10 @@ impl Runtime {
                                 )
                                 .await?;
                             }
-                            let seq = next_seq(&mut tx, run.id).await?;
+                            let seq = {
+                                run.seq += 1;
+                                run.seq
+                            };
                             insert_step(
                                 &mut tx,
                                 run.id,
@@ -1802,7 +1821,10 @@ impl Runtime {
             )
             .await?;
         }
-        let seq = next_seq(&mut tx, run.id).await?;
+        let seq = {
+            run.seq += 1;
+            run.seq
+        };
         insert_step(
             &mut tx,
             run.id,
@@ -1835,7 +1857,10 @@ impl Runtime {
     ) -> Result<Next> {
         let mut data = data;
         data["outcome"] = json!(outcome);
-        let seq = next_seq(&mut tx, run.id).await?;
+        let seq = {
+            run.seq += 1;
+            run.seq
+        };
         insert_step(
             &mut tx,
             run.id,
@@ -1887,8 +1912,6 @@ impl Runtime {
         sql.bind(next.map(Value::Text).unwrap_or(Value::Null(ColKind::Text)))
             .push(", \"steps\" = ")
             .bind(Value::Json(run.steps.clone()))
-            .push(", \"context\" = ")
-            .bind(Value::Json(run.context.clone()))
             .push(", \"attempt\" = 0, \"error\" = NULL, \"updated_at\" = ")
             .bind(Value::DateTime(now));
         self.lease_where(&mut sql, run.id);
@@ -2013,7 +2036,7 @@ impl Runtime {
             tx.execute(&wake).await?;
         }
         tx.commit().await?;
-        self.wake.notify_one();
+        self.work_wake.notify_one();
         Ok(json!({ "id": approval, "status": status, "votes": votes }))
     }
 
@@ -2195,7 +2218,7 @@ impl Runtime {
             }
         }
         if started > 0 {
-            self.wake.notify_one();
+            self.work_wake.notify_one();
         }
         Ok(started)
     }
@@ -2208,7 +2231,14 @@ impl Runtime {
         let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
         for inst in apps {
             for wf in inst.flows.enabled() {
-                let Trigger::DateRelative { entity, field, offset_days, hour, .. } = &wf.def.trigger else {
+                let Trigger::DateRelative {
+                    entity,
+                    field,
+                    offset_days,
+                    hour,
+                    ..
+                } = &wf.def.trigger
+                else {
                     continue;
                 };
                 let e = inst.app.entity(entity)?;
@@ -2222,7 +2252,10 @@ impl Runtime {
                         Value::Date((now - offset + Duration::days(1)).date_naive()),
                     )
                 } else {
-                    (Value::DateTime(now - catch_up - offset), Value::DateTime(now - offset))
+                    (
+                        Value::DateTime(now - catch_up - offset),
+                        Value::DateTime(now - offset),
+                    )
                 };
                 let mut sql = Sql::new(format!(
                     "SELECT \"id\" FROM {} WHERE {c} >= ",
@@ -2236,10 +2269,19 @@ impl Runtime {
                 let tz = e.timezone;
                 for r in self.db.fetch_all(&sql, &[ColKind::Uuid]).await? {
                     let Some(id) = uuid(&r[0]) else { continue };
-                    let Ok(rec) = store::get(&self.db, e, id).await else { continue };
-                    let value = rec.fields.get(field).and_then(Json::as_str).unwrap_or_default().to_owned();
+                    let Ok(rec) = store::get(&self.db, e, id).await else {
+                        continue;
+                    };
+                    let value = rec
+                        .fields
+                        .get(field)
+                        .and_then(Json::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
                     let moment = if is_date {
-                        let Ok(d) = chrono::NaiveDate::parse_from_str(&value, "%Y-%m-%d") else { continue };
+                        let Ok(d) = chrono::NaiveDate::parse_from_str(&value, "%Y-%m-%d") else {
+                            continue;
+                        };
                         let local = d.and_hms_opt(hour.unwrap_or(9), 0, 0).expect("valid hour");
                         match chrono::TimeZone::from_local_datetime(&tz, &local).earliest() {
                             Some(t) => t.with_timezone(&Utc) + offset,
@@ -2254,16 +2296,61 @@ impl Runtime {
                     if now < moment || now - moment > catch_up {
                         continue;
                     }
-                    let ev = Event { id: 0, app: inst.app.key.clone(), entity: entity.clone(), record_id: id, kind: "date_reached".into(), changed: vec![], record: rec.to_json(), old: Json::Null, actor: None, at: now, depth: 0 };
+                    let ev = Event {
+                        id: 0,
+                        app: inst.app.key.clone(),
+                        entity: entity.clone(),
+                        record_id: id,
+                        kind: "date_reached".into(),
+                        changed: vec![],
+                        record: rec.to_json(),
+                        old: Json::Null,
+                        actor: None,
+                        at: now,
+                        depth: 0,
+                    };
                     let ctx = context(&ev, &self.settings.vars, now, &inst);
-                    if wf.def.trigger.condition().is_some() && !wf.condition(&cond_name(&["trigger", "condition"])).eval(&ctx).unwrap_or(false) {
+                    if wf.def.trigger.condition().is_some()
+                        && !wf
+                            .condition(&cond_name(&["trigger", "condition"]))
+                            .eval(&ctx)
+                            .unwrap_or(false)
+                    {
                         continue;
                     }
                     let mut tx = self.db.begin().await?;
                     let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
-                    mark.bind(Value::Text(inst.app.key.clone())).push(", ").bind(Value::Text(wf.def.key.clone())).push(", ").bind(Value::Uuid(id)).push(", ").bind(Value::Text(format!("{field}={value}"))).push(", ").bind(Value::DateTime(now)).push(") ON CONFLICT DO NOTHING");
+                    mark.bind(Value::Text(inst.app.key.clone()))
+                        .push(", ")
+                        .bind(Value::Text(wf.def.key.clone()))
+                        .push(", ")
+                        .bind(Value::Uuid(id))
+                        .push(", ")
+                        .bind(Value::Text(format!("{field}={value}")))
+                        .push(", ")
+                        .bind(Value::DateTime(now))
+                        .push(") ON CONFLICT DO NOTHING");
                     if tx.execute(&mark).await? == 1 {
-                        insert_run(&mut tx, &NewRun { id: Uuid::now_v7(), app: &inst.app.key, wf: &wf.def, entity, record: Some(id), event: None, context: &ctx, status: "queued", node: Some(&wf.entry), steps: &json!({}), depth: 0, wake_at: now, error: None, now }).await?;
+                        insert_run(
+                            &mut tx,
+                            &NewRun {
+                                id: Uuid::now_v7(),
+                                app: &inst.app.key,
+                                wf: &wf.def,
+                                entity,
+                                record: Some(id),
+                                event: None,
+                                context: &ctx,
+                                status: "queued",
+                                node: Some(&wf.entry),
+                                steps: &json!({}),
+                                depth: 0,
+                                wake_at: now,
+                                error: None,
+                                now,
+                            },
+                        )
+                        .await?;
                         started += 1;
                     }
                     tx.commit().await?;
@@ -2271,7 +2358,7 @@ impl Runtime {
             }
         }
         if started > 0 {
-            self.wake.notify_one();
+            self.work_wake.notify_one();
         }
         Ok(started)
     }

@@ -46,24 +46,50 @@ pub fn settings_from_env() -> anyhow::Result<Settings> {
     Ok(s)
 }
 
-/// Work until `stop` turns true.
-pub async fn run_worker(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Work until `stop` turns true: one task turns events into runs, another advances runs, so a
+/// long batch of runs never delays the dispatch of new events.
+pub async fn run_worker(state: AppState, stop: tokio::sync::watch::Receiver<bool>) {
     let flows = state.flows.clone();
+    let dispatcher = {
+        let flows = flows.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                let busy = match flows.dispatch(500).await {
+                    Ok(n) => n > 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot dispatch workflow events");
+                        false
+                    }
+                };
+                if busy {
+                    continue;
+                }
+                tokio::select! {
+                    _ = flows.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        })
+    };
+    let mut stop = stop;
     let mut last_rescue = Instant::now() - Duration::from_secs(60);
     let mut last_scan = Instant::now() - Duration::from_secs(60);
     loop {
         if *stop.borrow() {
-            return;
+            break;
         }
-        let mut busy = false;
-        match flows.dispatch(500).await {
-            Ok(n) => busy |= n > 0,
-            Err(e) => tracing::warn!(error = %e, "cannot dispatch workflow events"),
-        }
-        match flows.work().await {
-            Ok(n) => busy |= n > 0,
-            Err(e) => tracing::warn!(error = %e, "cannot claim workflow runs"),
-        }
+        let busy = match flows.work().await {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim workflow runs");
+                false
+            }
+        };
         if last_rescue.elapsed() > Duration::from_secs(5) {
             last_rescue = Instant::now();
             match flows.rescue().await {
@@ -88,9 +114,10 @@ pub async fn run_worker(state: AppState, mut stop: tokio::sync::watch::Receiver<
             continue;
         }
         tokio::select! {
-            _ = flows.wake.notified() => {}
+            _ = flows.work_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = stop.changed() => {}
         }
     }
+    let _ = dispatcher.await;
 }
