@@ -470,11 +470,74 @@ impl Runtime {
             .bind(Value::Text(entity.into()))
             .push(" AND \"record_id\" = ")
             .bind(Value::Uuid(record))
-            .push(" ORDER BY \"id\" DESC LIMIT 1");
+            // Pending events only: the partial index `events_pending` finds this write's own
+            // event (the newest pending one of the record) without scanning the outbox.
+            .push(" AND \"processed_at\" IS NULL ORDER BY \"id\" DESC LIMIT 1");
         let Some(row) = tx.fetch_optional(&sql, &EVENT_KINDS).await? else {
             return Ok(None);
         };
-        let ev = event(row);
+        self.inline_event(tx, app, entity, record, event(row)).await
+    }
+
+    /// [`Runtime::inline`] for a record just created by `actor` in `tx`: its event is known
+    /// without reading the outbox (what a bulk import needs).
+    pub async fn inline_created(
+        &self,
+        tx: &mut Tx,
+        app: &str,
+        entity: &str,
+        record: &store::Record,
+        actor: Option<Uuid>,
+    ) -> std::result::Result<Option<store::Record>, InlineError> {
+        let Some(inst) = self.installed(app) else {
+            return Ok(None);
+        };
+        if !inst.flows.enabled().iter().any(|w| {
+            w.def.mode == Mode::Inline
+                && w.def.trigger.entity() == entity
+                && matches!(w.def.trigger, Trigger::RecordCreated { .. })
+        }) {
+            return Ok(None);
+        }
+        let ev = Event {
+            id: 0,
+            app: app.into(),
+            entity: entity.into(),
+            record_id: record.meta.id,
+            kind: "created".into(),
+            changed: record
+                .fields
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k.clone())
+                .collect(),
+            record: record.to_json(),
+            old: Json::Null,
+            actor,
+            at: record.meta.updated_at,
+            depth: 0,
+        };
+        self.inline_event(tx, app, entity, record.meta.id, ev).await
+    }
+
+    async fn inline_event(
+        &self,
+        tx: &mut Tx,
+        app: &str,
+        entity: &str,
+        record: Uuid,
+        ev: Event,
+    ) -> std::result::Result<Option<store::Record>, InlineError> {
+        let Some(inst) = self.installed(app) else {
+            return Ok(None);
+        };
+        let wfs: Vec<Arc<Workflow>> = inst
+            .flows
+            .enabled()
+            .into_iter()
+            .filter(|w| w.def.mode == Mode::Inline && w.def.trigger.entity() == entity)
+            .cloned()
+            .collect();
         if ev.depth > 0 {
             // Writes of workflows trigger async workflows only.
             return Ok(None);
@@ -572,7 +635,7 @@ impl Runtime {
                     wf: &wf.def,
                     entity,
                     record: Some(record),
-                    event: Some(ev.id),
+                    event: (ev.id > 0).then_some(ev.id),
                     context: &ctx,
                     status: "succeeded",
                     node: None,

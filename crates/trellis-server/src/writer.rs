@@ -42,7 +42,15 @@ pub async fn inline(
     entity: &str,
     record: Record,
 ) -> Result<Record> {
-    match flows.inline(tx, &app.key, entity, record.meta.id).await {
+    // A create's event is known; anything else is read back from the outbox.
+    let ran = if record.meta.version == 1 {
+        flows
+            .inline_created(tx, &app.key, entity, &record, record.meta.created_by)
+            .await
+    } else {
+        flows.inline(tx, &app.key, entity, record.meta.id).await
+    };
+    match ran {
         Ok(Some(r)) => Ok(r),
         Ok(None) => Ok(record),
         Err(e) => Err(FormError::Invalid(vec![trellis_form::error::Problem::new(

@@ -297,20 +297,26 @@ async fn batch_create(
     let drafts = store::draft_batch(e, &b.records, &c)?;
     let mut tx = state.db.begin().await?;
     let ids = store::insert_batch(&mut tx, &loaded.app, e, drafts, &c).await?;
-    for (i, id) in ids.iter().enumerate() {
-        if let Err(trellis_form::FormError::Invalid(ps)) = state
+    let has_inline = state.flows.flows(&app).is_some_and(|f| {
+        f.enabled().iter().any(|w| {
+            w.def.mode == trellis_flow::def::Mode::Inline && w.def.trigger.entity() == entity
+        })
+    });
+    for (i, id) in ids.iter().enumerate().filter(|_| has_inline) {
+        let r = store::get_in(&mut tx, e, *id).await?;
+        if let Err(err) = state
             .flows
-            .inline(&mut tx, &loaded.app.key, &entity, *id)
+            .inline_created(&mut tx, &loaded.app.key, &entity, &r, c.actor)
             .await
-            .map_err(|e| {
+        {
+            return Err(
                 trellis_form::FormError::Invalid(vec![trellis_form::error::Problem::new(
                     format!("/records/{i}"),
                     "workflow_failed",
-                    e.to_string(),
+                    err.to_string(),
                 )])
-            })
-        {
-            return Err(trellis_form::FormError::Invalid(ps).into());
+                .into(),
+            );
         }
     }
     tx.commit().await?;
