@@ -258,3 +258,60 @@ async fn waiting_runs_keep_the_version_they_started_with() {
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_schedule_fires_each_moment_once_in_the_app_time_zone() {
+    for db in testing::each().await {
+        // Friday 2026-11-27 17:00 in Shanghai.
+        let clock = Arc::new(trellis_form::ManualClock::new(t0()));
+        let app = start(db, clock.clone()).await;
+        let be = app.backend;
+        let (s, body) = app
+            .call(Method::POST, "/api/v1/apps", Some(json!({"key": "t", "timezone": "Asia/Shanghai", "entities": [entity()], "workflows": [
+                {"key": "bad", "trigger": {"type": "schedule", "cron": "0 9 * *"},
+                 "nodes": [{"id": "u", "type": "update_record", "values": {"title": "x"}}]}
+            ]})))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{be}: {body}");
+        let mut paths = crate::helpers::problem_paths(&body);
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                (
+                    "/workflows/0/nodes/0/type".to_owned(),
+                    "needs_record".to_owned()
+                ),
+                (
+                    "/workflows/0/trigger/cron".to_owned(),
+                    "invalid_cron".to_owned()
+                ),
+            ]
+        );
+        install(&app, json!({"key": "t", "timezone": "Asia/Shanghai", "entities": [entity()], "workflows": [
+            {"key": "morning", "trigger": {"type": "schedule", "cron": "0 9 * * MON-FRI"},
+             "nodes": [{"id": "make", "type": "create_record", "entity": "deal", "values": {"title": "morning {{ now }}"}}]}
+        ]})).await;
+        let made = || async {
+            let (_, r) = app
+                .call(Method::GET, "/api/v1/apps/t/records/deal?limit=100", None)
+                .await;
+            r["records"].as_array().unwrap().len()
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(made().await, 0, "{be}: no firing for the past");
+        // Monday 2026-11-30 08:59 Shanghai.
+        clock.advance(
+            chrono::Duration::days(2) + chrono::Duration::hours(15) + chrono::Duration::minutes(59),
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(made().await, 0, "{be}: not a minute early");
+        clock.advance(chrono::Duration::minutes(2));
+        eventually("the Monday run", || async { made().await == 1 }).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(made().await, 1, "{be}: once per moment");
+        clock.advance(chrono::Duration::days(1));
+        eventually("the Tuesday run", || async { made().await == 2 }).await;
+        app.stop().await;
+    }
+}

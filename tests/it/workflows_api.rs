@@ -901,7 +901,8 @@ async fn dry_run_shows_the_path_and_the_diff_without_side_effects() {
         let app = TestApp::start(db).await;
         let be = app.backend;
         let users = demo(&app).await;
-        let before = count(&app, "SELECT COUNT(*) FROM \"notifications\"", &[]).await;
+        let assigned = "SELECT COUNT(*) FROM \"notifications\" WHERE \"title\" LIKE 'New lead%'";
+        let before = count(&app, assigned, &[]).await;
         let (s, out) = app
             .call(
                 Method::POST,

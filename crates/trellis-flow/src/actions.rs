@@ -142,10 +142,12 @@ pub async fn run_db_node(
     ctx: &mut Json,
 ) -> Result<Outcome, String> {
     let i = idx.to_string();
-    let entity = env
-        .app
-        .entity(env.wf.def.trigger.entity())
-        .map_err(|e| e.to_string())?;
+    // Schedule runs have no trigger entity; only record-less actions work there.
+    let trigger_entity = env.app.entity(env.wf.def.trigger.entity()).ok();
+    let entity = || {
+        trigger_entity
+            .ok_or_else(|| "this run has no record (its trigger has no entity)".to_owned())
+    };
     match &node.action {
         Action::Condition { .. } => {
             let c = env
@@ -175,6 +177,7 @@ pub async fn run_db_node(
         }
         Action::UpdateRecord { values } => {
             let id = record_id(ctx).ok_or("the run has no record to update")?;
+            let entity = entity()?;
             let patch = render_values(env.wf, &format!("nodes/{i}/values"), entity, values, ctx)?;
             let r = store::update(
                 tx,
@@ -209,6 +212,7 @@ pub async fn run_db_node(
             notify,
         } => {
             let id = record_id(ctx).ok_or("the run has no record to assign")?;
+            let entity = entity()?;
             let mut tried = vec![];
             let mut chosen: Option<(Uuid, String)> = None;
             for (j, r) in rules.iter().enumerate() {
@@ -272,7 +276,7 @@ pub async fn run_db_node(
                     .and_then(Json::as_str)
                     .unwrap_or_default()
                     .to_owned();
-                insert_notification(tx, env, owner, &title, &name, entity, Some(id)).await?;
+                insert_notification(tx, env, owner, &title, &name, Some(entity), Some(id)).await?;
             }
             Ok(Outcome::ok(json!({ "owner": owner, "reason": reason })))
         }
@@ -284,7 +288,7 @@ pub async fn run_db_node(
             let b = render_str(env.wf, &format!("nodes/{i}/body"), body, ctx)?;
             let rid = record_id(ctx);
             for u in &users {
-                insert_notification(tx, env, *u, &t, &b, entity, rid).await?;
+                insert_notification(tx, env, *u, &t, &b, trigger_entity, rid).await?;
             }
             Ok(Outcome::ok(
                 json!({ "to": users, "title": t, "in_app": users.len() }),
@@ -294,6 +298,7 @@ pub async fn run_db_node(
             name, content_type, ..
         } => {
             let rid = record_id(ctx).ok_or("the run has no record to attach a document to")?;
+            let entity = entity()?;
             let n = render_str(env.wf, &format!("nodes/{i}/name"), name, ctx)?;
             let body = env
                 .wf
@@ -345,7 +350,7 @@ async fn insert_notification(
     user: Uuid,
     title: &str,
     body: &str,
-    entity: &Entity,
+    entity: Option<&Entity>,
     record: Option<Uuid>,
 ) -> Result<(), String> {
     let mut sql = Sql::new("INSERT INTO \"notifications\" (\"id\", \"app\", \"user_id\", \"title\", \"body\", \"entity\", \"record_id\", \"run_id\", \"created_at\") VALUES (");
@@ -354,7 +359,12 @@ async fn insert_notification(
     sql.bind(Value::Uuid(user)).push(", ");
     sql.bind(Value::Text(title.to_owned())).push(", ");
     sql.bind(Value::Text(body.to_owned())).push(", ");
-    sql.bind(Value::Text(entity.key.clone())).push(", ");
+    sql.bind(
+        entity
+            .map(|e| Value::Text(e.key.clone()))
+            .unwrap_or(Value::Null(ColKind::Text)),
+    )
+    .push(", ");
     sql.bind(Value::opt_uuid(record)).push(", ");
     sql.bind(Value::Uuid(env.run_id)).push(", ");
     sql.bind(Value::DateTime(env.now())).push(")");

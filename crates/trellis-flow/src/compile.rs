@@ -304,9 +304,35 @@ fn compile_one(
     }
     // Trigger.
     let entity_key = def.trigger.entity().to_owned();
-    let entity = c
-        .entity("trigger/entity", &entity_key)
-        .map(|e| e.key.clone());
+    let entity = match &def.trigger {
+        Trigger::Schedule { cron } => {
+            if let Err(m) = crate::schedule::parse(cron) {
+                c.problem("trigger/cron", "invalid_cron", m);
+            }
+            for (i, n) in def.nodes.iter().enumerate() {
+                if matches!(
+                    n.action,
+                    Action::UpdateRecord { .. }
+                        | Action::AssignOwner { .. }
+                        | Action::RenderDocument { .. }
+                        | Action::Approval { .. }
+                ) {
+                    c.problem(
+                        &format!("nodes/{i}/type"),
+                        "needs_record",
+                        format!(
+                            "A `{}` node works on the run's record, and a scheduled run has none.",
+                            n.action.kind()
+                        ),
+                    );
+                }
+            }
+            None
+        }
+        _ => c
+            .entity("trigger/entity", &entity_key)
+            .map(|e| e.key.clone()),
+    };
     if let Some(ek) = &entity {
         let e = app.entity(ek).expect("checked");
         match &def.trigger {

@@ -138,6 +138,13 @@ pub enum Trigger {
         #[serde(default)]
         condition: Option<String>,
     },
+    /// On a cron schedule in the app's time zone (`0 9 * * MON-FRI`: weekdays at 09:00). The
+    /// run has no record: only notify, create_record, send_email, http_request, condition,
+    /// switch and wait make sense.
+    Schedule {
+        /// Five fields: minute, hour, day of month, month, day of week.
+        cron: String,
+    },
     /// Started by hand on a record (`POST …/workflows/{key}/run`).
     Manual {
         /// Entity key.
@@ -156,6 +163,7 @@ impl Trigger {
             | Trigger::Inactivity { entity, .. }
             | Trigger::DateRelative { entity, .. }
             | Trigger::Manual { entity } => entity,
+            Trigger::Schedule { .. } => "",
         }
     }
 
@@ -168,7 +176,7 @@ impl Trigger {
             | Trigger::RecordDeleted { condition, .. }
             | Trigger::Inactivity { condition, .. }
             | Trigger::DateRelative { condition, .. } => condition.as_deref(),
-            Trigger::Manual { .. } => None,
+            Trigger::Manual { .. } | Trigger::Schedule { .. } => None,
         }
     }
 }

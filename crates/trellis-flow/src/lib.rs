@@ -17,6 +17,7 @@ pub mod compile;
 pub mod def;
 pub mod netguard;
 pub mod runner;
+pub mod schedule;
 pub mod script;
 pub mod template;
 

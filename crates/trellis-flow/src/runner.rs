@@ -255,7 +255,10 @@ fn matches(wf: &Workflow, ev: &Event, ctx: &Json, app: &App) -> std::result::Res
                         .is_some_and(|s| to.iter().any(|t| t == s)))
         }
         Trigger::RecordDeleted { .. } => ev.kind == "deleted",
-        Trigger::Inactivity { .. } | Trigger::DateRelative { .. } | Trigger::Manual { .. } => false,
+        Trigger::Inactivity { .. }
+        | Trigger::DateRelative { .. }
+        | Trigger::Manual { .. }
+        | Trigger::Schedule { .. } => false,
     };
     if !hit {
         return Ok(false);
@@ -943,7 +946,8 @@ impl Runtime {
                     .map(drop)
             }
         };
-        let entity = inst.app.entity(&run.entity)?;
+        // Scheduled runs have no entity and no record.
+        let entity = inst.app.entity(&run.entity).ok();
         loop {
             let Some(id) = run.node.clone() else {
                 self.finish(&run, "succeeded", None).await?;
@@ -961,12 +965,12 @@ impl Runtime {
             let node = &wf.def.nodes[idx];
             let now = self.clock.now();
             // Nodes see the record as it is now, not as it was when the run started.
-            if let Some(rid) = record_id(&run.context) {
+            if let (Some(rid), Some(entity)) = (record_id(&run.context), entity) {
                 if let Ok(r) = store::get(&self.db, entity, rid).await {
                     run.context["record"] = r.to_json();
                 }
+                run.context["related"] = self.related(&inst.app, entity, &run.context).await;
             }
-            run.context["related"] = self.related(&inst.app, entity, &run.context).await;
             run.context["now"] = json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             run.context["steps"] = run.steps.clone();
             let next = match &node.action {
@@ -2418,6 +2422,113 @@ impl Runtime {
                     }
                     tx.commit().await?;
                 }
+            }
+        }
+        if started > 0 {
+            self.work_wake.notify_one();
+        }
+        Ok(started)
+    }
+
+    /// Start scheduled workflows whose next moment has come. The last moment fired is kept in
+    /// the database and advanced with a compare-and-set, so several instances fire each moment
+    /// once; moments missed while no server ran are fired once, not one by one.
+    pub async fn scan_schedules(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut started = 0;
+        let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
+        for inst in apps {
+            let tz = inst
+                .app
+                .entities
+                .first()
+                .map(|e| e.timezone)
+                .unwrap_or(chrono_tz::UTC);
+            for wf in inst.flows.enabled() {
+                let Trigger::Schedule { cron } = &wf.def.trigger else {
+                    continue;
+                };
+                let Ok(schedule) = crate::schedule::parse(cron) else {
+                    continue;
+                };
+                let key = format!("schedule:{}", wf.def.key);
+                let mut tx = self.db.begin().await?;
+                // First sight: start counting from now (no firing for the past).
+                let mut init = Sql::new(
+                    "INSERT INTO \"flow_counters\" (\"app\", \"key\", \"value\") VALUES (",
+                );
+                init.bind(Value::Text(inst.app.key.clone()))
+                    .push(", ")
+                    .bind(Value::Text(key.clone()))
+                    .push(", ")
+                    .bind(Value::Int(now.timestamp()))
+                    .push(") ON CONFLICT (\"app\", \"key\") DO NOTHING");
+                tx.execute(&init).await?;
+                let mut get = Sql::new("SELECT \"value\" FROM \"flow_counters\" WHERE \"app\" = ");
+                get.bind(Value::Text(inst.app.key.clone()))
+                    .push(" AND \"key\" = ")
+                    .bind(Value::Text(key.clone()));
+                let last = tx
+                    .fetch_optional(&get, &[ColKind::Int])
+                    .await?
+                    .map(|r| int(&r[0]))
+                    .unwrap_or(now.timestamp());
+                let Some(last_at) = DateTime::from_timestamp(last, 0) else {
+                    continue;
+                };
+                let Some(mut due) = crate::schedule::next_after(&schedule, tz, last_at) else {
+                    continue;
+                };
+                if due > now {
+                    tx.commit().await?;
+                    continue;
+                }
+                // The latest moment not after now.
+                while let Some(n) = crate::schedule::next_after(&schedule, tz, due) {
+                    if n > now {
+                        break;
+                    }
+                    due = n;
+                }
+                let mut cas = Sql::new("UPDATE \"flow_counters\" SET \"value\" = ");
+                cas.bind(Value::Int(due.timestamp()))
+                    .push(" WHERE \"app\" = ")
+                    .bind(Value::Text(inst.app.key.clone()))
+                    .push(" AND \"key\" = ")
+                    .bind(Value::Text(key))
+                    .push(" AND \"value\" = ")
+                    .bind(Value::Int(last));
+                if tx.execute(&cas).await? == 1 {
+                    let ctx = json!({
+                        "app": { "key": inst.app.key, "default_owner": inst.default_owner },
+                        "record": {}, "old": null, "changed": [], "user": { "id": null },
+                        "now": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        "event": { "kind": "schedule", "at": due },
+                        "steps": {}, "vars": self.settings.vars,
+                    });
+                    insert_run(
+                        &mut tx,
+                        &NewRun {
+                            id: Uuid::now_v7(),
+                            app: &inst.app.key,
+                            wf: &wf.def,
+                            entity: "",
+                            record: None,
+                            event: None,
+                            context: &ctx,
+                            status: "queued",
+                            node: Some(&wf.entry),
+                            steps: &json!({}),
+                            depth: 0,
+                            wake_at: now,
+                            error: None,
+                            now,
+                        },
+                    )
+                    .await?;
+                    started += 1;
+                }
+                tx.commit().await?;
             }
         }
         if started > 0 {

@@ -79,9 +79,17 @@ pub async fn run_worker(state: AppState, stop: tokio::sync::watch::Receiver<bool
     let mut stop = stop;
     let mut last_rescue = Instant::now() - Duration::from_secs(60);
     let mut last_scan = Instant::now() - Duration::from_secs(60);
+    let mut last_cron = Instant::now() - Duration::from_secs(60);
     loop {
         if *stop.borrow() {
             break;
+        }
+        // Schedules are checked every second: a cron moment fires within about a second.
+        if last_cron.elapsed() >= Duration::from_secs(1).min(flows.settings().scan_every) {
+            last_cron = Instant::now();
+            if let Err(e) = flows.scan_schedules().await {
+                tracing::warn!(error = %e, "cannot check workflow schedules");
+            }
         }
         let busy = match flows.work().await {
             Ok(n) => n > 0,
