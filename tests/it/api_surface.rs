@@ -42,6 +42,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/apps/{app}/documents/{id}"),
     ("get", "/api/v1/apps/{app}/approvals"),
     ("post", "/api/v1/apps/{app}/approvals/{id}/decision"),
+    ("post", "/api/v1/apps/{app}/hooks/{name}"),
     ("get", "/api/v1/users"),
     ("post", "/api/v1/users"),
     ("get", "/api/v1/users/{id}"),
@@ -132,7 +133,11 @@ async fn openapi_lists_every_route_and_every_route_needs_a_token() {
     // The only public routes answer without a token.
     assert_eq!(
         trellis_server::auth::PUBLIC_ROUTES,
-        ["/healthz", "/api/v1/auth/login"]
+        [
+            "/healthz",
+            "/api/v1/auth/login",
+            "/api/v1/apps/{app}/hooks/{name}"
+        ]
     );
     let r = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);

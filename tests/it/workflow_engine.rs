@@ -315,3 +315,128 @@ async fn a_schedule_fires_each_moment_once_in_the_app_time_zone() {
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn inbound_webhooks_need_a_valid_signature_and_start_their_run_once() {
+    use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    for db in testing::each().await {
+        let clock = Arc::new(trellis_form::ManualClock::new(t0()));
+        let app = start(db, clock.clone()).await;
+        let be = app.backend;
+        let secret = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode("hook-secret")
+        );
+        install(&app, json!({"key": "t", "entities": [entity()], "workflows": [
+            {"key": "paid", "trigger": {"type": "webhook", "name": "payment", "entity": "deal", "secret": secret},
+             "nodes": [{"id": "mark", "type": "update_record", "values": {"title": "paid {{ payload.amount }}"}}]}
+        ]})).await;
+        let (_, d) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal",
+                Some(json!({"title": "open"})),
+            )
+            .await;
+        let id = d["id"].as_str().unwrap().to_owned();
+        let body = json!({"record_id": id, "amount": "1200.00"}).to_string();
+        let sign = |msg_id: &str, ts: i64, body: &str| {
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret").unwrap();
+            mac.update(format!("{msg_id}.{ts}.{body}").as_bytes());
+            format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+            )
+        };
+        let ts = t0().timestamp();
+        let send = |msg_id: &'static str,
+                    ts: i64,
+                    sig: Option<String>,
+                    body: String,
+                    hook: &'static str| {
+            let mut r = app
+                .client
+                .post(app.url(&format!("/api/v1/apps/t/hooks/{hook}")))
+                .header("content-type", "application/json")
+                .body(body);
+            r = r
+                .header("webhook-id", msg_id)
+                .header("webhook-timestamp", ts.to_string());
+            if let Some(s) = sig {
+                r = r.header("webhook-signature", s);
+            }
+            async move { crate::helpers::json(r.send().await.unwrap()).await }
+        };
+        let (s, e) = send("m1", ts, None, body.clone(), "payment").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{be}: {e}");
+        let (s, _) = send(
+            "m1",
+            ts,
+            Some(sign("m1", ts, "{}")),
+            body.clone(),
+            "payment",
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "{be}: a signature of another body"
+        );
+        let (s, e) = send(
+            "m1",
+            ts - 600,
+            Some(sign("m1", ts - 600, &body)),
+            body.clone(),
+            "payment",
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{be}: stale");
+        assert_eq!(e["code"], "invalid_signature");
+        let (s, _) = send("m1", ts, Some(sign("m1", ts, &body)), body.clone(), "nope").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let bad = json!({"record_id": uuid::Uuid::nil()}).to_string();
+        let (s, _) = send("m0", ts, Some(sign("m0", ts, &bad)), bad.clone(), "payment").await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{be}: no such record");
+        let (s, r) = send(
+            "m1",
+            ts,
+            Some(format!("v1,AAAA {}", sign("m1", ts, &body))),
+            body.clone(),
+            "payment",
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{be}: {r}");
+        assert_eq!(r["runs"].as_array().unwrap().len(), 1);
+        let (s, r) = send(
+            "m1",
+            ts,
+            Some(sign("m1", ts, &body)),
+            body.clone(),
+            "payment",
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        assert_eq!(
+            r["runs"],
+            json!([]),
+            "{be}: a repeated delivery starts nothing"
+        );
+        eventually("the hook run", || async {
+            runs(&app, &id)
+                .await
+                .first()
+                .is_some_and(|r| r["status"] == "succeeded")
+        })
+        .await;
+        let (_, d) = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/apps/t/records/deal/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(d["title"], "paid 1200.00", "{be}");
+        app.stop().await;
+    }
+}

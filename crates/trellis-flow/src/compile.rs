@@ -398,6 +398,20 @@ fn compile_one(
                     }
                 }
             }
+            Trigger::Webhook { name, secret, .. } => {
+                if name.is_empty()
+                    || !name.chars().all(|ch| {
+                        ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-'
+                    })
+                {
+                    c.problem(
+                        "trigger/name",
+                        "invalid_key",
+                        format!("The hook name `{name}` must be lower-case letters, digits, `-` and `_`."),
+                    );
+                }
+                c.template("trigger/secret".into(), secret);
+            }
             Trigger::DateRelative { field, hour, .. } => {
                 match e.field(field) {
                     Some(fd) if matches!(fd.ty, FieldType::Date | FieldType::Datetime) => {}

@@ -145,6 +145,21 @@ pub enum Trigger {
         /// Five fields: minute, hour, day of month, month, day of week.
         cron: String,
     },
+    /// An inbound webhook: `POST /api/v1/apps/{app}/hooks/{name}`, signed per Standard
+    /// Webhooks with `secret`. A `record_id` in the JSON body attaches the run to that record
+    /// of `entity`; the body is `payload` in conditions and templates.
+    Webhook {
+        /// Name in the URL.
+        name: String,
+        /// Entity of the records the hook may name.
+        entity: String,
+        /// Signing secret template (`{{ vars.ERP_HOOK_SECRET }}`), `whsec_`+base64 or plain;
+        /// empty after rendering means the hook is off (404).
+        secret: String,
+        /// Optional rhai condition (over `payload` and `record`).
+        #[serde(default)]
+        condition: Option<String>,
+    },
     /// Started by hand on a record (`POST …/workflows/{key}/run`).
     Manual {
         /// Entity key.
@@ -162,6 +177,7 @@ impl Trigger {
             | Trigger::RecordDeleted { entity, .. }
             | Trigger::Inactivity { entity, .. }
             | Trigger::DateRelative { entity, .. }
+            | Trigger::Webhook { entity, .. }
             | Trigger::Manual { entity } => entity,
             Trigger::Schedule { .. } => "",
         }
@@ -175,7 +191,8 @@ impl Trigger {
             | Trigger::StageChanged { condition, .. }
             | Trigger::RecordDeleted { condition, .. }
             | Trigger::Inactivity { condition, .. }
-            | Trigger::DateRelative { condition, .. } => condition.as_deref(),
+            | Trigger::DateRelative { condition, .. }
+            | Trigger::Webhook { condition, .. } => condition.as_deref(),
             Trigger::Manual { .. } | Trigger::Schedule { .. } => None,
         }
     }

@@ -258,6 +258,7 @@ fn matches(wf: &Workflow, ev: &Event, ctx: &Json, app: &App) -> std::result::Res
         Trigger::Inactivity { .. }
         | Trigger::DateRelative { .. }
         | Trigger::Manual { .. }
+        | Trigger::Webhook { .. }
         | Trigger::Schedule { .. } => false,
     };
     if !hit {
@@ -2537,6 +2538,161 @@ impl Runtime {
         Ok(started)
     }
 
+    /// An inbound webhook call: verify its Standard Webhooks signature against each workflow
+    /// listening on `name`, drop a repeated `webhook-id`, and queue the runs. Returns the run ids.
+    pub async fn receive_hook(
+        &self,
+        app: &str,
+        name: &str,
+        headers: &HookHeaders,
+        body: &[u8],
+    ) -> std::result::Result<Vec<Uuid>, HookError> {
+        use base64::Engine as _;
+        use hmac::{Hmac, Mac};
+        let inst = self.installed(app).ok_or(HookError::NotFound)?;
+        let now = self.clock.now();
+        let mut listening = vec![];
+        for wf in inst.flows.enabled() {
+            let Trigger::Webhook {
+                name: n, secret, ..
+            } = &wf.def.trigger
+            else {
+                continue;
+            };
+            if n != name {
+                continue;
+            }
+            let vars = json!({ "vars": self.settings.vars });
+            let secret = actions::render_str(wf, "trigger/secret", secret, &vars)
+                .map_err(|_| HookError::NotFound)?;
+            if secret.trim().is_empty() {
+                continue;
+            }
+            listening.push((wf.clone(), secret.trim().to_owned()));
+        }
+        if listening.is_empty() {
+            return Err(HookError::NotFound);
+        }
+        let (Some(id), Some(ts), Some(sigs)) =
+            (&headers.id, &headers.timestamp, &headers.signature)
+        else {
+            return Err(HookError::Unsigned(
+                "the webhook-id, webhook-timestamp and webhook-signature headers are required"
+                    .into(),
+            ));
+        };
+        let ts_n: i64 = ts
+            .parse()
+            .map_err(|_| HookError::Unsigned("webhook-timestamp is not a number".into()))?;
+        if (now.timestamp() - ts_n).abs() > 300 {
+            return Err(HookError::Unsigned(
+                "webhook-timestamp is more than 5 minutes from now (replay?)".into(),
+            ));
+        }
+        let payload: Json = serde_json::from_slice(body)
+            .map_err(|e| HookError::Body(format!("the body is not JSON: {e}")))?;
+        let mut runs = vec![];
+        for (wf, secret) in listening {
+            let key = match secret.strip_prefix("whsec_") {
+                Some(b64) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap_or_default(),
+                None => secret.as_bytes().to_vec(),
+            };
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key)
+                .map_err(|e| HookError::Body(e.to_string()))?;
+            mac.update(format!("{id}.{ts}.").as_bytes());
+            mac.update(body);
+            let expected =
+                base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+            // Several signatures may be sent (secret rotation): any valid one will do.
+            let valid = sigs.split_whitespace().any(|s| {
+                s.strip_prefix("v1,")
+                    .is_some_and(|x| constant_eq(x.as_bytes(), expected.as_bytes()))
+            });
+            if !valid {
+                return Err(HookError::Unsigned("the signature does not match".into()));
+            }
+            let e = inst
+                .app
+                .entity(wf.def.trigger.entity())
+                .map_err(|e| HookError::Body(e.to_string()))?;
+            let record = match payload.get("record_id").and_then(Json::as_str) {
+                Some(r) => {
+                    let rid = Uuid::parse_str(r)
+                        .map_err(|_| HookError::Body(format!("record_id `{r}` is not an id")))?;
+                    Some(store::get(&self.db, e, rid).await.map_err(|_| {
+                        HookError::Body(format!("there is no {} with the id {rid}", e.key))
+                    })?)
+                }
+                None => None,
+            };
+            let ev = Event {
+                id: 0,
+                app: app.into(),
+                entity: e.key.clone(),
+                record_id: record.as_ref().map(|r| r.meta.id).unwrap_or_default(),
+                kind: "webhook".into(),
+                changed: vec![],
+                record: record.as_ref().map(|r| r.to_json()).unwrap_or(json!({})),
+                old: Json::Null,
+                actor: None,
+                at: now,
+                depth: 0,
+            };
+            let mut ctx = context(&ev, &self.settings.vars, now, &inst);
+            ctx["payload"] = payload.clone();
+            if wf.def.trigger.condition().is_some()
+                && !wf
+                    .condition(&cond_name(&["trigger", "condition"]))
+                    .eval(&ctx)
+                    .unwrap_or(false)
+            {
+                continue;
+            }
+            let mut tx = self.db.begin().await?;
+            // A repeated delivery (same webhook-id) starts nothing.
+            let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
+            mark.bind(Value::Text(app.into()))
+                .push(", ")
+                .bind(Value::Text(wf.def.key.clone()))
+                .push(", ")
+                .bind(Value::Uuid(Uuid::nil()))
+                .push(", ")
+                .bind(Value::Text(format!("webhook-id={id}")))
+                .push(", ")
+                .bind(Value::DateTime(now))
+                .push(") ON CONFLICT DO NOTHING");
+            if tx.execute(&mark).await? == 1 {
+                let run = Uuid::now_v7();
+                insert_run(
+                    &mut tx,
+                    &NewRun {
+                        id: run,
+                        app,
+                        wf: &wf.def,
+                        entity: &e.key,
+                        record: record.as_ref().map(|r| r.meta.id),
+                        event: None,
+                        context: &ctx,
+                        status: "queued",
+                        node: Some(&wf.entry),
+                        steps: &json!({}),
+                        depth: 0,
+                        wake_at: now,
+                        error: None,
+                        now,
+                    },
+                )
+                .await?;
+                runs.push(run);
+            }
+            tx.commit().await?;
+        }
+        self.work_wake.notify_one();
+        Ok(runs)
+    }
+
     // ----- dry run -------------------------------------------------------------------------
 
     /// Run a workflow against a record with no side effects: every database step runs in a
@@ -2827,6 +2983,38 @@ impl From<trellis_form::FormError> for InlineError {
             message: e.to_string(),
         }
     }
+}
+
+/// The signature headers of an inbound webhook.
+#[derive(Debug, Clone, Default)]
+pub struct HookHeaders {
+    /// `webhook-id`.
+    pub id: Option<String>,
+    /// `webhook-timestamp` (Unix seconds).
+    pub timestamp: Option<String>,
+    /// `webhook-signature` (`v1,<base64>`, several separated by spaces).
+    pub signature: Option<String>,
+}
+
+/// Why an inbound webhook was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// No enabled workflow listens on this name (or its secret is not set).
+    #[error("no such hook")]
+    NotFound,
+    /// Missing, stale or wrong signature.
+    #[error("{0}")]
+    Unsigned(String),
+    /// The body is not what the hook needs.
+    #[error("{0}")]
+    Body(String),
+    /// Storage.
+    #[error(transparent)]
+    Form(#[from] trellis_form::FormError),
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Why a decision was refused.

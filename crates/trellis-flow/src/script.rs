@@ -66,8 +66,8 @@ fn date(s: &str) -> Result<chrono::NaiveDate, Box<EvalAltResult>> {
 }
 
 /// The variables every condition sees.
-pub const VARIABLES: [&str; 8] = [
-    "record", "old", "changed", "user", "now", "steps", "app", "related",
+pub const VARIABLES: [&str; 9] = [
+    "record", "old", "changed", "user", "now", "steps", "app", "related", "payload",
 ];
 
 /// A compiled condition.

@@ -25,6 +25,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ),
     ("payload_too_large", 413, "The request body is too large"),
     ("unauthorized", 401, "A valid bearer token is required"),
+    (
+        "invalid_signature",
+        401,
+        "The webhook signature is missing or wrong",
+    ),
     ("forbidden", 403, "The token's scope does not allow this"),
     (
         "too_many_requests",

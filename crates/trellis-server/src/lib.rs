@@ -82,6 +82,7 @@ pub fn api() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(normal)
         .split_for_parts();
     let (public, public_doc) = api::identity::public_router()
+        .merge(api::workflows::public_router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .split_for_parts();
     doc.merge(public_doc);

@@ -40,6 +40,58 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(decide))
 }
 
+/// Routes that authenticate by signature instead of a token.
+pub fn public_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(receive_hook))
+}
+
+/// An inbound webhook: starts the workflows whose `webhook` trigger has this name. No bearer
+/// token: the call is authenticated by its Standard Webhooks signature (`webhook-id`,
+/// `webhook-timestamp` within 5 minutes, `webhook-signature: v1,<base64 HMAC-SHA256>`) with the
+/// workflow's secret. A repeated `webhook-id` starts nothing.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/hooks/{name}", tag = "workflows", security(()),
+    params(("app" = String, Path, description = "App key"), ("name" = String, Path, description = "Hook name")),
+    request_body(content = Object, description = "Any JSON; `record_id` attaches the run to that record"),
+    responses((status = 202, description = "`{runs: [id…]}` (empty for a repeated delivery)", body = Object),
+              (status = 401, description = "Missing, stale or wrong signature", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 404, description = "No such hook (or its secret is not set)", body = ProblemDoc, content_type = "application/problem+json"),
+              (status = 422, description = "The body is not JSON or names no such record", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn receive_hook(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let hook = trellis_flow::runner::HookHeaders {
+        id: h("webhook-id"),
+        timestamp: h("webhook-timestamp"),
+        signature: h("webhook-signature"),
+    };
+    use trellis_flow::runner::HookError;
+    match state.flows.receive_hook(&app, &name, &hook, &body).await {
+        Ok(runs) => Ok((StatusCode::ACCEPTED, Json(json!({ "runs": runs }))).into_response()),
+        Err(HookError::NotFound) => Err(ApiError::not_found(format!(
+            "app `{app}` has no hook `{name}`"
+        ))),
+        Err(HookError::Unsigned(m)) => Err(ApiError::new("invalid_signature", m)),
+        Err(HookError::Body(m)) => {
+            Err(
+                trellis_form::FormError::Invalid(vec![trellis_form::Problem::new(
+                    "", "invalid", m,
+                )])
+                .into(),
+            )
+        }
+        Err(HookError::Form(e)) => Err(e.into()),
+    }
+}
+
 /// A record the caller may see, or 404.
 async fn visible_record(
     state: &AppState,
