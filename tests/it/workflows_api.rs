@@ -947,6 +947,44 @@ async fn dry_run_shows_the_path_and_the_diff_without_side_effects() {
             .await,
             0
         );
+        // Replay a real run against a new version that routes the south to Ma Jun: the trigger
+        // still matches, the owner would now be Ma Jun.
+        let (_, lead) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/records/lead",
+                Some(json!({"name": "Real", "region": "south"})),
+            )
+            .await;
+        let run = runs_of(&app, "lead", lead["id"].as_str().unwrap()).await[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut v2: Value = serde_json::from_str(include_str!(
+            "../../examples/crm/workflows/01-new-lead.json"
+        ))
+        .unwrap();
+        v2["version"] = json!(2);
+        v2["nodes"][1]["rules"][2] = json!({"name": "south to Ma Jun", "when": "record.region == \"south\"", "user": "ma.jun@sample.trellis.invalid"});
+        let (s, out) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/workflows/new_lead/dry-run",
+                Some(json!({"replay_run_id": run, "definition": v2})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{be}: {out}");
+        assert_eq!(out["version"], 2);
+        assert_eq!(out["trigger_matches"], true, "{be}: {out}");
+        assert_eq!(
+            out["path"][1]["would"]["owner"],
+            json!(users["ma.jun"]),
+            "{be}: {out}"
+        );
+        assert_eq!(
+            out["path"][1]["would"]["reason"],
+            "south to Ma Jun matched; user ma.jun@sample.trellis.invalid"
+        );
         let (s, _) = app
             .call(
                 Method::POST,

@@ -550,6 +550,8 @@ impl Runtime {
         let mut changed = false;
         for wf in wfs {
             let mut ctx = context(&ev, &self.settings.vars, now, &inst);
+            // The run keeps its trigger as it was (replays start from it), not as the nodes left it.
+            let trigger_ctx = ctx.clone();
             match matches(&wf, &ev, &ctx, &inst.app) {
                 Ok(false) => continue,
                 Ok(true) => {}
@@ -640,7 +642,7 @@ impl Runtime {
                     entity,
                     record: Some(record),
                     event: (ev.id > 0).then_some(ev.id),
-                    context: &ctx,
+                    context: &trigger_ctx,
                     status: "succeeded",
                     node: None,
                     steps: &Json::Object(steps),
@@ -2705,10 +2707,38 @@ impl Runtime {
         workflow: &str,
         record: Option<Uuid>,
         sample: Option<&Json>,
+        replay: Option<Uuid>,
     ) -> Result<Json> {
         let inst = self
             .installed(app)
             .ok_or_else(|| trellis_form::FormError::AppNotFound(app.into()))?;
+        // Replaying a past run: its trigger (the record as it was, what changed) against this
+        // version; writes go to the record as it is now, in a transaction rolled back.
+        let mut replayed: Option<Json> = None;
+        let mut record = record;
+        if let Some(run) = replay {
+            let mut sql =
+                Sql::new("SELECT \"context\", \"record_id\" FROM \"flow_runs\" WHERE \"app\" = ");
+            sql.bind(Value::Text(app.into()))
+                .push(" AND \"id\" = ")
+                .bind(Value::Uuid(run));
+            let row = self
+                .db
+                .fetch_optional(&sql, &[ColKind::Json, ColKind::Uuid])
+                .await?
+                .ok_or(trellis_form::FormError::NotFound("run"))?;
+            record = uuid(&row[1]);
+            if record.is_none() {
+                return Err(trellis_form::FormError::Invalid(vec![
+                    trellis_form::error::Problem::new(
+                        "/replay_run_id",
+                        "no_record",
+                        "That run has no record to replay against.",
+                    ),
+                ]));
+            }
+            replayed = Some(json_of(&row[0]));
+        }
         let wf: Arc<Workflow> = match def {
             Some(d) => {
                 let mut app_def = inst.app.def.clone();
@@ -2764,7 +2794,7 @@ impl Runtime {
             }
         };
         let before = rec.to_json();
-        let ev = Event {
+        let mut ev = Event {
             id: 0,
             app: app.into(),
             entity: e.key.clone(),
@@ -2777,6 +2807,30 @@ impl Runtime {
             at: now,
             depth: 0,
         };
+        let mut trigger_matches = Json::Null;
+        if let Some(old_ctx) = &replayed {
+            ev.kind = old_ctx
+                .pointer("/event/kind")
+                .and_then(Json::as_str)
+                .unwrap_or("replay")
+                .to_owned();
+            ev.record = old_ctx.get("record").cloned().unwrap_or(Json::Null);
+            ev.old = old_ctx.get("old").cloned().unwrap_or(Json::Null);
+            ev.changed = old_ctx
+                .get("changed")
+                .and_then(Json::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let c = context(&ev, &self.settings.vars, now, &inst);
+            trigger_matches = match matches(&wf, &ev, &c, &inst.app) {
+                Ok(b) => json!(b),
+                Err(m) => json!({ "error": m }),
+            };
+        }
         let mut ctx = context(&ev, &self.settings.vars, now, &inst);
         let env = Env {
             app: &inst.app,
@@ -2834,7 +2888,7 @@ impl Runtime {
             }
         }
         Ok(
-            json!({ "workflow": wf.def.key, "version": wf.def.version, "path": path, "record_changes": diff }),
+            json!({ "workflow": wf.def.key, "version": wf.def.version, "trigger_matches": trigger_matches, "path": path, "record_changes": diff }),
         )
     }
 

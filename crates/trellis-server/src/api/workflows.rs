@@ -198,6 +198,10 @@ pub struct DryRunBody {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     definition: Option<Value>,
+    /// Replay a past run's trigger (the record as it was, what changed) against this version;
+    /// the answer says whether the trigger would still match.
+    #[serde(default)]
+    replay_run_id: Option<Uuid>,
 }
 
 /// Dry run: the path a workflow would take on a record and what each node would do (record
@@ -222,6 +226,9 @@ async fn dry_run(
             "Trying an unimported definition needs an admin token.",
         ));
     }
+    if b.replay_run_id.is_some() {
+        everything(&access, "Replaying a run")?;
+    }
     if b.definition.is_none() {
         let flows = state.flows.flows(&app).unwrap_or_default();
         let Some(wf) = flows.workflows.get(&key) else {
@@ -241,6 +248,7 @@ async fn dry_run(
             &key,
             b.record_id,
             b.record.as_ref(),
+            b.replay_run_id,
         )
         .await?;
     Ok(Json(out))
