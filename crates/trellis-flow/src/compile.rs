@@ -490,6 +490,7 @@ fn compile_one(
                 }
             }
             Action::Wait {
+                seconds,
                 minutes,
                 hours,
                 working_days,
@@ -498,7 +499,7 @@ fn compile_one(
                 ..
             } => {
                 let modes = [
-                    minutes.is_some() || hours.is_some(),
+                    seconds.is_some() || minutes.is_some() || hours.is_some(),
                     working_days.is_some(),
                     until_field.is_some(),
                     until.is_some(),
@@ -507,7 +508,7 @@ fn compile_one(
                 .filter(|x| **x)
                 .count();
                 if modes != 1 {
-                    c.problem(&np, "invalid", "A wait needs exactly one of: `minutes`/`hours`, `working_days`, `until_field`, `until`.".into());
+                    c.problem(&np, "invalid", "A wait needs exactly one of: `seconds`/`minutes`/`hours`, `working_days`, `until_field`, `until`.".into());
                 }
                 if let (Some(f), Some(e)) = (until_field, e) {
                     match e.field(f) {

@@ -365,8 +365,12 @@ pub enum Action {
         /// Ordered cases: output name → rhai condition.
         cases: Vec<SwitchCase>,
     },
-    /// Wait a duration, until a date field, or until a condition holds (`ok`, or `timeout`).
+    /// Wait a duration (`seconds`, `minutes`, `hours`, added up), working days, until a date
+    /// field, or until a condition holds (`ok`, or `timeout`).
     Wait {
+        /// Seconds.
+        #[serde(default)]
+        seconds: Option<u32>,
         /// Minutes.
         #[serde(default)]
         minutes: Option<u32>,

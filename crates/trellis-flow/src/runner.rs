@@ -888,26 +888,35 @@ impl Runtime {
         let now = self.clock.now();
         let until = now + self.settings.lease;
         let mut tx = self.db.begin().await?;
-        let mut sql =
-            Sql::new("UPDATE \"flow_runs\" SET \"status\" = 'running', \"lease_owner\" = ");
-        sql.bind(Value::Text(self.settings.worker.clone()))
-            .push(", \"lease_until\" = ")
-            .bind(Value::DateTime(until))
-            .push(", \"updated_at\" = ")
-            .bind(Value::DateTime(now))
-            .push(" WHERE \"id\" IN (SELECT \"id\" FROM \"flow_runs\" WHERE \"status\" IN ('queued', 'waiting') AND \"wake_at\" <= ")
-            .bind(Value::DateTime(now))
-            .push(&format!(" ORDER BY \"wake_at\" LIMIT {}", self.settings.batch));
-        if tx.backend() == Backend::Postgres {
-            sql.push(" FOR UPDATE SKIP LOCKED");
+        // Due timers and waits first (they are few and have a deadline), then queued runs in
+        // order: a backlog of new runs does not make timers late.
+        let mut runs: Vec<Claimed> = vec![];
+        for status in ["waiting", "queued"] {
+            let room = self.settings.batch - runs.len();
+            if room == 0 {
+                break;
+            }
+            let mut sql =
+                Sql::new("UPDATE \"flow_runs\" SET \"status\" = 'running', \"lease_owner\" = ");
+            sql.bind(Value::Text(self.settings.worker.clone()))
+                .push(", \"lease_until\" = ")
+                .bind(Value::DateTime(until))
+                .push(", \"updated_at\" = ")
+                .bind(Value::DateTime(now))
+                .push(&format!(" WHERE \"id\" IN (SELECT \"id\" FROM \"flow_runs\" WHERE \"status\" = '{status}' AND \"wake_at\" <= "))
+                .bind(Value::DateTime(now))
+                .push(&format!(" ORDER BY \"wake_at\" LIMIT {room}"));
+            if tx.backend() == Backend::Postgres {
+                sql.push(" FOR UPDATE SKIP LOCKED");
+            }
+            sql.push(&format!(") RETURNING {RUN_COLS}, (SELECT COALESCE(MAX(s.\"seq\"), 0) FROM \"flow_steps\" s WHERE s.\"run_id\" = \"flow_runs\".\"id\")"));
+            runs.extend(
+                tx.fetch_all(&sql, &RUN_KINDS)
+                    .await?
+                    .into_iter()
+                    .map(claimed),
+            );
         }
-        sql.push(&format!(") RETURNING {RUN_COLS}, (SELECT COALESCE(MAX(s.\"seq\"), 0) FROM \"flow_steps\" s WHERE s.\"run_id\" = \"flow_runs\".\"id\")"));
-        let runs: Vec<Claimed> = tx
-            .fetch_all(&sql, &RUN_KINDS)
-            .await?
-            .into_iter()
-            .map(claimed)
-            .collect();
         tx.commit().await?;
         let n = runs.len();
         // Runs advance concurrently: their side effects (SMTP, HTTP) overlap; their database
@@ -1511,6 +1520,7 @@ impl Runtime {
         now: DateTime<Utc>,
     ) -> Result<Next> {
         let Action::Wait {
+            seconds,
             minutes,
             hours,
             working_days,
@@ -1574,6 +1584,7 @@ impl Runtime {
                 }
             } else {
                 since
+                    + Duration::seconds(seconds.unwrap_or(0) as i64)
                     + Duration::minutes(minutes.unwrap_or(0) as i64)
                     + Duration::hours(hours.unwrap_or(0) as i64)
             };

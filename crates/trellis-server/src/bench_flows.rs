@@ -212,7 +212,33 @@ pub async fn run(
         "ms",
     ));
 
-    // 3. Async throughput: a burst through the batch endpoint, then drain.
+    // 3. Async throughput: a burst through the batch endpoint, then drain. Meanwhile, timers:
+    //    records of a second app whose workflow waits 2 s, created during the burst; their
+    //    lateness (wake-up minus due time) is read from the run log.
+    let timers_def = json!({"key": "timers", "entities": [{"key": "ping", "fields": [{"key": "n", "type": "integer"}]}],
+        "workflows": [{"key": "two_seconds", "trigger": {"type": "record_created", "entity": "ping"},
+                       "nodes": [{"id": "pause", "type": "wait", "seconds": 2}, {"id": "done", "type": "update_record", "values": {"n": 1}}],
+                       "edges": [{"from": "pause", "to": "done"}]}]});
+    let r = client
+        .post(format!("http://{addr}/api/v1/apps"))
+        .bearer_auth(&token)
+        .json(&timers_def)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "timers app: {}", r.text().await?);
+    let pings = {
+        let (client, token) = (client.clone(), token.clone());
+        let url = format!("http://{addr}/api/v1/apps/timers/records/ping");
+        tokio::spawn(async move {
+            for i in 0..200 {
+                post(&client, &url, &token, &json!({"n": 0})).await?;
+                if i % 20 == 19 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
     let since = SystemClock.now();
     let started = Instant::now();
     let mut i = 0;
@@ -241,6 +267,49 @@ pub async fn run(
         "burst: async runs finished (2 steps each)",
         burst as f64 / total,
         "runs/s",
+    ));
+    pings.await??;
+    // Timer lateness: the wait step logs when it began waiting (`since`) and ended (`ended`).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut late: Vec<f64>;
+    loop {
+        let sql = Sql::new("SELECT s.\"output\" FROM \"flow_steps\" s JOIN \"flow_runs\" r ON r.\"id\" = s.\"run_id\" WHERE r.\"workflow\" = 'two_seconds' AND s.\"node\" = 'pause' AND s.\"status\" = 'succeeded'");
+        late = db
+            .fetch_all(&sql, &[ColKind::Json])
+            .await?
+            .into_iter()
+            .filter_map(|r| match &r[0] {
+                Value::Json(j) => {
+                    let t = |k: &str| {
+                        j.get(k)
+                            .and_then(Json::as_str)
+                            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    };
+                    let (since, ended) = (t("since")?, t("ended")?);
+                    Some(((ended - since).num_microseconds()? as f64 / 1000.0) - 2000.0)
+                }
+                _ => None,
+            })
+            .collect();
+        if late.len() >= 200 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    late.sort_by(f64::total_cmp);
+    anyhow::ensure!(
+        late.first().is_none_or(|x| *x >= 0.0),
+        "a timer fired early"
+    );
+    lines.push(line(
+        "timer lateness under the burst p50 (2 s waits)",
+        pct(&late, 0.5),
+        "ms",
+    ));
+    lines.push(line(
+        "timer lateness under the burst p99",
+        pct(&late, 0.99),
+        "ms",
     ));
 
     // 4. One condition: rhai beside a native closure.
