@@ -24,7 +24,10 @@ fn blocks(text: &str) -> Vec<String> {
 fn workflow_examples_in_the_docs_compile_against_the_crm() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut checked = 0;
-    for doc in ["docs/reference/workflows.md", "docs/howto-crm-automations.md"] {
+    for doc in [
+        "docs/reference/workflows.md",
+        "docs/howto-crm-automations.md",
+    ] {
         let text = std::fs::read_to_string(root.join(doc)).unwrap();
         for (i, b) in blocks(&text).iter().enumerate() {
             let v: serde_json::Value = serde_json::from_str(b)
