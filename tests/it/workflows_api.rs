@@ -213,6 +213,27 @@ async fn new_leads_are_tagged_assigned_by_region_notified_and_tasked_in_the_crea
                 "{be}: {reason}"
             );
         }
+        // An update that changes nothing (or changes a field) runs no create workflow again.
+        let (_, some) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/records/lead/query",
+                Some(json!({"filters": [{"field": "name", "op": "eq", "value": "East lead 0"}]})),
+            )
+            .await;
+        let first = some["records"][0]["id"].as_str().unwrap().to_owned();
+        for patch in [json!({"company": "Acme"}), json!({"company": "Acme Group"})] {
+            let (s, _) = app
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/apps/crm/records/lead/{first}"),
+                    Some(patch),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK);
+        }
+        assert_eq!(query(&app, "task", "lead", &first).await.len(), 1, "{be}");
+        assert_eq!(runs_of(&app, "lead", &first).await.len(), 1, "{be}");
         // Round-robin is fair: two each.
         assert_eq!(
             owners.values().copied().collect::<Vec<_>>(),

@@ -443,8 +443,8 @@ impl Runtime {
 
     // ----- inline --------------------------------------------------------------------------
 
-    /// Run the inline workflows triggered by the latest event of `record` (written in `tx` by
-    /// the caller's write). Returns the record as the workflows left it, if they changed it.
+    /// Run the inline workflows triggered by the event the caller's write (at `at`, in `tx`)
+    /// made for `record`. Returns the record as the workflows left it, if they changed it.
     /// An inline workflow that fails fails the write: it runs exactly once or not at all.
     pub async fn inline(
         &self,
@@ -452,6 +452,7 @@ impl Runtime {
         app: &str,
         entity: &str,
         record: Uuid,
+        at: DateTime<Utc>,
     ) -> std::result::Result<Option<store::Record>, InlineError> {
         let Some(inst) = self.installed(app) else {
             return Ok(None);
@@ -474,8 +475,11 @@ impl Runtime {
             .bind(Value::Text(entity.into()))
             .push(" AND \"record_id\" = ")
             .bind(Value::Uuid(record))
-            // Pending events only: the partial index `events_pending` finds this write's own
-            // event (the newest pending one of the record) without scanning the outbox.
+            // This write's own event: written at `at` (a write that changed nothing wrote none).
+            // Pending events only: the partial index `events_pending` finds it without scanning
+            // the outbox.
+            .push(" AND \"at\" = ")
+            .bind(Value::DateTime(at))
             .push(" AND \"processed_at\" IS NULL ORDER BY \"id\" DESC LIMIT 1");
         let Some(row) = tx.fetch_optional(&sql, &EVENT_KINDS).await? else {
             return Ok(None);
@@ -963,6 +967,7 @@ impl Runtime {
         };
         // Scheduled runs have no entity and no record.
         let entity = inst.app.entity(&run.entity).ok();
+        run.context["vars"] = json!(self.settings.vars);
         loop {
             let Some(id) = run.node.clone() else {
                 self.finish(&run, "succeeded", None).await?;
@@ -1112,13 +1117,19 @@ impl Runtime {
                 ctx["steps"] = run.steps.clone();
                 run.context = ctx;
                 let next = next_node(wf, &node.id, &out.output, &run.context);
-                let n = next.as_ref().ok().cloned().flatten();
-                // The progress update checks the lease: without it, nothing of this step commits.
-                if !self
-                    .progress_or_finish(&mut tx, run, n.clone(), now)
-                    .await?
-                {
-                    return Ok(Next::Lost);
+                match &next {
+                    // The progress update checks the lease: without it, nothing of this step
+                    // commits. Without a next node it also finishes the run.
+                    Ok(n) => {
+                        if !self
+                            .progress_or_finish(&mut tx, run, n.clone(), now)
+                            .await?
+                        {
+                            return Ok(Next::Lost);
+                        }
+                    }
+                    // A failing edge condition: the step stands, the run fails below.
+                    Err(_) => self.progress(&mut tx, run, None, now).await?,
                 }
                 tx.commit().await?;
                 match next {
@@ -1371,10 +1382,7 @@ impl Runtime {
         if wf.edges_from(&node.id).any(|(_, e)| e.output == "error") {
             run.steps[&node.id] = json!({ "error": message });
             run.context["steps"] = run.steps.clone();
-            let next = next_node(wf, &node.id, "error", &run.context).unwrap_or(None);
-            self.progress(&mut tx, run, next.clone(), now).await?;
-            tx.commit().await?;
-            return Ok(Next::Node(next));
+            return self.follow(tx, run, wf, &node.id, "error", now).await;
         }
         tx.commit().await?;
         let why = if retriable {
@@ -1625,10 +1633,7 @@ impl Runtime {
                 .await?;
                 run.steps[&node.id] = data;
                 run.context["steps"] = run.steps.clone();
-                let next = next_node(wf, &node.id, out, &run.context).unwrap_or(None);
-                self.progress(&mut tx, run, next.clone(), now).await?;
-                tx.commit().await?;
-                Ok(Next::Node(next))
+                self.follow(tx, run, wf, &node.id, out, now).await
             }
             (Some(at), None) => {
                 run.steps[&node.id] = json!({ "since": since, "until": at });
@@ -1962,10 +1967,7 @@ impl Runtime {
         .await?;
         run.steps[&node.id] = data;
         run.context["steps"] = run.steps.clone();
-        let next = next_node(wf, &node.id, outcome, &run.context).unwrap_or(None);
-        self.progress(&mut tx, run, next.clone(), now).await?;
-        tx.commit().await?;
-        Ok(Next::Node(next))
+        self.follow(tx, run, wf, &node.id, outcome, now).await
     }
 
     // ----- run bookkeeping -----------------------------------------------------------------
@@ -1975,6 +1977,31 @@ impl Runtime {
             .bind(Value::Uuid(run))
             .push(" AND \"status\" = 'running' AND \"lease_owner\" = ")
             .bind(Value::Text(self.settings.worker.clone()));
+    }
+
+    /// Leave `from` by `output` and commit; an edge condition that fails fails the run.
+    async fn follow(
+        &self,
+        mut tx: Tx,
+        run: &mut Claimed,
+        wf: &Workflow,
+        from: &str,
+        output: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Next> {
+        match next_node(wf, from, output, &run.context) {
+            Ok(next) => {
+                self.progress(&mut tx, run, next.clone(), now).await?;
+                tx.commit().await?;
+                Ok(Next::Node(next))
+            }
+            Err(m) => {
+                self.progress(&mut tx, run, None, now).await?;
+                tx.commit().await?;
+                self.finish(run, "failed", Some(&m)).await?;
+                Ok(Next::Lost)
+            }
+        }
     }
 
     /// Check that this worker still holds the run's lease, and extend it (the heartbeat).
@@ -2607,28 +2634,39 @@ impl Runtime {
         }
         let payload: Json = serde_json::from_slice(body)
             .map_err(|e| HookError::Body(format!("the body is not JSON: {e}")))?;
-        let mut runs = vec![];
+        // Every listener whose secret verifies the signature runs; none verifying is a 401.
+        let mut verified = vec![];
         for (wf, secret) in listening {
             let key = match secret.strip_prefix("whsec_") {
-                Some(b64) => base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .unwrap_or_default(),
+                Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+                    Ok(k) => k,
+                    Err(_) => {
+                        tracing::warn!(workflow = %wf.def.key, "the hook secret after `whsec_` is not base64; the hook is off");
+                        continue;
+                    }
+                },
                 None => secret.as_bytes().to_vec(),
             };
-            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key)
-                .map_err(|e| HookError::Body(e.to_string()))?;
+            let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&key) else {
+                continue;
+            };
             mac.update(format!("{id}.{ts}.").as_bytes());
             mac.update(body);
             let expected =
                 base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
             // Several signatures may be sent (secret rotation): any valid one will do.
-            let valid = sigs.split_whitespace().any(|s| {
+            if sigs.split_whitespace().any(|s| {
                 s.strip_prefix("v1,")
                     .is_some_and(|x| constant_eq(x.as_bytes(), expected.as_bytes()))
-            });
-            if !valid {
-                return Err(HookError::Unsigned("the signature does not match".into()));
+            }) {
+                verified.push(wf);
             }
+        }
+        if verified.is_empty() {
+            return Err(HookError::Unsigned("the signature does not match".into()));
+        }
+        let mut runs = vec![];
+        for wf in verified {
             let e = inst
                 .app
                 .entity(wf.def.trigger.entity())
@@ -3291,7 +3329,13 @@ async fn insert_run(tx: &mut Tx, r: &NewRun<'_>) -> Result<()> {
     sql.bind(Value::opt_uuid(r.record)).push(", ");
     sql.bind(r.event.map(Value::Int).unwrap_or(Value::Null(ColKind::Int)))
         .push(", ");
-    sql.bind(Value::Json(r.context.clone())).push(", ");
+    // Template variables may hold secrets (`TRELLIS_VAR_*`): never stored, added back when the
+    // run advances.
+    let mut context = r.context.clone();
+    if let Some(m) = context.as_object_mut() {
+        m.remove("vars");
+    }
+    sql.bind(Value::Json(context)).push(", ");
     sql.bind(Value::Text(r.status.into())).push(", ");
     sql.bind(
         r.node

@@ -33,7 +33,7 @@ pub struct Writer {
     jobs: mpsc::Sender<Job>,
 }
 
-/// Run the inline workflows of a just-written record in its transaction; a failing workflow
+/// Run the inline workflows of a just-created record in its transaction; a failing workflow
 /// fails the write (its problem names the workflow and node).
 pub async fn inline(
     flows: &trellis_flow::Runtime,
@@ -42,29 +42,34 @@ pub async fn inline(
     entity: &str,
     record: Record,
 ) -> Result<Record> {
-    // A create's event is known; anything else is read back from the outbox.
-    let ran = if record.meta.version == 1 {
-        flows
-            .inline_created(tx, &app.key, entity, &record, record.meta.created_by)
-            .await
-    } else {
-        flows.inline(tx, &app.key, entity, record.meta.id).await
-    };
-    match ran {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Ok(record),
-        Err(e) => Err(FormError::Invalid(vec![trellis_form::error::Problem::new(
+    let ran = flows
+        .inline_created(tx, &app.key, entity, &record, record.meta.created_by)
+        .await;
+    Ok(refused(ran)?.unwrap_or(record))
+}
+
+/// The inline workflows of an update or delete made at `at` in `tx`.
+pub async fn inline_written(
+    flows: &trellis_flow::Runtime,
+    tx: &mut trellis_form::db::Tx,
+    app: &App,
+    entity: &str,
+    id: uuid::Uuid,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<Record>> {
+    refused(flows.inline(tx, &app.key, entity, id, at).await)
+}
+
+fn refused(
+    ran: std::result::Result<Option<Record>, trellis_flow::runner::InlineError>,
+) -> Result<Option<Record>> {
+    ran.map_err(|e| {
+        FormError::Invalid(vec![trellis_form::error::Problem::new(
             "",
             "workflow_failed",
             e.to_string(),
-        )])),
-    }
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Job({}.{})", self.app.key, self.entity)
-    }
+        )])
+    })
 }
 
 impl Writer {

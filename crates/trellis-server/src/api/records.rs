@@ -304,6 +304,10 @@ async fn batch_create(
     });
     for (i, id) in ids.iter().enumerate().filter(|_| has_inline) {
         let r = store::get_in(&mut tx, e, *id).await?;
+        // A historical import describes the past: no automation, inline or async.
+        if c.import && r.meta.created_at < c.now {
+            continue;
+        }
         if let Err(err) = state
             .flows
             .inline_created(&mut tx, &loaded.app.key, &entity, &r, c.actor)
@@ -393,7 +397,9 @@ async fn update_record(
     c.import = false;
     let mut tx = state.db.begin().await?;
     let r = store::update(&mut tx, &loaded.app, e, id, &patch, expected, &c).await?;
-    let r = crate::writer::inline(&state.flows, &mut tx, &loaded.app, &entity, r).await?;
+    let r = crate::writer::inline_written(&state.flows, &mut tx, &loaded.app, &entity, id, c.now)
+        .await?
+        .unwrap_or(r);
     tx.commit().await?;
     state.flows.wake.notify_one();
     Ok(record_response(StatusCode::OK, &app, &entity, &r))
@@ -421,6 +427,7 @@ async fn delete_record(
     let c = ctx(&state, &loaded, &actor);
     let mut tx = state.db.begin().await?;
     store::delete(&mut tx, &loaded.app, e, id, expected, &c).await?;
+    crate::writer::inline_written(&state.flows, &mut tx, &loaded.app, &entity, id, c.now).await?;
     tx.commit().await?;
     state.flows.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)

@@ -675,8 +675,16 @@ async fn decide(
     Path((app, id)): Path<(String, String)>,
     Body(b): Body<DecisionBody>,
 ) -> ApiResult<Json<Value>> {
-    let (access, _) = super::records::scoped(&state, &actor, &app).await?;
-    access.require_write()?;
+    // Approvers decide whatever their role on records (legal may only read opportunities);
+    // the runtime checks that the caller is an approver of this step (or an admin). A read-only
+    // token changes nothing.
+    super::records::scoped(&state, &actor, &app).await?;
+    if actor.scope == crate::identity::Scope::Read {
+        return Err(ApiError::new(
+            "forbidden",
+            "A read-only token cannot decide approvals.",
+        ));
+    }
     let id = parse_id(&id)?;
     let approve = match b.decision.as_str() {
         "approve" => true,
