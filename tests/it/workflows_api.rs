@@ -21,6 +21,8 @@ fn settings(smtp: Option<&SmtpSink>, http: Option<&HttpSink>) -> trellis_flow::S
             host: "127.0.0.1".into(),
             port: m.port,
             from: "crm@test.example".into(),
+            tls: trellis_flow::SmtpTls::None,
+            credentials: None,
         });
     }
     s.allow = trellis_flow::netguard::AllowList::parse("127.0.0.1").unwrap();

@@ -22,4 +22,4 @@ pub mod script;
 pub mod template;
 
 pub use compile::{compile, Flows, Workflow};
-pub use runner::{Runtime, Settings, Smtp};
+pub use runner::{Runtime, Settings, Smtp, SmtpTls};

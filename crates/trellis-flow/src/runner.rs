@@ -39,6 +39,22 @@ pub struct Smtp {
     pub port: u16,
     /// Sender address.
     pub from: String,
+    /// Transport security.
+    pub tls: SmtpTls,
+    /// User name and password, if the relay wants them.
+    pub credentials: Option<(String, String)>,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain SMTP (a local relay or a test sink).
+    #[default]
+    None,
+    /// STARTTLS, required (port 587).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
 }
 
 /// How the runtime behaves; handed in by the host.
@@ -337,11 +353,32 @@ impl Runtime {
     /// A runtime over `db` with `clock`.
     pub fn new(db: Db, clock: Arc<dyn Clock>, settings: Settings) -> Self {
         // One pooled SMTP transport: connections are reused across emails.
-        let mailer = settings.smtp.as_ref().map(|smtp| {
-            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(&smtp.host)
-                .port(smtp.port)
-                .timeout(Some(std::time::Duration::from_secs(10)))
-                .build()
+        let mailer = settings.smtp.as_ref().and_then(|smtp| {
+            type T = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+            let builder = match smtp.tls {
+                SmtpTls::None => Ok(T::builder_dangerous(&smtp.host)),
+                SmtpTls::StartTls => T::starttls_relay(&smtp.host),
+                SmtpTls::Tls => T::relay(&smtp.host),
+            };
+            let mut builder = match builder {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(host = %smtp.host, error = %e, "cannot set up the SMTP relay; emails stay in the outbox");
+                    return None;
+                }
+            };
+            if let Some((user, password)) = &smtp.credentials {
+                builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+                    user.clone(),
+                    password.clone(),
+                ));
+            }
+            Some(
+                builder
+                    .port(smtp.port)
+                    .timeout(Some(std::time::Duration::from_secs(10)))
+                    .build(),
+            )
         });
         Runtime {
             mailer,

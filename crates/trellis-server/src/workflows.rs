@@ -9,9 +9,11 @@
 use crate::state::AppState;
 use std::time::{Duration, Instant};
 use trellis_flow::netguard::AllowList;
-use trellis_flow::{Settings, Smtp};
+use trellis_flow::{Settings, Smtp, SmtpTls};
 
-/// Settings from `TRELLIS_SMTP_HOST` / `TRELLIS_SMTP_PORT` / `TRELLIS_SMTP_FROM`,
+/// Settings from `TRELLIS_SMTP_HOST` / `TRELLIS_SMTP_PORT` / `TRELLIS_SMTP_FROM` /
+/// `TRELLIS_SMTP_TLS` (`none`, `starttls`, `tls`; by default STARTTLS on 587, TLS on 465, plain
+/// otherwise) / `TRELLIS_SMTP_USER` / `TRELLIS_SMTP_PASSWORD`,
 /// `TRELLIS_OUTBOUND_ALLOW`, `TRELLIS_FLOW_MAX_DEPTH` and every `TRELLIS_VAR_<NAME>` (a template
 /// variable `vars.<NAME>`).
 pub fn settings_from_env() -> anyhow::Result<Settings> {
@@ -26,7 +28,33 @@ pub fn settings_from_env() -> anyhow::Result<Settings> {
             };
             let from =
                 std::env::var("TRELLIS_SMTP_FROM").unwrap_or_else(|_| "trellis@localhost".into());
-            s.smtp = Some(Smtp { host, port, from });
+            let tls = match std::env::var("TRELLIS_SMTP_TLS").ok().as_deref() {
+                Some("none") => SmtpTls::None,
+                Some("starttls") => SmtpTls::StartTls,
+                Some("tls") => SmtpTls::Tls,
+                None | Some("") => match port {
+                    587 => SmtpTls::StartTls,
+                    465 => SmtpTls::Tls,
+                    _ => SmtpTls::None,
+                },
+                Some(other) => {
+                    anyhow::bail!("TRELLIS_SMTP_TLS `{other}` is not one of none, starttls, tls")
+                }
+            };
+            let credentials = match (
+                std::env::var("TRELLIS_SMTP_USER"),
+                std::env::var("TRELLIS_SMTP_PASSWORD"),
+            ) {
+                (Ok(u), Ok(p)) if !u.is_empty() => Some((u, p)),
+                _ => None,
+            };
+            s.smtp = Some(Smtp {
+                host,
+                port,
+                from,
+                tls,
+                credentials,
+            });
         }
     }
     if let Ok(a) = std::env::var("TRELLIS_OUTBOUND_ALLOW") {
