@@ -87,7 +87,7 @@ impl Default for Settings {
             smtp: None,
             max_depth: 5,
             lease: Duration::seconds(15),
-            batch: 64,
+            batch: 256,
             scan_every: std::time::Duration::from_secs(30),
         }
     }
@@ -337,6 +337,18 @@ fn claimed(r: Vec<Value>) -> Claimed {
         depth: int(&r[9]) as u32,
         seq: int(&r[10]),
     }
+}
+
+/// What a database step did inside a transaction.
+enum InTx {
+    /// Done: the next node (`None`: the run finished), or the edge condition's error.
+    Done(std::result::Result<Option<String>, String>),
+    /// The lease is gone: nothing of the step may commit.
+    Lost,
+    /// The node failed (message, milliseconds): its writes must be rolled back.
+    Failed(String, i64),
+    /// The node has a side effect to perform: it runs on its own (nothing was written).
+    NotHere,
 }
 
 /// What happened to a run in one go.
@@ -963,8 +975,46 @@ impl Runtime {
         }
         tx.commit().await?;
         let n = runs.len();
-        // Runs advance concurrently: their side effects (SMTP, HTTP) overlap; their database
-        // writes are short transactions.
+        // Rounds: the next database step of every run that has one, in one transaction (a
+        // savepoint per run), until each run ends, sleeps or reaches a step of another kind.
+        let mut batch = runs;
+        let mut runs = vec![];
+        while !batch.is_empty() {
+            let mut round = vec![];
+            for run in batch.drain(..) {
+                let Some(inst) = self.installed(&run.app) else {
+                    runs.push(run);
+                    continue;
+                };
+                match self.pinned(&inst, &run.workflow, run.version).await {
+                    Ok(wf) if self.batchable(&run, &wf) => round.push((run, inst, wf)),
+                    _ => runs.push(run),
+                }
+            }
+            if round.is_empty() {
+                break;
+            }
+            if self.db.backend() == Backend::Postgres && round.len() > 8 {
+                // PostgreSQL has concurrent writers: four transactions at a time.
+                let size = round.len().div_ceil(4);
+                let mut parts = vec![];
+                let mut rest = round;
+                while !rest.is_empty() {
+                    let tail = rest.split_off(size.min(rest.len()));
+                    parts.push(std::mem::replace(&mut rest, tail));
+                }
+                let done =
+                    futures_util::future::join_all(parts.into_iter().map(|p| self.db_round(p)))
+                        .await;
+                for d in done {
+                    batch.extend(d?);
+                }
+            } else {
+                batch = self.db_round(round).await?;
+            }
+        }
+        // The rest advance concurrently: their side effects (SMTP, HTTP) overlap; their
+        // database writes are short transactions.
         use futures_util::stream::StreamExt;
         futures_util::stream::iter(runs)
             .for_each_concurrent(16, |run| async move {
@@ -1099,75 +1149,10 @@ impl Runtime {
         idx: usize,
         node: &NodeDef,
     ) -> Result<Next> {
-        let env = self.env(inst, wf, run);
-        let now = env.now();
+        let now = self.clock.now();
         let mut tx = self.db.begin().await?;
-        let started = std::time::Instant::now();
-        let mut ctx = run.context.clone();
-        let result = if node.action.database_only() {
-            run_db_node(&mut tx, &env, idx, node, &mut ctx).await
-        } else {
-            // An effect with nothing to send outside (no SMTP relay: the email is kept in the
-            // outbox; no URL: the request is skipped): done in this one transaction.
-            match self
-                .effect(&env, idx, node, &ctx, &format!("{}.{}", run.id, node.id))
-                .await
-            {
-                Ok(out) => {
-                    let mut r = Ok(out.clone());
-                    if let Action::Notify { .. } = &node.action {
-                        r = run_db_node(&mut tx, &env, idx, node, &mut ctx)
-                            .await
-                            .map(|_| out.clone());
-                    }
-                    if let Action::SendEmail { .. } = &node.action {
-                        record_email(&mut tx, &env, run, &out.data, now).await?;
-                    }
-                    r
-                }
-                Err(m) => Err(m),
-            }
-        };
-        let took = started.elapsed().as_millis() as i64;
-        match result {
-            Ok(out) => {
-                let seq = {
-                    run.seq += 1;
-                    run.seq
-                };
-                insert_step(
-                    &mut tx,
-                    run.id,
-                    seq,
-                    &node.id,
-                    node.action.kind(),
-                    "succeeded",
-                    &format!("{}.{}", run.id, node.id),
-                    &out.data,
-                    None,
-                    now,
-                    Some(took),
-                    Some(&self.settings.worker),
-                )
-                .await?;
-                run.steps[&node.id] = out.data.clone();
-                ctx["steps"] = run.steps.clone();
-                run.context = ctx;
-                let next = next_node(wf, &node.id, &out.output, &run.context);
-                match &next {
-                    // The progress update checks the lease: without it, nothing of this step
-                    // commits. Without a next node it also finishes the run.
-                    Ok(n) => {
-                        if !self
-                            .progress_or_finish(&mut tx, run, n.clone(), now)
-                            .await?
-                        {
-                            return Ok(Next::Lost);
-                        }
-                    }
-                    // A failing edge condition: the step stands, the run fails below.
-                    Err(_) => self.progress(&mut tx, run, None, now).await?,
-                }
+        match self.db_step_in(&mut tx, run, wf, inst, idx, node).await? {
+            InTx::Done(next) => {
                 tx.commit().await?;
                 match next {
                     Ok(None) => Ok(Next::Lost),
@@ -1178,13 +1163,222 @@ impl Runtime {
                     }
                 }
             }
-            Err(m) => {
+            InTx::Lost => Ok(Next::Lost),
+            InTx::NotHere => {
+                drop(tx);
+                self.effect_step(run, wf, inst, idx, node).await
+            }
+            InTx::Failed(m, took) => {
                 // Roll the node's writes back; record the failure in a fresh transaction.
                 drop(tx);
                 self.failed_step(run, wf, node, &m, now, Some(took), false)
                     .await
             }
         }
+    }
+
+    /// The body of a database step inside `tx`: the node's writes, its log row and the run's
+    /// progress (checked against the lease). On `Failed` and `Lost` the caller rolls back.
+    async fn db_step_in(
+        &self,
+        tx: &mut Tx,
+        run: &mut Claimed,
+        wf: &Workflow,
+        inst: &Installed,
+        idx: usize,
+        node: &NodeDef,
+    ) -> Result<InTx> {
+        let env = self.env(inst, wf, run);
+        let now = env.now();
+        let started = std::time::Instant::now();
+        let mut ctx = run.context.clone();
+        if !node.action.database_only() && self.external(wf, idx, node, &ctx) {
+            // Something to send outside after all (the fresh record changed a URL): not here.
+            return Ok(InTx::NotHere);
+        }
+        let result = if node.action.database_only() {
+            run_db_node(tx, &env, idx, node, &mut ctx).await
+        } else {
+            // An effect with nothing to send outside (no SMTP relay: the email is kept in the
+            // outbox; no URL: the request is skipped): done in this one transaction.
+            match self
+                .effect(&env, idx, node, &ctx, &format!("{}.{}", run.id, node.id))
+                .await
+            {
+                Ok(out) => {
+                    let mut r = Ok(out.clone());
+                    if let Action::Notify { .. } = &node.action {
+                        r = run_db_node(tx, &env, idx, node, &mut ctx)
+                            .await
+                            .map(|_| out.clone());
+                    }
+                    if let (Action::SendEmail { .. }, Ok(_)) = (&node.action, &r) {
+                        record_email(tx, &env, run, &out.data, now).await?;
+                    }
+                    r
+                }
+                Err(m) => Err(m),
+            }
+        };
+        let took = started.elapsed().as_millis() as i64;
+        let out = match result {
+            Ok(out) => out,
+            Err(m) => return Ok(InTx::Failed(m, took)),
+        };
+        let seq = run.seq + 1;
+        insert_step(
+            tx,
+            run.id,
+            seq,
+            &node.id,
+            node.action.kind(),
+            "succeeded",
+            &format!("{}.{}", run.id, node.id),
+            &out.data,
+            None,
+            now,
+            Some(took),
+            Some(&self.settings.worker),
+        )
+        .await?;
+        run.seq = seq;
+        run.steps[&node.id] = out.data.clone();
+        ctx["steps"] = run.steps.clone();
+        run.context = ctx;
+        let next = next_node(wf, &node.id, &out.output, &run.context);
+        match &next {
+            // The progress update checks the lease: without it, nothing of this step commits.
+            // Without a next node it also finishes the run.
+            Ok(n) => {
+                if !self.progress_or_finish(tx, run, n.clone(), now).await? {
+                    return Ok(InTx::Lost);
+                }
+            }
+            // A failing edge condition: the step stands, the run fails after the commit.
+            Err(_) => self.progress(tx, run, None, now).await?,
+        }
+        Ok(InTx::Done(next))
+    }
+
+    /// Whether the run's next node is a plain database step (no wait, no approval, nothing to
+    /// send outside), so it can share a transaction with other runs' steps.
+    fn batchable(&self, run: &Claimed, wf: &Workflow) -> bool {
+        let Some(id) = &run.node else { return false };
+        let Some(&idx) = wf.nodes.get(id) else {
+            return false;
+        };
+        let node = &wf.def.nodes[idx];
+        match &node.action {
+            Action::Wait { .. } | Action::Approval { .. } => false,
+            a if a.database_only() => true,
+            _ => {
+                let mut ctx = run.context.clone();
+                ctx["vars"] = json!(self.settings.vars);
+                !self.external(wf, idx, node, &ctx)
+            }
+        }
+    }
+
+    /// The context a node sees: the record as it is now, its related records, the variables.
+    async fn refresh(&self, run: &mut Claimed, inst: &Installed) {
+        run.context["vars"] = json!(self.settings.vars);
+        if let Ok(entity) = inst.app.entity(&run.entity) {
+            if let Some(rid) = record_id(&run.context) {
+                if let Ok(r) = store::get(&self.db, entity, rid).await {
+                    run.context["record"] = r.to_json();
+                }
+                run.context["related"] = self.related(&inst.app, entity, &run.context).await;
+            }
+        }
+        run.context["now"] = json!(self
+            .clock
+            .now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        run.context["steps"] = run.steps.clone();
+    }
+
+    /// One database step of each run in `round`, all in one transaction with a savepoint per
+    /// run: one failing step rolls back only its own writes. Returns the runs that go on.
+    async fn db_round(
+        &self,
+        round: Vec<(Claimed, Arc<Installed>, Arc<Workflow>)>,
+    ) -> Result<Vec<Claimed>> {
+        // The reads first, concurrently, outside the write transaction.
+        let items: Vec<(Claimed, Arc<Installed>, Arc<Workflow>)> = futures_util::future::join_all(
+            round.into_iter().map(|(mut run, inst, wf)| async move {
+                self.refresh(&mut run, &inst).await;
+                (run, inst, wf)
+            }),
+        )
+        .await;
+        let now = self.clock.now();
+        let mut tx = self.db.begin().await?;
+        let sp = |q: &str| Sql::new(q);
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (mut run, inst, wf) in items {
+            let Some(idx) = run.node.as_ref().and_then(|n| wf.nodes.get(n)).copied() else {
+                continue;
+            };
+            let node = &wf.def.nodes[idx];
+            tx.execute(&sp("SAVEPOINT trellis_step")).await?;
+            match self
+                .db_step_in(&mut tx, &mut run, &wf, &inst, idx, node)
+                .await
+            {
+                Ok(InTx::Done(next)) => {
+                    tx.execute(&sp("RELEASE SAVEPOINT trellis_step")).await?;
+                    outcomes.push((run, wf, idx, Ok(next)));
+                }
+                Ok(InTx::Failed(m, took)) => {
+                    tx.execute(&sp("ROLLBACK TO SAVEPOINT trellis_step"))
+                        .await?;
+                    tx.execute(&sp("RELEASE SAVEPOINT trellis_step")).await?;
+                    outcomes.push((run, wf, idx, Err((m, took))));
+                }
+                // Goes on by itself (its next round sees it is not a database step).
+                Ok(InTx::NotHere) => {
+                    tx.execute(&sp("RELEASE SAVEPOINT trellis_step")).await?;
+                    outcomes.push((run, wf, idx, Ok(Err(String::new()))));
+                }
+                // Lost lease, or a storage error: leave the run alone (a lapsed lease rescues it).
+                Ok(InTx::Lost) | Err(_) => {
+                    tx.execute(&sp("ROLLBACK TO SAVEPOINT trellis_step"))
+                        .await?;
+                    tx.execute(&sp("RELEASE SAVEPOINT trellis_step")).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        let mut go_on = vec![];
+        for (mut run, wf, idx, outcome) in outcomes {
+            match outcome {
+                Ok(Ok(Some(n))) => {
+                    run.node = Some(n);
+                    go_on.push(run);
+                }
+                Ok(Ok(None)) => {}
+                // Not a database step after all: back to this batch unchanged.
+                Ok(Err(m)) if m.is_empty() => go_on.push(run),
+                Ok(Err(m)) => {
+                    self.finish(&run, "failed", Some(&m)).await?;
+                }
+                Err((m, took)) => {
+                    let node = &wf.def.nodes[idx];
+                    match self
+                        .failed_step(&mut run, &wf, node, &m, now, Some(took), false)
+                        .await?
+                    {
+                        Next::Node(n) => {
+                            run.node = n;
+                            go_on.push(run);
+                        }
+                        Next::Sleep(at) => self.sleep(&run, at).await?,
+                        Next::Lost => {}
+                    }
+                }
+            }
+        }
+        Ok(go_on)
     }
 
     /// Whether a side-effect node has something to send outside right now.
