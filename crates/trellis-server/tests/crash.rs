@@ -256,7 +256,8 @@ async fn killed_servers_lose_no_lead_no_run_and_no_side_effect() {
         );
         let repeats = (mails - LEADS) + (im.hits().len() - LEADS);
         // Bounded by the work in flight at each kill (one claimed batch per kill).
-        assert!(repeats <= 3 * 64, "{be}: {repeats} repeats");
+        let batch = trellis_flow::Settings::default().batch;
+        assert!(repeats <= 3 * batch, "{be}: {repeats} repeats");
         eprintln!(
             "{be}: 3 kills, {mails} emails and {} webhooks for {LEADS} leads ({repeats} repeats)",
             im.hits().len()
