@@ -697,3 +697,86 @@ fn compile_one(
         def,
     })
 }
+
+/// The users (by email) and teams (by key) the workflows name that the database does not have,
+/// each with its JSON path. Users and teams are data, not definition: `trellis app check` has
+/// no database, so this runs where one is at hand (`trellis app plan`, server start). A step
+/// that meets a missing one fails or falls back when it runs.
+pub async fn missing_references(
+    db: &trellis_form::db::Db,
+    app: &App,
+) -> trellis_form::Result<Vec<Problem>> {
+    use crate::def::AssignRule;
+    use trellis_form::db::{Sql, Value};
+    use trellis_form::model::ColKind;
+    let mut wanted: Vec<(String, bool, String)> = vec![]; // (path, is_team, name)
+    let recipient = |path: String, r: &Recipient, out: &mut Vec<(String, bool, String)>| match r {
+        Recipient::User(email) => out.push((path, false, email.clone())),
+        Recipient::Team(key) => out.push((path, true, key.clone())),
+        _ => {}
+    };
+    let rule = |path: String, r: &AssignRule, out: &mut Vec<(String, bool, String)>| {
+        if let Some(u) = &r.user {
+            out.push((format!("{path}/user"), false, u.clone()));
+        }
+        if let Some(t) = &r.team {
+            out.push((format!("{path}/team"), true, t.clone()));
+        }
+    };
+    for (w, item) in app.def.workflows.iter().enumerate() {
+        let Ok(def) = serde_json::from_value::<WorkflowDef>(item.clone()) else {
+            continue;
+        };
+        for (i, n) in def.nodes.iter().enumerate() {
+            let np = format!("/workflows/{w}/nodes/{i}");
+            match &n.action {
+                Action::AssignOwner {
+                    rules, fallback, ..
+                } => {
+                    for (j, r) in rules.iter().enumerate() {
+                        rule(format!("{np}/rules/{j}"), r, &mut wanted);
+                    }
+                    if let Some(f) = fallback {
+                        rule(format!("{np}/fallback"), f, &mut wanted);
+                    }
+                }
+                Action::Notify { to, .. } => recipient(format!("{np}/to"), to, &mut wanted),
+                Action::Approval { steps } => {
+                    for (j, s) in steps.iter().enumerate() {
+                        recipient(
+                            format!("{np}/steps/{j}/approvers"),
+                            &s.approvers,
+                            &mut wanted,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut problems = vec![];
+    for (path, team, name) in wanted {
+        let mut sql = if team {
+            Sql::new("SELECT 1 FROM \"teams\" WHERE \"key\" = ")
+        } else {
+            Sql::new("SELECT 1 FROM \"users\" WHERE lower(\"email\") = lower(")
+        };
+        sql.bind(Value::Text(name.clone()));
+        if !team {
+            sql.push(")");
+        }
+        if db.fetch_optional(&sql, &[ColKind::Int]).await?.is_none() {
+            let (code, what) = if team {
+                ("unknown_team", format!("There is no team `{name}` yet"))
+            } else {
+                ("unknown_user", format!("There is no user {name} yet"))
+            };
+            problems.push(Problem::new(
+                path,
+                code,
+                format!("{what}; the step will fail or fall back until it exists."),
+            ));
+        }
+    }
+    Ok(problems)
+}

@@ -553,6 +553,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cors_origins: args.cors_origins.clone(),
         timeout_seconds: args.request_timeout,
     });
+    // Users and teams are data: say which ones the workflows name but the database lacks.
+    for loaded in state.all_apps() {
+        for m in trellis_flow::compile::missing_references(&state.db, &loaded.app).await? {
+            tracing::warn!(app = %loaded.app.key, path = %m.path, "{}", m.message);
+        }
+    }
     tokio::spawn(purge_history_hourly(state.clone()));
     tokio::spawn(follow_app_versions(state.clone()));
     tokio::spawn(evaluate_alerts(state.clone()));
@@ -721,6 +727,14 @@ async fn plan(dir: &Path, db: &DbArgs, json: bool) -> anyhow::Result<i32> {
                 print!("{}", p.render());
                 if p.is_destructive() {
                     println!("Steps marked ! destroy data; import with --allow-destructive to apply them.");
+                }
+                // Users and teams are data: only a database can say whether workflows find them.
+                let missing = trellis_flow::compile::missing_references(&db, &new).await?;
+                if !missing.is_empty() {
+                    println!("Warnings (users and teams the workflows name):");
+                    for m in &missing {
+                        println!("  {} [{}] {}", m.path, m.code, m.message);
+                    }
                 }
             }
             Ok(0)

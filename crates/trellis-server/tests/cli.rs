@@ -67,6 +67,12 @@ fn app_plan_and_import_against_a_database() {
         out.contains("+ create_entity  create entity `opportunity` (19 fields)"),
         "{out}"
     );
+    // The teams the CRM's workflows name are data: an empty database lacks them.
+    assert!(
+        out.contains("  /workflows/0/nodes/1/rules/1/team [unknown_team] There is no team `east_sales` yet; the step will fail or fall back until it exists."),
+        "{out}"
+    );
+    assert_eq!(out.matches("[unknown_team]").count(), 6, "{out}");
     let (code, out, err) = trellis(&["app", "import", &crm, "--database-url", &url]);
     assert_eq!(code, 0, "{err}");
     assert!(
