@@ -440,3 +440,95 @@ async fn inbound_webhooks_need_a_valid_signature_and_start_their_run_once() {
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn least_open_assignment_and_the_rate_limit_hold_back_a_storm_without_losing_it() {
+    for db in testing::each().await {
+        let clock = Arc::new(trellis_form::ManualClock::new(t0()));
+        let app = start(db, clock.clone()).await;
+        let be = app.backend;
+        let mut ids = vec![];
+        for who in ["ann", "bob"] {
+            let (s, u) = app
+                .call(
+                    Method::POST,
+                    "/api/v1/users",
+                    Some(json!({"name": who, "email": format!("{who}@t.example")})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{u}");
+            ids.push(u["id"].as_str().unwrap().to_owned());
+        }
+        let (s, _) = app
+            .call(
+                Method::POST,
+                "/api/v1/teams",
+                Some(json!({"key": "crew", "name": "Crew", "members": ids})),
+            )
+            .await;
+        assert!(s.is_success());
+        install(&app, json!({"key": "t", "entities": [entity()], "workflows": [
+            {"key": "route", "mode": "inline", "trigger": {"type": "record_created", "entity": "deal", "condition": "record.title == \"new\""},
+             "nodes": [{"id": "a", "type": "assign_owner", "rules": [{"team": "crew", "strategy": "least_open"}], "notify": false}]},
+            {"key": "slow", "rate_limit_per_minute": 2, "trigger": {"type": "record_created", "entity": "deal", "condition": "record.title == \"storm\""},
+             "nodes": [{"id": "n", "type": "update_record", "values": {"n": 1}}]}
+        ]})).await;
+        // Ann already has two open deals: the next two go to Bob.
+        for _ in 0..2 {
+            app.call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal",
+                Some(json!({"title": "old", "owner": ids[0]})),
+            )
+            .await;
+        }
+        for _ in 0..2 {
+            let (_, d) = app
+                .call(
+                    Method::POST,
+                    "/api/v1/apps/t/records/deal",
+                    Some(json!({"title": "new"})),
+                )
+                .await;
+            assert_eq!(d["owner"], json!(ids[1]), "{be}: {d}");
+        }
+        // A storm of five creates: two runs now, two a minute later, one after two minutes.
+        let mut storm = vec![];
+        for _ in 0..5 {
+            let (_, d) = app
+                .call(
+                    Method::POST,
+                    "/api/v1/apps/t/records/deal",
+                    Some(json!({"title": "storm"})),
+                )
+                .await;
+            storm.push(d["id"].as_str().unwrap().to_owned());
+        }
+        let done = || async {
+            let (_, r) = app
+                .call(
+                    Method::GET,
+                    "/api/v1/apps/t/runs?workflow=slow&limit=50",
+                    None,
+                )
+                .await;
+            let runs = r["runs"].as_array().unwrap().clone();
+            (
+                runs.len(),
+                runs.iter().filter(|r| r["status"] == "succeeded").count(),
+            )
+        };
+        eventually("two runs", || async { done().await == (5, 2) }).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            done().await,
+            (5, 2),
+            "{be}: the others wait, none is dropped"
+        );
+        clock.advance(chrono::Duration::seconds(61));
+        eventually("four runs", || async { done().await == (5, 4) }).await;
+        clock.advance(chrono::Duration::seconds(60));
+        eventually("all five", || async { done().await == (5, 5) }).await;
+        app.stop().await;
+    }
+}

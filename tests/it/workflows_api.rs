@@ -209,6 +209,12 @@ async fn new_leads_are_tagged_assigned_by_region_notified_and_tasked_in_the_crea
             let steps = run["steps"].as_array().unwrap();
             let nodes: Vec<&str> = steps.iter().map(|s| s["node"].as_str().unwrap()).collect();
             assert_eq!(nodes, ["tag_source", "assign", "first_call"], "{be}");
+            // Each step logs its input: the node as defined and the record it saw.
+            assert_eq!(
+                steps[1]["input"]["node"]["type"], "assign_owner",
+                "{be}: {run}"
+            );
+            assert_eq!(steps[1]["input"]["record"]["id"], json!(id));
             let reason = steps[1]["output"]["reason"].as_str().unwrap();
             assert!(
                 reason.starts_with("east region matched; team `east_sales` round-robin turn"),

@@ -636,6 +636,7 @@ impl Runtime {
                 let idx = wf.nodes[&id];
                 let n = &wf.def.nodes[idx];
                 ctx["steps"] = Json::Object(steps.clone());
+                let input = step_input(n, &ctx);
                 let started = std::time::Instant::now();
                 match run_db_node(tx, &env, idx, n, &mut ctx).await {
                     Ok(out) => {
@@ -646,6 +647,7 @@ impl Runtime {
                             out.data.clone(),
                             None::<String>,
                             started.elapsed(),
+                            input,
                         ));
                         steps.insert(id.clone(), out.data.clone());
                         ctx["steps"] = Json::Object(steps.clone());
@@ -667,6 +669,7 @@ impl Runtime {
                                 Json::Null,
                                 Some(m.clone()),
                                 started.elapsed(),
+                                input,
                             ));
                             steps.insert(id.clone(), json!({ "error": m }));
                             ctx["steps"] = Json::Object(steps.clone());
@@ -708,10 +711,12 @@ impl Runtime {
             .await?;
             // The whole log in one statement: the inline path is on the create's latency.
             if !log.is_empty() {
-                let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\") VALUES ");
+                let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\", \"input\") VALUES ");
                 let run_p = sql.param(Value::Uuid(run_id));
                 let now_p = sql.param(Value::DateTime(now));
-                for (seq, (node, kind, status, out, err, took)) in log.into_iter().enumerate() {
+                for (seq, (node, kind, status, out, err, took, input)) in
+                    log.into_iter().enumerate()
+                {
                     sql.push(if seq == 0 { "(" } else { ", (" });
                     sql.push(&format!("{run_p}, "));
                     sql.bind(Value::Int(seq as i64 + 1)).push(", ");
@@ -722,7 +727,8 @@ impl Runtime {
                     sql.bind(Value::Json(out)).push(", ");
                     sql.bind(err.map(Value::Text).unwrap_or(Value::Null(ColKind::Text)))
                         .push(&format!(", {now_p}, {now_p}, "));
-                    sql.bind(Value::Int(took.as_millis() as i64)).push(")");
+                    sql.bind(Value::Int(took.as_millis() as i64)).push(", ");
+                    sql.bind(Value::Json(input)).push(")");
                 }
                 tx.execute(&sql).await?;
             }
@@ -932,7 +938,7 @@ impl Runtime {
                     text(&r[1])
                 )),
                 now,
-                None, Some(&self.settings.worker))
+                None, Some(&self.settings.worker), None)
             .await?;
         }
         tx.commit().await?;
@@ -1239,6 +1245,7 @@ impl Runtime {
             now,
             Some(took),
             Some(&self.settings.worker),
+            Some(step_input(node, &run.context)),
         )
         .await?;
         run.seq = seq;
@@ -1463,6 +1470,7 @@ impl Runtime {
             now,
             None,
             Some(&self.settings.worker),
+            Some(step_input(node, &run.context)),
         )
         .await?;
         tx.commit().await?;
@@ -1590,6 +1598,7 @@ impl Runtime {
                 now,
                 took,
                 Some(&self.settings.worker),
+                Some(step_input(node, &run.context)),
             )
             .await?;
         }
@@ -1860,6 +1869,7 @@ impl Runtime {
                     now,
                     None,
                     Some(&self.settings.worker),
+                    None,
                 )
                 .await?;
                 run.steps[&node.id] = data;
@@ -1979,6 +1989,7 @@ impl Runtime {
                                 now,
                                 None,
                                 Some(&self.settings.worker),
+                                None,
                             )
                             .await?;
                             tx.commit().await?;
@@ -2158,6 +2169,7 @@ impl Runtime {
             now,
             None,
             Some(&self.settings.worker),
+            None,
         )
         .await?;
         tx.commit().await?;
@@ -2194,6 +2206,7 @@ impl Runtime {
             now,
             None,
             Some(&self.settings.worker),
+            None,
         )
         .await?;
         run.steps[&node.id] = data;
@@ -3251,7 +3264,7 @@ impl Runtime {
         let Some(r) = self.db.fetch_optional(&sql, &kinds).await? else {
             return Ok(None);
         };
-        let mut s = Sql::new("SELECT \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\" FROM \"flow_steps\" WHERE \"run_id\" = ");
+        let mut s = Sql::new("SELECT \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\", \"input\" FROM \"flow_steps\" WHERE \"run_id\" = ");
         s.bind(Value::Uuid(id)).push(" ORDER BY \"seq\"");
         let sk = [
             ColKind::Int,
@@ -3265,6 +3278,7 @@ impl Runtime {
             ColKind::DateTime,
             ColKind::DateTime,
             ColKind::Int,
+            ColKind::Json,
         ];
         let steps: Vec<Json> = self.db.fetch_all(&s, &sk).await?.into_iter().map(|x| json!({
             "seq": int(&x[0]), "node": text(&x[1]), "type": text(&x[2]), "status": text(&x[3]), "attempt": int(&x[4]),
@@ -3272,6 +3286,7 @@ impl Runtime {
             "error": match &x[7] { Value::Text(s) => json!(s), _ => Json::Null },
             "started_at": time(&x[8]), "finished_at": time(&x[9]),
             "duration_ms": match x[10] { Value::Int(i) => json!(i), _ => Json::Null },
+            "input": json_of(&x[11]),
         })).collect();
         let ctx = json_of(&r[14]);
         Ok(Some(json!({
@@ -3634,9 +3649,10 @@ async fn insert_step(
     now: DateTime<Utc>,
     took: Option<i64>,
     worker: Option<&str>,
+    input: Option<Json>,
 ) -> Result<()> {
     let done = status != "started";
-    let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\", \"worker\") VALUES (");
+    let mut sql = Sql::new("INSERT INTO \"flow_steps\" (\"run_id\", \"seq\", \"node\", \"kind\", \"status\", \"attempt\", \"idempotency_key\", \"output\", \"error\", \"started_at\", \"finished_at\", \"duration_ms\", \"worker\", \"input\") VALUES (");
     sql.bind(Value::Uuid(run)).push(", ");
     sql.bind(Value::Int(seq)).push(", ");
     sql.bind(Value::Text(node.into())).push(", ");
@@ -3664,9 +3680,19 @@ async fn insert_step(
             .map(|w| Value::Text(w.into()))
             .unwrap_or(Value::Null(ColKind::Text)),
     )
-    .push(")");
+    .push(", ");
+    sql.bind(input.map(Value::Json).unwrap_or(Value::Null(ColKind::Json)))
+        .push(")");
     tx.execute(&sql).await?;
     Ok(())
+}
+
+/// What a step was given: the node as defined and the record as the step saw it.
+fn step_input(node: &NodeDef, ctx: &Json) -> Json {
+    json!({
+        "node": serde_json::to_value(node).unwrap_or(Json::Null),
+        "record": { "id": ctx.pointer("/record/id"), "version": ctx.pointer("/record/version") },
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
