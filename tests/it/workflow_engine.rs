@@ -532,3 +532,157 @@ async fn least_open_assignment_and_the_rate_limit_hold_back_a_storm_without_losi
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn approvals_escalate_once_then_time_out_and_all_approvers_must_agree_before_the_im_post() {
+    for db in testing::each().await {
+        let im = crate::sinks::HttpSink::start().await;
+        let clock = Arc::new(trellis_form::ManualClock::new(t0()));
+        let mut s = settings();
+        s.allow = trellis_flow::netguard::AllowList::parse("127.0.0.1").unwrap();
+        s.vars
+            .insert("IM".into(), format!("http://127.0.0.1:{}/robot", im.port));
+        let app = TestApp::start_full(db, Default::default(), s, clock.clone()).await;
+        let be = app.backend;
+        install(&app, json!({"key": "t", "entities": [entity()], "workflows": [
+            {"key": "sign_off", "trigger": {"type": "record_created", "entity": "deal"},
+             "nodes": [
+                {"id": "ok", "type": "approval", "steps": [{"name": "boss", "approvers": {"user": "boss@t.example"}, "rule": "all", "timeout_hours": 1}]},
+                {"id": "tell", "type": "notify", "to": "owner", "title": "Approved: {{ record.title }}", "im_webhook": "{{ vars.IM }}", "im_format": "dingtalk"},
+                {"id": "late", "type": "update_record", "values": {"title": "timed out"}}
+             ],
+             "edges": [{"from": "ok", "to": "tell", "output": "approved"}, {"from": "ok", "to": "late", "output": "timeout"}]}
+        ]})).await;
+        let mut tokens = std::collections::HashMap::new();
+        let mut ids = std::collections::HashMap::new();
+        for (who, manager) in [("big", None), ("boss", Some("big"))] {
+            let mut body = json!({"name": who, "email": format!("{who}@t.example"), "password": "a good long password"});
+            if let Some(m) = manager {
+                body["manager_id"] = json!(ids[m]);
+            }
+            let (_, u) = app.call(Method::POST, "/api/v1/users", Some(body)).await;
+            let id = u["id"].as_str().unwrap().to_owned();
+            app.call(
+                Method::PUT,
+                &format!("/api/v1/apps/t/members/{id}"),
+                Some(json!({"role": "viewer"})),
+            )
+            .await;
+            let r = app.client.post(app.url("/api/v1/auth/login")).json(&json!({"email": format!("{who}@t.example"), "password": "a good long password"})).send().await.unwrap();
+            tokens.insert(
+                who,
+                crate::helpers::json(r).await.1["token"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+            ids.insert(who, id);
+        }
+        let pending = |title: &'static str| {
+            let app = &app;
+            async move {
+                let (_, a) = app
+                    .call(Method::GET, "/api/v1/apps/t/approvals", None)
+                    .await;
+                let (_, d) = app
+                    .call(
+                        Method::POST,
+                        "/api/v1/apps/t/records/deal/query",
+                        Some(json!({"filters": [{"field": "title", "op": "eq", "value": title}]})),
+                    )
+                    .await;
+                let id = d["records"][0]["id"].clone();
+                a["approvals"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["record_id"] == id)
+                    .cloned()
+            }
+        };
+        app.call(
+            Method::POST,
+            "/api/v1/apps/t/records/deal",
+            Some(json!({"title": "A"})),
+        )
+        .await;
+        eventually("the approval", || async { pending("A").await.is_some() }).await;
+        assert_eq!(
+            pending("A").await.unwrap()["approvers"],
+            json!([ids["boss"]]),
+            "{be}"
+        );
+        // An hour without a decision: escalated once to the boss's manager.
+        clock.advance(chrono::Duration::minutes(61));
+        eventually("the escalation", || async {
+            pending("A").await.unwrap()["approvers"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 2
+        })
+        .await;
+        let a = pending("A").await.unwrap();
+        let decide = |who: &'static str, id: String| {
+            let app = &app;
+            let token = tokens[who].clone();
+            async move {
+                crate::helpers::with(
+                    app,
+                    &token,
+                    Method::POST,
+                    &format!("/api/v1/apps/t/approvals/{id}/decision"),
+                    Some(json!({"decision": "approve"})),
+                )
+                .await
+            }
+        };
+        // Rule `all`: the boss's approval alone leaves it pending; the manager's completes it.
+        let (s, r) = decide("boss", a["id"].as_str().unwrap().to_owned()).await;
+        assert_eq!(s, StatusCode::OK, "{be}: {r}");
+        assert_eq!(r["status"], "pending", "{be}");
+        let (_, r) = decide("big", a["id"].as_str().unwrap().to_owned()).await;
+        assert_eq!(r["status"], "approved", "{be}");
+        eventually("the IM post", || async { !im.hits().is_empty() }).await;
+        let hit = &im.hits()[0];
+        assert_eq!(hit.path, "/robot");
+        let body: Value = serde_json::from_str(&hit.body).unwrap();
+        assert_eq!(body["msgtype"], "text", "{be}: {body}");
+        assert_eq!(body["text"]["content"], "Approved: A");
+        // Another deal: nobody decides, even after the escalation: the timeout branch.
+        app.call(
+            Method::POST,
+            "/api/v1/apps/t/records/deal",
+            Some(json!({"title": "B"})),
+        )
+        .await;
+        eventually("the second approval", || async {
+            pending("B").await.is_some()
+        })
+        .await;
+        clock.advance(chrono::Duration::minutes(61));
+        eventually("its escalation", || async {
+            pending("B").await.unwrap()["approvers"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 2
+        })
+        .await;
+        clock.advance(chrono::Duration::minutes(61));
+        eventually("the timeout", || async {
+            let (_, d) = app
+                .call(
+                    Method::POST,
+                    "/api/v1/apps/t/records/deal/query",
+                    Some(
+                        json!({"filters": [{"field": "title", "op": "eq", "value": "timed out"}]}),
+                    ),
+                )
+                .await;
+            d["records"].as_array().unwrap().len() == 1
+        })
+        .await;
+        app.stop().await;
+    }
+}

@@ -697,6 +697,11 @@ async fn idle_opportunities_escalate_to_the_managers_once_per_idle_period() {
         clock.advance(chrono::Duration::days(5) - chrono::Duration::minutes(1));
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(escalations().await, 0, "{be}: not before 3 working days");
+        // A note is not a follow-up with the customer (activity_kinds): it does not reset the period.
+        let (s, a) = app
+            .call(Method::POST, "/api/v1/apps/crm/records/activity", Some(json!({"kind": "note", "opportunity": opp, "notes": "internal", "at": clock_now(&clock)})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{a}");
         // Wednesday 17:01.
         clock.advance(chrono::Duration::minutes(2));
         wait_for("the escalation", || async {

@@ -370,8 +370,33 @@ fn compile_one(
                 hours,
                 working_days,
                 activity_entity,
+                activity_kinds,
                 ..
             } => {
+                if !activity_kinds.is_empty() {
+                    let kind = activity_entity
+                        .as_deref()
+                        .and_then(|a| app.entity(a).ok())
+                        .and_then(|ae| ae.field("kind"));
+                    match kind {
+                        Some(f) if f.ty == FieldType::Select => {
+                            for (i, k) in activity_kinds.iter().enumerate() {
+                                if !f.options.contains(k) {
+                                    c.problem(
+                                        &format!("trigger/activity_kinds/{i}"),
+                                        "unknown_option",
+                                        format!("The activity field `kind` has no option `{k}` (it has: {}).", f.options.join(", ")),
+                                    );
+                                }
+                            }
+                        }
+                        _ => c.problem(
+                            "trigger/activity_kinds",
+                            "invalid",
+                            "`activity_kinds` needs an `activity_entity` with a select field `kind`.".into(),
+                        ),
+                    }
+                }
                 if hours.is_some() == working_days.is_some() {
                     c.problem(
                         "trigger",

@@ -117,6 +117,9 @@ pub enum Trigger {
         /// pointing to `entity` is found from the model.
         #[serde(default)]
         activity_entity: Option<String>,
+        /// Only activity records whose `kind` field is one of these count (all, if empty).
+        #[serde(default)]
+        activity_kinds: Vec<String>,
         /// Optional rhai condition (e.g. only open opportunities).
         #[serde(default)]
         condition: Option<String>,

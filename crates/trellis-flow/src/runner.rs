@@ -2409,6 +2409,7 @@ impl Runtime {
                     hours,
                     working_days,
                     activity_entity,
+                    activity_kinds,
                     ..
                 } = &wf.def.trigger
                 else {
@@ -2441,9 +2442,20 @@ impl Runtime {
                             })
                             .map(|f| (ae.table.clone(), f.key.clone()))
                     });
+                // The statement starts empty so that the kinds' parameters come first, in order.
+                let mut sql = Sql::new("");
+                let kinds = if activity_kinds.is_empty() {
+                    String::new()
+                } else {
+                    let ps: Vec<String> = activity_kinds
+                        .iter()
+                        .map(|k| sql.param(Value::Text(k.clone())))
+                        .collect();
+                    format!(" AND a.\"kind\" IN ({})", ps.join(", "))
+                };
                 let activity = match &rel {
                     Some((table, col)) => format!(
-                        "COALESCE((SELECT MAX(a.\"created_at\") FROM {} a WHERE a.{} = t.\"id\"), t.\"created_at\")",
+                        "COALESCE((SELECT MAX(a.\"created_at\") FROM {} a WHERE a.{} = t.\"id\"{kinds}), t.\"created_at\")",
                         trellis_form::db::quote(table),
                         trellis_form::db::quote(col)
                     ),
@@ -2454,7 +2466,7 @@ impl Runtime {
                 } else {
                     "MAX"
                 };
-                let mut sql = Sql::new(format!(
+                sql.push(&format!(
                     "SELECT x.\"id\", x.\"last\" FROM (SELECT t.\"id\" AS \"id\", {greatest}({changed}, {activity}) AS \"last\" FROM {} t",
                     trellis_form::db::quote(&e.table)
                 ));
