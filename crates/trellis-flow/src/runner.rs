@@ -1058,9 +1058,6 @@ impl Runtime {
                     .map(drop)
             }
         };
-        // Scheduled runs have no entity and no record.
-        let entity = inst.app.entity(&run.entity).ok();
-        run.context["vars"] = json!(self.settings.vars);
         loop {
             let Some(id) = run.node.clone() else {
                 self.finish(&run, "succeeded", None).await?;
@@ -1078,14 +1075,7 @@ impl Runtime {
             let node = &wf.def.nodes[idx];
             let now = self.clock.now();
             // Nodes see the record as it is now, not as it was when the run started.
-            if let (Some(rid), Some(entity)) = (record_id(&run.context), entity) {
-                if let Ok(r) = store::get(&self.db, entity, rid).await {
-                    run.context["record"] = r.to_json();
-                }
-                run.context["related"] = self.related(&inst.app, entity, &run.context).await;
-            }
-            run.context["now"] = json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-            run.context["steps"] = run.steps.clone();
+            self.refresh(&mut run, &inst).await;
             let next = match &node.action {
                 Action::Wait { .. } => self.wait_node(&mut run, &wf, idx, node, now).await?,
                 Action::Approval { .. } => {
@@ -2397,6 +2387,59 @@ impl Runtime {
 
     // ----- inactivity ----------------------------------------------------------------------
 
+    /// Queue a run of `wf` unless `mark` was used before for this workflow and record (the
+    /// trigger's "once per …" rule, kept in `flow_marks`); the mark and the run commit together.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_once(
+        &self,
+        inst: &Installed,
+        wf: &Workflow,
+        entity: &str,
+        record: Option<Uuid>,
+        mark: &str,
+        ctx: &Json,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Uuid>> {
+        let mut tx = self.db.begin().await?;
+        let mut sql = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
+        sql.bind(Value::Text(inst.app.key.clone()))
+            .push(", ")
+            .bind(Value::Text(wf.def.key.clone()))
+            .push(", ")
+            .bind(Value::Uuid(record.unwrap_or_default()))
+            .push(", ")
+            .bind(Value::Text(mark.to_owned()))
+            .push(", ")
+            .bind(Value::DateTime(now))
+            .push(") ON CONFLICT DO NOTHING");
+        if tx.execute(&sql).await? != 1 {
+            return Ok(None);
+        }
+        let id = Uuid::now_v7();
+        insert_run(
+            &mut tx,
+            &NewRun {
+                id,
+                app: &inst.app.key,
+                wf: &wf.def,
+                entity,
+                record,
+                event: None,
+                context: ctx,
+                status: "queued",
+                node: Some(&wf.entry),
+                steps: &json!({}),
+                depth: 0,
+                wake_at: now,
+                error: None,
+                now,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(id))
+    }
+
     /// Start inactivity workflows for records idle past their limit, once per idle period.
     pub async fn scan_inactivity(&self) -> Result<usize> {
         let now = self.clock.now();
@@ -2545,42 +2588,13 @@ impl Runtime {
                     {
                         continue;
                     }
-                    let mut tx = self.db.begin().await?;
-                    let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
-                    mark.bind(Value::Text(inst.app.key.clone()))
-                        .push(", ")
-                        .bind(Value::Text(wf.def.key.clone()))
-                        .push(", ")
-                        .bind(Value::Uuid(id))
-                        .push(", ")
-                        .bind(Value::Text(last.to_rfc3339()))
-                        .push(", ")
-                        .bind(Value::DateTime(now))
-                        .push(") ON CONFLICT DO NOTHING");
-                    if tx.execute(&mark).await? == 1 {
-                        insert_run(
-                            &mut tx,
-                            &NewRun {
-                                id: Uuid::now_v7(),
-                                app: &inst.app.key,
-                                wf: &wf.def,
-                                entity,
-                                record: Some(id),
-                                event: None,
-                                context: &ctx,
-                                status: "queued",
-                                node: Some(&wf.entry),
-                                steps: &json!({}),
-                                depth: 0,
-                                wake_at: now,
-                                error: None,
-                                now,
-                            },
-                        )
-                        .await?;
+                    if self
+                        .start_once(&inst, wf, entity, Some(id), &last.to_rfc3339(), &ctx, now)
+                        .await?
+                        .is_some()
+                    {
                         started += 1;
                     }
-                    tx.commit().await?;
                 }
             }
         }
@@ -2685,42 +2699,21 @@ impl Runtime {
                     {
                         continue;
                     }
-                    let mut tx = self.db.begin().await?;
-                    let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
-                    mark.bind(Value::Text(inst.app.key.clone()))
-                        .push(", ")
-                        .bind(Value::Text(wf.def.key.clone()))
-                        .push(", ")
-                        .bind(Value::Uuid(id))
-                        .push(", ")
-                        .bind(Value::Text(format!("{field}={value}")))
-                        .push(", ")
-                        .bind(Value::DateTime(now))
-                        .push(") ON CONFLICT DO NOTHING");
-                    if tx.execute(&mark).await? == 1 {
-                        insert_run(
-                            &mut tx,
-                            &NewRun {
-                                id: Uuid::now_v7(),
-                                app: &inst.app.key,
-                                wf: &wf.def,
-                                entity,
-                                record: Some(id),
-                                event: None,
-                                context: &ctx,
-                                status: "queued",
-                                node: Some(&wf.entry),
-                                steps: &json!({}),
-                                depth: 0,
-                                wake_at: now,
-                                error: None,
-                                now,
-                            },
+                    if self
+                        .start_once(
+                            &inst,
+                            wf,
+                            entity,
+                            Some(id),
+                            &format!("{field}={value}"),
+                            &ctx,
+                            now,
                         )
-                        .await?;
+                        .await?
+                        .is_some()
+                    {
                         started += 1;
                     }
-                    tx.commit().await?;
                 }
             }
         }
@@ -2960,44 +2953,20 @@ impl Runtime {
             {
                 continue;
             }
-            let mut tx = self.db.begin().await?;
-            // A repeated delivery (same webhook-id) starts nothing.
-            let mut mark = Sql::new("INSERT INTO \"flow_marks\" (\"app\", \"workflow\", \"record_id\", \"mark\", \"created_at\") VALUES (");
-            mark.bind(Value::Text(app.into()))
-                .push(", ")
-                .bind(Value::Text(wf.def.key.clone()))
-                .push(", ")
-                .bind(Value::Uuid(Uuid::nil()))
-                .push(", ")
-                .bind(Value::Text(format!("webhook-id={id}")))
-                .push(", ")
-                .bind(Value::DateTime(now))
-                .push(") ON CONFLICT DO NOTHING");
-            if tx.execute(&mark).await? == 1 {
-                let run = Uuid::now_v7();
-                insert_run(
-                    &mut tx,
-                    &NewRun {
-                        id: run,
-                        app,
-                        wf: &wf.def,
-                        entity: &e.key,
-                        record: record.as_ref().map(|r| r.meta.id),
-                        event: None,
-                        context: &ctx,
-                        status: "queued",
-                        node: Some(&wf.entry),
-                        steps: &json!({}),
-                        depth: 0,
-                        wake_at: now,
-                        error: None,
-                        now,
-                    },
+            if let Some(run) = self
+                .start_once(
+                    &inst,
+                    &wf,
+                    &e.key,
+                    record.as_ref().map(|r| r.meta.id),
+                    &format!("webhook-id={id}"),
+                    &ctx,
+                    now,
                 )
-                .await?;
+                .await?
+            {
                 runs.push(run);
             }
-            tx.commit().await?;
         }
         self.work_wake.notify_one();
         Ok(runs)
