@@ -276,7 +276,9 @@ pub async fn run_db_node(
                     .and_then(Json::as_str)
                     .unwrap_or_default()
                     .to_owned();
-                insert_notification(tx, env, owner, &title, &name, Some(entity), Some(id)).await?;
+                insert_notification(tx, env, owner, &title, &name, Some(&entity.key), Some(id))
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             Ok(Outcome::ok(json!({ "owner": owner, "reason": reason })))
         }
@@ -288,7 +290,17 @@ pub async fn run_db_node(
             let b = render_str(env.wf, &format!("nodes/{i}/body"), body, ctx)?;
             let rid = record_id(ctx);
             for u in &users {
-                insert_notification(tx, env, *u, &t, &b, trigger_entity, rid).await?;
+                insert_notification(
+                    tx,
+                    env,
+                    *u,
+                    &t,
+                    &b,
+                    trigger_entity.map(|e| e.key.as_str()),
+                    rid,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
             }
             Ok(Outcome::ok(
                 json!({ "to": users, "title": t, "in_app": users.len() }),
@@ -344,15 +356,16 @@ fn describe(e: trellis_form::FormError) -> String {
     }
 }
 
-async fn insert_notification(
+/// One in-app notification, written in the run's transaction.
+pub(crate) async fn insert_notification(
     tx: &mut Tx,
     env: &Env<'_>,
     user: Uuid,
     title: &str,
     body: &str,
-    entity: Option<&Entity>,
+    entity: Option<&str>,
     record: Option<Uuid>,
-) -> Result<(), String> {
+) -> trellis_form::Result<()> {
     let mut sql = Sql::new("INSERT INTO \"notifications\" (\"id\", \"app\", \"user_id\", \"title\", \"body\", \"entity\", \"record_id\", \"run_id\", \"created_at\") VALUES (");
     sql.bind(Value::Uuid(Uuid::now_v7())).push(", ");
     sql.bind(Value::Text(env.app.key.clone())).push(", ");
@@ -361,14 +374,14 @@ async fn insert_notification(
     sql.bind(Value::Text(body.to_owned())).push(", ");
     sql.bind(
         entity
-            .map(|e| Value::Text(e.key.clone()))
+            .map(|e| Value::Text(e.to_owned()))
             .unwrap_or(Value::Null(ColKind::Text)),
     )
     .push(", ");
     sql.bind(Value::opt_uuid(record)).push(", ");
     sql.bind(Value::Uuid(env.run_id)).push(", ");
     sql.bind(Value::DateTime(env.now())).push(")");
-    tx.execute(&sql).await.map_err(|e| e.to_string())?;
+    tx.execute(&sql).await?;
     Ok(())
 }
 

@@ -42,6 +42,16 @@ impl Workflow {
         &self.conditions[name]
     }
 
+    /// Whether the trigger's condition holds over `ctx` (true without one; false when it fails:
+    /// the scans start nothing on a broken condition).
+    pub fn trigger_holds(&self, ctx: &Json) -> bool {
+        self.def.trigger.condition().is_none()
+            || self
+                .condition(&cond_name(&["trigger", "condition"]))
+                .eval(ctx)
+                .unwrap_or(false)
+    }
+
     /// The edges leaving `id`.
     pub fn edges_from(&self, id: &str) -> impl Iterator<Item = (usize, &EdgeDef)> {
         self.edges

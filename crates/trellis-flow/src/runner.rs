@@ -224,6 +224,34 @@ fn event(r: Vec<Value>) -> Event {
     }
 }
 
+impl Event {
+    /// An event that is not an outbox row (manual start, a scan, a hook, a dry run): nothing
+    /// changed, depth 0.
+    fn about(
+        app: impl Into<String>,
+        entity: impl Into<String>,
+        record_id: Uuid,
+        kind: &str,
+        record: Json,
+        actor: Option<Uuid>,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Event {
+            id: 0,
+            app: app.into(),
+            entity: entity.into(),
+            record_id,
+            kind: kind.into(),
+            changed: vec![],
+            record,
+            old: Json::Null,
+            actor,
+            at,
+            depth: 0,
+        }
+    }
+}
+
 /// The context conditions and templates see.
 fn context(ev: &Event, vars: &Vars, now: DateTime<Utc>, inst: &Installed) -> Json {
     json!({
@@ -445,6 +473,10 @@ impl Runtime {
         Ok(())
     }
 
+    fn all_installed(&self) -> Vec<Arc<Installed>> {
+        self.apps.read().expect("apps").values().cloned().collect()
+    }
+
     fn installed(&self, app: &str) -> Option<Arc<Installed>> {
         self.apps.read().expect("apps").get(app).cloned()
     }
@@ -471,8 +503,13 @@ impl Runtime {
             .fetch_optional(&sql, &[ColKind::Json])
             .await?
             .ok_or(trellis_form::FormError::NotFound("workflow version"))?;
-        let def: WorkflowDef = serde_json::from_value(json_of(&row[0]))
-            .map_err(|e| trellis_form::FormError::NotFound(leak(e.to_string())))?;
+        let def: WorkflowDef = serde_json::from_value(json_of(&row[0])).map_err(|e| {
+            trellis_form::FormError::Definition(vec![trellis_form::error::Problem::new(
+                "",
+                "invalid",
+                format!("the stored version {version} of workflow `{key}` does not parse: {e}"),
+            )])
+        })?;
         // Compile the pinned version against the current app (its entities may have grown).
         let mut app_def = inst.app.def.clone();
         app_def.workflows = vec![serde_json::to_value(&def).expect("serializable")];
@@ -858,19 +895,15 @@ impl Runtime {
         let e = inst.app.entity(wf.def.trigger.entity())?;
         let r = store::get(&self.db, e, record).await?;
         let now = self.clock.now();
-        let ev = Event {
-            id: 0,
-            app: app.into(),
-            entity: e.key.clone(),
-            record_id: record,
-            kind: "manual".into(),
-            changed: vec![],
-            record: r.to_json(),
-            old: Json::Null,
+        let ev = Event::about(
+            app,
+            e.key.clone(),
+            record,
+            "manual",
+            r.to_json(),
             actor,
-            at: now,
-            depth: 0,
-        };
+            now,
+        );
         let ctx = context(&ev, &self.settings.vars, now, &inst);
         let id = Uuid::now_v7();
         let mut tx = self.db.begin().await?;
@@ -1949,15 +1982,14 @@ impl Runtime {
                                 .push(" WHERE \"id\" = ")
                                 .bind(r[0].clone());
                             tx.execute(&up).await?;
-                            let entity = inst.app.entity(&run.entity)?;
                             for m in &managers {
-                                notify_user(
+                                actions::insert_notification(
                                     &mut tx,
                                     &env,
                                     *m,
                                     &format!("Escalated approval: {}", steps[step].name),
                                     "An approval waits for a decision past its deadline.",
-                                    &entity.key,
+                                    Some(&run.entity),
                                     record_id(&run.context),
                                 )
                                 .await?;
@@ -2131,13 +2163,13 @@ impl Runtime {
             .unwrap_or_default()
             .to_owned();
         for a in &approvers {
-            notify_user(
+            actions::insert_notification(
                 &mut tx,
                 &env,
                 *a,
                 &format!("Approval requested: {}", s.name),
                 &name,
-                &run.entity,
+                Some(&run.entity),
                 record_id(&run.context),
             )
             .await?;
@@ -2444,7 +2476,7 @@ impl Runtime {
     pub async fn scan_inactivity(&self) -> Result<usize> {
         let now = self.clock.now();
         let mut started = 0;
-        let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
+        let apps = self.all_installed();
         for inst in apps {
             for wf in inst.flows.enabled() {
                 let Trigger::Inactivity {
@@ -2565,27 +2597,18 @@ impl Runtime {
                     let Ok(rec) = store::get(&self.db, e, id).await else {
                         continue;
                     };
-                    let ev = Event {
-                        id: 0,
-                        app: inst.app.key.clone(),
-                        entity: entity.clone(),
-                        record_id: id,
-                        kind: "inactivity".into(),
-                        changed: vec![],
-                        record: rec.to_json(),
-                        old: Json::Null,
-                        actor: None,
-                        at: now,
-                        depth: 0,
-                    };
+                    let ev = Event::about(
+                        inst.app.key.clone(),
+                        entity.clone(),
+                        id,
+                        "inactivity",
+                        rec.to_json(),
+                        None,
+                        now,
+                    );
                     let mut ctx = context(&ev, &self.settings.vars, now, &inst);
                     ctx["idle_since"] = json!(last);
-                    if wf.def.trigger.condition().is_some()
-                        && !wf
-                            .condition(&cond_name(&["trigger", "condition"]))
-                            .eval(&ctx)
-                            .unwrap_or(false)
-                    {
+                    if !wf.trigger_holds(&ctx) {
                         continue;
                     }
                     if self
@@ -2609,7 +2632,7 @@ impl Runtime {
     pub async fn scan_dates(&self) -> Result<usize> {
         let now = self.clock.now();
         let mut started = 0;
-        let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
+        let apps = self.all_installed();
         for inst in apps {
             for wf in inst.flows.enabled() {
                 let Trigger::DateRelative {
@@ -2677,26 +2700,17 @@ impl Runtime {
                     if now < moment || now - moment > catch_up {
                         continue;
                     }
-                    let ev = Event {
-                        id: 0,
-                        app: inst.app.key.clone(),
-                        entity: entity.clone(),
-                        record_id: id,
-                        kind: "date_reached".into(),
-                        changed: vec![],
-                        record: rec.to_json(),
-                        old: Json::Null,
-                        actor: None,
-                        at: now,
-                        depth: 0,
-                    };
+                    let ev = Event::about(
+                        inst.app.key.clone(),
+                        entity.clone(),
+                        id,
+                        "date_reached",
+                        rec.to_json(),
+                        None,
+                        now,
+                    );
                     let ctx = context(&ev, &self.settings.vars, now, &inst);
-                    if wf.def.trigger.condition().is_some()
-                        && !wf
-                            .condition(&cond_name(&["trigger", "condition"]))
-                            .eval(&ctx)
-                            .unwrap_or(false)
-                    {
+                    if !wf.trigger_holds(&ctx) {
                         continue;
                     }
                     if self
@@ -2729,7 +2743,7 @@ impl Runtime {
     pub async fn scan_schedules(&self) -> Result<usize> {
         let now = self.clock.now();
         let mut started = 0;
-        let apps: Vec<Arc<Installed>> = self.apps.read().expect("apps").values().cloned().collect();
+        let apps = self.all_installed();
         for inst in apps {
             let tz = inst
                 .app
@@ -2930,27 +2944,18 @@ impl Runtime {
                 }
                 None => None,
             };
-            let ev = Event {
-                id: 0,
-                app: app.into(),
-                entity: e.key.clone(),
-                record_id: record.as_ref().map(|r| r.meta.id).unwrap_or_default(),
-                kind: "webhook".into(),
-                changed: vec![],
-                record: record.as_ref().map(|r| r.to_json()).unwrap_or(json!({})),
-                old: Json::Null,
-                actor: None,
-                at: now,
-                depth: 0,
-            };
+            let ev = Event::about(
+                app,
+                e.key.clone(),
+                record.as_ref().map(|r| r.meta.id).unwrap_or_default(),
+                "webhook",
+                record.as_ref().map(|r| r.to_json()).unwrap_or(json!({})),
+                None,
+                now,
+            );
             let mut ctx = context(&ev, &self.settings.vars, now, &inst);
             ctx["payload"] = payload.clone();
-            if wf.def.trigger.condition().is_some()
-                && !wf
-                    .condition(&cond_name(&["trigger", "condition"]))
-                    .eval(&ctx)
-                    .unwrap_or(false)
-            {
+            if !wf.trigger_holds(&ctx) {
                 continue;
             }
             if let Some(run) = self
@@ -3071,19 +3076,15 @@ impl Runtime {
             }
         };
         let before = rec.to_json();
-        let mut ev = Event {
-            id: 0,
-            app: app.into(),
-            entity: e.key.clone(),
-            record_id: rec.meta.id,
-            kind: "dry_run".into(),
-            changed: vec![],
-            record: before.clone(),
-            old: Json::Null,
-            actor: None,
-            at: now,
-            depth: 0,
-        };
+        let mut ev = Event::about(
+            app,
+            e.key.clone(),
+            rec.meta.id,
+            "dry_run",
+            before.clone(),
+            None,
+            now,
+        );
         let mut trigger_matches = Json::Null;
         if let Some(old_ctx) = &replayed {
             ev.kind = old_ctx
@@ -3179,7 +3180,9 @@ impl Runtime {
         record: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<Json>> {
-        let mut sql = Sql::new("SELECT \"id\", \"workflow\", \"version\", \"mode\", \"entity\", \"record_id\", \"status\", \"node\", \"attempt\", \"depth\", \"wake_at\", \"error\", \"created_at\", \"finished_at\" FROM \"flow_runs\" WHERE \"app\" = ");
+        let mut sql = Sql::new(format!(
+            "SELECT {RUN_SUMMARY} FROM \"flow_runs\" WHERE \"app\" = "
+        ));
         sql.bind(Value::Text(app.into()));
         if let Some(w) = workflow {
             sql.push(" AND \"workflow\" = ").bind(Value::Text(w.into()));
@@ -3191,57 +3194,25 @@ impl Runtime {
             " ORDER BY \"created_at\" DESC, \"id\" DESC LIMIT {}",
             limit.clamp(1, 500)
         ));
-        let kinds = [
-            ColKind::Uuid,
-            ColKind::Text,
-            ColKind::Int,
-            ColKind::Text,
-            ColKind::Text,
-            ColKind::Uuid,
-            ColKind::Text,
-            ColKind::Text,
-            ColKind::Int,
-            ColKind::Int,
-            ColKind::DateTime,
-            ColKind::Text,
-            ColKind::DateTime,
-            ColKind::DateTime,
-        ];
-        Ok(self.db.fetch_all(&sql, &kinds).await?.into_iter().map(|r| {
-            json!({
-                "id": uuid(&r[0]), "workflow": text(&r[1]), "version": int(&r[2]), "mode": text(&r[3]),
-                "entity": text(&r[4]), "record_id": uuid(&r[5]), "status": text(&r[6]),
-                "node": match &r[7] { Value::Text(s) => json!(s), _ => Json::Null },
-                "attempt": int(&r[8]), "depth": int(&r[9]), "wake_at": time(&r[10]),
-                "error": match &r[11] { Value::Text(s) => json!(s), _ => Json::Null },
-                "created_at": time(&r[12]), "finished_at": time(&r[13]),
-            })
-        }).collect())
+        Ok(self
+            .db
+            .fetch_all(&sql, &RUN_SUMMARY_KINDS)
+            .await?
+            .iter()
+            .map(|r| run_summary(r))
+            .collect())
     }
 
     /// One run with its steps.
     pub async fn run(&self, app: &str, id: Uuid) -> Result<Option<Json>> {
-        let mut sql = Sql::new("SELECT \"id\", \"workflow\", \"version\", \"mode\", \"entity\", \"record_id\", \"status\", \"node\", \"attempt\", \"depth\", \"wake_at\", \"error\", \"created_at\", \"finished_at\", \"context\" FROM \"flow_runs\" WHERE \"app\" = ");
+        let mut sql = Sql::new(format!(
+            "SELECT {RUN_SUMMARY}, \"context\" FROM \"flow_runs\" WHERE \"app\" = "
+        ));
         sql.bind(Value::Text(app.into()))
             .push(" AND \"id\" = ")
             .bind(Value::Uuid(id));
-        let kinds = [
-            ColKind::Uuid,
-            ColKind::Text,
-            ColKind::Int,
-            ColKind::Text,
-            ColKind::Text,
-            ColKind::Uuid,
-            ColKind::Text,
-            ColKind::Text,
-            ColKind::Int,
-            ColKind::Int,
-            ColKind::DateTime,
-            ColKind::Text,
-            ColKind::DateTime,
-            ColKind::DateTime,
-            ColKind::Json,
-        ];
+        let mut kinds = RUN_SUMMARY_KINDS.to_vec();
+        kinds.push(ColKind::Json);
         let Some(r) = self.db.fetch_optional(&sql, &kinds).await? else {
             return Ok(None);
         };
@@ -3264,23 +3235,52 @@ impl Runtime {
         let steps: Vec<Json> = self.db.fetch_all(&s, &sk).await?.into_iter().map(|x| json!({
             "seq": int(&x[0]), "node": text(&x[1]), "type": text(&x[2]), "status": text(&x[3]), "attempt": int(&x[4]),
             "idempotency_key": text(&x[5]), "output": json_of(&x[6]),
-            "error": match &x[7] { Value::Text(s) => json!(s), _ => Json::Null },
+            "error": opt_text(&x[7]),
             "started_at": time(&x[8]), "finished_at": time(&x[9]),
             "duration_ms": match x[10] { Value::Int(i) => json!(i), _ => Json::Null },
             "input": json_of(&x[11]),
         })).collect();
-        let ctx = json_of(&r[14]);
-        Ok(Some(json!({
-            "id": uuid(&r[0]), "workflow": text(&r[1]), "version": int(&r[2]), "mode": text(&r[3]),
-            "entity": text(&r[4]), "record_id": uuid(&r[5]), "status": text(&r[6]),
-            "node": match &r[7] { Value::Text(s) => json!(s), _ => Json::Null },
-            "attempt": int(&r[8]), "depth": int(&r[9]), "wake_at": time(&r[10]),
-            "error": match &r[11] { Value::Text(s) => json!(s), _ => Json::Null },
-            "created_at": time(&r[12]), "finished_at": time(&r[13]),
-            "trigger": { "event": ctx.get("event"), "changed": ctx.get("changed"), "old": ctx.get("old") },
-            "steps": steps,
-        })))
+        let ctx = json_of(&r[RUN_SUMMARY_KINDS.len()]);
+        let mut out = run_summary(&r);
+        out["trigger"] = json!({ "event": ctx.get("event"), "changed": ctx.get("changed"), "old": ctx.get("old") });
+        out["steps"] = json!(steps);
+        Ok(Some(out))
     }
+}
+
+/// The columns of a run's summary (lists and the head of one run).
+const RUN_SUMMARY: &str = "\"id\", \"workflow\", \"version\", \"mode\", \"entity\", \"record_id\", \"status\", \"node\", \"attempt\", \"depth\", \"wake_at\", \"error\", \"created_at\", \"finished_at\"";
+const RUN_SUMMARY_KINDS: [ColKind; 14] = [
+    ColKind::Uuid,
+    ColKind::Text,
+    ColKind::Int,
+    ColKind::Text,
+    ColKind::Text,
+    ColKind::Uuid,
+    ColKind::Text,
+    ColKind::Text,
+    ColKind::Int,
+    ColKind::Int,
+    ColKind::DateTime,
+    ColKind::Text,
+    ColKind::DateTime,
+    ColKind::DateTime,
+];
+
+fn opt_text(v: &Value) -> Json {
+    match v {
+        Value::Text(s) => json!(s),
+        _ => Json::Null,
+    }
+}
+
+fn run_summary(r: &[Value]) -> Json {
+    json!({
+        "id": uuid(&r[0]), "workflow": text(&r[1]), "version": int(&r[2]), "mode": text(&r[3]),
+        "entity": text(&r[4]), "record_id": uuid(&r[5]), "status": text(&r[6]),
+        "node": opt_text(&r[7]), "attempt": int(&r[8]), "depth": int(&r[9]), "wake_at": time(&r[10]),
+        "error": opt_text(&r[11]), "created_at": time(&r[12]), "finished_at": time(&r[13]),
+    })
 }
 
 impl Outcome {
@@ -3290,10 +3290,6 @@ impl Outcome {
             data,
         }
     }
-}
-
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
 }
 
 /// An inline workflow failed; the write is refused.
@@ -3456,29 +3452,6 @@ async fn managers_of(tx: &mut Tx, users: &[Uuid]) -> Result<Vec<Uuid>> {
         }
     }
     Ok(out)
-}
-
-async fn notify_user(
-    tx: &mut Tx,
-    env: &Env<'_>,
-    user: Uuid,
-    title: &str,
-    body: &str,
-    entity: &str,
-    record: Option<Uuid>,
-) -> Result<()> {
-    let mut sql = Sql::new("INSERT INTO \"notifications\" (\"id\", \"app\", \"user_id\", \"title\", \"body\", \"entity\", \"record_id\", \"run_id\", \"created_at\") VALUES (");
-    sql.bind(Value::Uuid(Uuid::now_v7())).push(", ");
-    sql.bind(Value::Text(env.app.key.clone())).push(", ");
-    sql.bind(Value::Uuid(user)).push(", ");
-    sql.bind(Value::Text(title.into())).push(", ");
-    sql.bind(Value::Text(body.into())).push(", ");
-    sql.bind(Value::Text(entity.into())).push(", ");
-    sql.bind(Value::opt_uuid(record)).push(", ");
-    sql.bind(Value::Uuid(env.run_id)).push(", ");
-    sql.bind(Value::DateTime(env.now())).push(")");
-    tx.execute(&sql).await?;
-    Ok(())
 }
 
 async fn record_email(

@@ -16,8 +16,8 @@ use rust_decimal::Decimal;
 use serde_json::Value as Json;
 use std::sync::Arc;
 
-/// Operations one evaluation may take.
-pub const MAX_OPERATIONS: u64 = 50_000;
+/// Operations one evaluation may take (the form engine's sandbox sets it).
+pub use trellis_form::formula::MAX_OPERATIONS;
 
 /// The sandboxed engine every condition shares.
 pub fn engine() -> Engine {
@@ -29,15 +29,7 @@ pub fn engine() -> Engine {
     MoreStringPackage::new().register_into_engine(&mut e);
     BasicArrayPackage::new().register_into_engine(&mut e);
     BasicMapPackage::new().register_into_engine(&mut e);
-    e.set_max_operations(MAX_OPERATIONS)
-        .set_max_call_levels(16)
-        .set_max_expr_depths(64, 32)
-        .set_max_string_size(10_000)
-        .set_max_array_size(1_000)
-        .set_max_map_size(1_000)
-        .set_strict_variables(true);
-    e.on_print(|_| {});
-    e.on_debug(|_, _, _| {});
+    trellis_form::formula::sandbox(&mut e);
     // `eval` compiles text at run time: a way around compile-time checks. Off.
     e.disable_symbol("eval");
     e.register_fn(

@@ -55,9 +55,10 @@ pub struct Formula {
     pub result: ResultType,
 }
 
-/// The sandboxed engine every formula of an app shares.
-pub fn engine() -> Engine {
-    let mut e = Engine::new();
+/// The limits every rhai engine of Trellis runs under (formulas and workflow conditions):
+/// operations, call depth, expression depth, string, array and map sizes, strict variables, and
+/// `print`/`debug` going nowhere.
+pub fn sandbox(e: &mut Engine) {
     e.set_max_operations(MAX_OPERATIONS)
         .set_max_call_levels(16)
         .set_max_expr_depths(64, 32)
@@ -67,6 +68,12 @@ pub fn engine() -> Engine {
         .set_strict_variables(true);
     e.on_print(|_| {});
     e.on_debug(|_, _, _| {});
+}
+
+/// The sandboxed engine every formula of an app shares.
+pub fn engine() -> Engine {
+    let mut e = Engine::new();
+    sandbox(&mut e);
     e.register_fn(
         "days_between",
         |a: &str, b: &str| -> Result<rhai::INT, Box<EvalAltResult>> {

@@ -63,13 +63,19 @@ pub async fn inline_written(
 fn refused(
     ran: std::result::Result<Option<Record>, trellis_flow::runner::InlineError>,
 ) -> Result<Option<Record>> {
-    ran.map_err(|e| {
-        FormError::Invalid(vec![trellis_form::error::Problem::new(
-            "",
-            "workflow_failed",
-            e.to_string(),
-        )])
-    })
+    ran.map_err(|e| workflow_failed("", &e))
+}
+
+/// The write is refused because an inline workflow failed: one problem at `path`.
+pub fn workflow_failed(
+    path: impl Into<String>,
+    e: &trellis_flow::runner::InlineError,
+) -> FormError {
+    FormError::Invalid(vec![trellis_form::error::Problem::new(
+        path,
+        "workflow_failed",
+        e.to_string(),
+    )])
 }
 
 impl Writer {

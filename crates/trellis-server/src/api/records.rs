@@ -76,7 +76,7 @@ pub(crate) async fn scoped(
 }
 
 /// Read a record the caller may see, or 404.
-async fn visible(
+pub(crate) async fn visible(
     state: &AppState,
     access: &crate::policy::Access,
     e: &trellis_form::model::Entity,
@@ -313,14 +313,7 @@ async fn batch_create(
             .inline_created(&mut tx, &loaded.app.key, &entity, &r, c.actor)
             .await
         {
-            return Err(
-                trellis_form::FormError::Invalid(vec![trellis_form::error::Problem::new(
-                    format!("/records/{i}"),
-                    "workflow_failed",
-                    err.to_string(),
-                )])
-                .into(),
-            );
+            return Err(crate::writer::workflow_failed(format!("/records/{i}"), &err).into());
         }
     }
     tx.commit().await?;

@@ -92,7 +92,7 @@ async fn receive_hook(
     }
 }
 
-/// A record the caller may see, or 404.
+/// A record of `entity` the caller may see, or 404 (the records API's own check).
 async fn visible_record(
     state: &AppState,
     access: &Access,
@@ -100,13 +100,7 @@ async fn visible_record(
     entity: &str,
     id: Uuid,
 ) -> ApiResult<store::Record> {
-    let e = loaded.app.entity(entity)?;
-    let r = store::get(&state.db, e, id).await?;
-    if access.sees(r.meta.owner) {
-        Ok(r)
-    } else {
-        Err(trellis_form::FormError::RecordNotFound.into())
-    }
+    super::records::visible(state, access, loaded.app.entity(entity)?, id).await
 }
 
 fn everything(access: &Access, what: &str) -> ApiResult<()> {
