@@ -5,6 +5,7 @@ mod api_surface;
 mod apps_api;
 mod helpers;
 mod identity_api;
+mod permission_matrix;
 mod permissions_api;
 mod records_api;
 mod reports_api;

@@ -145,6 +145,21 @@ pub async fn import_checked(
     sql.bind(Value::DateTime(now)).push(", ");
     sql.bind(Value::opt_uuid(actor)).push(")");
     tx.execute(&sql).await?;
+    crate::audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&new.key),
+        "app.import",
+        &new.key,
+        serde_json::json!({
+            "version": new.version,
+            "previous_version": current.as_ref().map(|c| c.version),
+            "changes": p.steps.iter().map(|s| s.description.clone()).collect::<Vec<_>>(),
+            "roles": new.roles.keys(),
+        }),
+    )
+    .await?;
     tx.commit().await?;
     Ok(ImportOutcome {
         app: new.key.clone(),

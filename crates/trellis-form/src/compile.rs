@@ -91,11 +91,13 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
     if !c.problems.is_empty() {
         return Err(FormError::Definition(c.problems));
     }
+    let roles = crate::roles::compile(&def.roles, &entities).map_err(FormError::Definition)?;
     Ok(App {
         key: def.key.clone(),
         version,
         def,
         entities,
+        roles,
     })
 }
 

@@ -64,7 +64,7 @@ pub struct AppDef {
     /// Report definitions; kept verbatim until the report engine compiles them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reports: Vec<serde_json::Value>,
-    /// Role definitions; kept verbatim until the permission model compiles them.
+    /// Role definitions, compiled by [`crate::roles`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<serde_json::Value>,
     /// Calendars (working days, holidays); kept verbatim until the workflow engine uses them.

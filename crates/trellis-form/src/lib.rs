@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod apps;
+pub mod audit;
 pub mod bundle;
 pub mod compile;
 pub mod db;
@@ -20,6 +21,7 @@ pub mod formula;
 pub mod model;
 pub mod plan;
 pub mod query;
+pub mod roles;
 pub(crate) mod schema;
 pub mod sheet;
 pub mod store;

@@ -28,6 +28,8 @@ pub struct App {
     pub def: AppDef,
     /// Compiled entities, in definition order.
     pub entities: Vec<Entity>,
+    /// Roles: the built-ins (as shipped or redefined) and the app's own.
+    pub roles: crate::roles::Roles,
 }
 
 impl App {

@@ -951,9 +951,20 @@ async fn user_create(
     let mut tx = db.begin().await?;
     let result = async {
         let u = trellis_form::users::create(&mut tx, &input, SystemClock.now()).await?;
-        if let Ok(p) = std::env::var("TRELLIS_PASSWORD") {
-            crate::identity::set_password(&mut tx, u.id, &p).await?;
+        let password = std::env::var("TRELLIS_PASSWORD").ok();
+        if let Some(p) = &password {
+            crate::identity::set_password(&mut tx, u.id, p).await?;
         }
+        trellis_form::audit::record(
+            &mut tx,
+            SystemClock.now(),
+            None,
+            None,
+            "user.create",
+            &u.id.to_string(),
+            serde_json::json!({"via": "cli", "name": u.name, "email": u.email, "is_admin": admin, "password_set": password.is_some()}),
+        )
+        .await?;
         Ok::<_, FormError>(u)
     }
     .await;
@@ -999,6 +1010,16 @@ async fn token_create(
     let mut tx = db.begin().await?;
     let (token, id) =
         crate::identity::create_token(&mut tx, user.id, name, "api", scope, expires, now).await?;
+    trellis_form::audit::record(
+        &mut tx,
+        now,
+        None,
+        None,
+        "token.create",
+        &id.to_string(),
+        serde_json::json!({"via": "cli", "name": name, "scope": scope, "expires_at": expires.map(|t| trellis_form::values::datetime_json(&t)), "user_id": user.id}),
+    )
+    .await?;
     tx.commit().await?;
     eprintln!(
         "Token {id} for {} (scope {}), shown once:",

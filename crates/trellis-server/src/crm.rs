@@ -61,6 +61,22 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../examples/crm/workflows/07-lead-welcome.json"),
     ),
     (
+        "roles/01-admin.json",
+        include_str!("../../../examples/crm/roles/01-admin.json"),
+    ),
+    (
+        "roles/02-manager.json",
+        include_str!("../../../examples/crm/roles/02-manager.json"),
+    ),
+    (
+        "roles/03-sales_rep.json",
+        include_str!("../../../examples/crm/roles/03-sales_rep.json"),
+    ),
+    (
+        "roles/04-sdr.json",
+        include_str!("../../../examples/crm/roles/04-sdr.json"),
+    ),
+    (
         "reports/sales.json",
         include_str!("../../../examples/crm/reports/sales.json"),
     ),

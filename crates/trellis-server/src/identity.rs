@@ -359,7 +359,18 @@ pub async fn revoke_token(
         .push(" WHERE \"id\" = ")
         .bind(Value::Uuid(id))
         .push(" AND \"revoked_at\" IS NULL");
-    tx.execute(&sql).await?;
+    if tx.execute(&sql).await? > 0 {
+        trellis_form::audit::record(
+            &mut tx,
+            now,
+            Some(caller),
+            None,
+            "token.revoke",
+            &id.to_string(),
+            serde_json::json!({"name": t.name, "user_id": t.user_id}),
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(())
 }

@@ -23,6 +23,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(entity_schema))
         .routes(routes!(list_members))
         .routes(routes!(set_member, remove_member))
+        .routes(routes!(list_roles))
+        .routes(routes!(app_audit))
+        .routes(routes!(audit_log))
 }
 
 /// Import options in the query string.
@@ -254,7 +257,7 @@ async fn manage(state: &AppState, actor: &Actor, app: &str) -> ApiResult<()> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemberBody {
-    /// `admin`, `manager`, `sales_rep` or `viewer`.
+    /// A role of the app: `admin`, `manager`, `sales_rep`, `viewer` or one the app defines.
     role: String,
 }
 
@@ -273,22 +276,47 @@ async fn set_member(
     manage(&state, &actor, &app).await?;
     let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
     trellis_form::users::get(&state.db, user).await?;
-    if !crate::policy::ROLES.contains(&b.role.as_str()) {
+    let loaded = state.app(&app)?;
+    if loaded.app.roles.get(&b.role).is_none() {
         return Err(
             ApiError::new("validation_failed", "Unknown role.").with_errors(vec![
                 trellis_form::Problem::new(
                     "/role",
                     "unknown_option",
                     format!(
-                        "`{}` is not a role; use one of {}.",
+                        "`{}` is not a role of this app; use one of {}.",
                         b.role,
-                        crate::policy::ROLES.join(", ")
+                        loaded.app.roles.keys().join(", ")
                     ),
                 ),
             ]),
         );
     }
     let mut tx = state.db.begin().await?;
+    let mut old =
+        trellis_form::db::Sql::new("SELECT \"role\" FROM \"app_members\" WHERE \"app\" = ");
+    old.bind(trellis_form::db::Value::Text(app.clone()))
+        .push(" AND \"user_id\" = ")
+        .bind(trellis_form::db::Value::Uuid(user));
+    let previous = match tx
+        .fetch_all(&old, &[trellis_form::model::ColKind::Text])
+        .await?
+        .first()
+        .map(|r| r[0].clone())
+    {
+        Some(trellis_form::db::Value::Text(r)) => Some(r),
+        _ => None,
+    };
+    trellis_form::audit::record(
+        &mut tx,
+        state.clock.now(),
+        Some(actor.user_id),
+        Some(&app),
+        "member.set",
+        &user.to_string(),
+        json!({"role": b.role, "previous_role": previous}),
+    )
+    .await?;
     let mut del = trellis_form::db::Sql::new("DELETE FROM \"app_members\" WHERE \"app\" = ");
     del.bind(trellis_form::db::Value::Text(app.clone()))
         .push(" AND \"user_id\" = ")
@@ -320,11 +348,111 @@ async fn remove_member(
     manage(&state, &actor, &app).await?;
     let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
     let mut del = trellis_form::db::Sql::new("DELETE FROM \"app_members\" WHERE \"app\" = ");
-    del.bind(trellis_form::db::Value::Text(app))
+    del.bind(trellis_form::db::Value::Text(app.clone()))
         .push(" AND \"user_id\" = ")
         .bind(trellis_form::db::Value::Uuid(user));
     let mut tx = state.db.begin().await?;
-    tx.execute(&del).await?;
+    if tx.execute(&del).await? > 0 {
+        trellis_form::audit::record(
+            &mut tx,
+            state.clock.now(),
+            Some(actor.user_id),
+            Some(&app),
+            "member.remove",
+            &user.to_string(),
+            json!({}),
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// The app's roles (built-in and defined): scope, admin, and per entity what they may do and
+/// which fields are hidden or read-only. Any member may read them; `me` is the caller's.
+#[utoipa::path(get, path = "/api/v1/apps/{app}/roles", tag = "apps", params(("app" = String, Path, description = "App key")),
+    responses((status = 200, description = "`{me, roles: [{key, label, scope, admin, built_in, entities: {entity: {can, fields}}}]}`", body = Object),
+              (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn list_roles(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let access = crate::policy::access(&state, &actor, &app).await?;
+    let loaded = state.app(&app)?;
+    Ok(Json(
+        json!({"me": access.role.key, "roles": crate::policy::roles_json(&loaded.app.roles)}),
+    ))
+}
+
+/// Paging of the audit log.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    /// Entries per page, 1–1000 (default 100).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Only this app's entries (`/api/v1/audit` only).
+    app: Option<String>,
+}
+
+async fn audit_page(
+    state: &AppState,
+    app: Option<&str>,
+    p: &AuditParams,
+) -> ApiResult<Json<Value>> {
+    let before = match &p.cursor {
+        None => None,
+        Some(c) => Some(uuid::Uuid::parse_str(c).map_err(|_| {
+            ApiError::new(
+                "invalid_query",
+                "The cursor is not one this server gave out.",
+            )
+            .with_errors(vec![trellis_form::Problem::new(
+                "/cursor",
+                "malformed",
+                "Use the `next_cursor` of the previous page.",
+            )])
+        })?),
+    };
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = trellis_form::audit::list(&state.db, app, before, limit).await?;
+    let next = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(Json(json!({"entries": entries, "next_cursor": next})))
+}
+
+/// The app's audit log, newest first: definition imports and member changes (app administrators).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/audit", tag = "apps", params(("app" = String, Path, description = "App key"), AuditParams),
+    responses((status = 200, description = "`{entries: [{id, at, actor, app, action, target, detail}], next_cursor}`", body = Object),
+              (status = 404, description = "No such app (or not yours to administer)", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn app_audit(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(app): Path<String>,
+    Q(p): Q<AuditParams>,
+) -> ApiResult<Json<Value>> {
+    manage(&state, &actor, &app).await?;
+    audit_page(&state, Some(&app), &p).await
+}
+
+/// The whole audit log, newest first: app definitions, members and roles, users, teams and
+/// tokens (administrators only).
+#[utoipa::path(get, path = "/api/v1/audit", tag = "identity", params(AuditParams),
+    responses((status = 200, description = "`{entries: [{id, at, actor, app, action, target, detail}], next_cursor}`", body = Object),
+              (status = 404, description = "Not an administrator", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn audit_log(
+    State(state): State<AppState>,
+    actor: Actor,
+    Q(p): Q<AuditParams>,
+) -> ApiResult<Json<Value>> {
+    if !actor.is_admin {
+        return Err(ApiError::not_found(
+            "only administrators read the audit log",
+        ));
+    }
+    audit_page(&state, p.app.as_deref(), &p).await
 }

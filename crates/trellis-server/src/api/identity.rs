@@ -157,6 +157,16 @@ async fn create_token(
         now,
     )
     .await?;
+    trellis_form::audit::record(
+        &mut tx,
+        now,
+        Some(actor.user_id),
+        None,
+        "token.create",
+        &id.to_string(),
+        json!({"name": b.name.trim(), "scope": scope, "expires_at": expires.map(|t| trellis_form::values::datetime_json(&t)), "user_id": actor.user_id}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,

@@ -3,6 +3,7 @@
 use super::{parse_id, Body, ProblemDoc, Q};
 use crate::auth::Actor;
 use crate::error::{ApiError, ApiResult};
+use crate::policy::{Access, Op};
 use crate::state::{AppState, Loaded};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -39,12 +40,38 @@ fn ctx(state: &AppState, loaded: &Loaded, actor: &Actor) -> WriteCtx {
     }
 }
 
+/// Refuse bodies that set fields the caller's role hides or makes read-only (403 naming each
+/// field, under `path`/<index> for a batch).
+fn mass_assignment(access: &Access, entity: &str, inputs: &[Value], path: &str) -> ApiResult<()> {
+    let batch = inputs.len() > 1 || path == "/records";
+    let problems: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            let p = if batch {
+                format!("{path}/{i}")
+            } else {
+                path.to_owned()
+            };
+            access.unwritable(entity, r, &p)
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            "forbidden",
+            format!(
+                "Your role `{}` may not set some of these fields.",
+                access.role.key
+            ),
+        )
+        .with_errors(problems))
+    }
+}
+
 /// Check the owner a caller sends (or give a scoped caller's new records to themselves).
-fn owner_rule(
-    access: &crate::policy::Access,
-    input: &mut Value,
-    path: &str,
-) -> Vec<trellis_form::Problem> {
+fn owner_rule(access: &Access, input: &mut Value, path: &str) -> Vec<trellis_form::Problem> {
     let Some(owners) = &access.owners else {
         return vec![];
     };
@@ -70,7 +97,7 @@ pub(crate) async fn scoped(
     state: &AppState,
     actor: &Actor,
     app: &str,
-) -> ApiResult<(crate::policy::Access, Loaded)> {
+) -> ApiResult<(Access, Loaded)> {
     let access = crate::policy::access(state, actor, app).await?;
     Ok((access, state.app(app)?))
 }
@@ -78,7 +105,7 @@ pub(crate) async fn scoped(
 /// Read a record the caller may see, or 404.
 pub(crate) async fn visible(
     state: &AppState,
-    access: &crate::policy::Access,
+    access: &Access,
     e: &trellis_form::model::Entity,
     id: uuid::Uuid,
 ) -> ApiResult<Record> {
@@ -90,7 +117,13 @@ pub(crate) async fn visible(
     }
 }
 
-fn record_response(status: StatusCode, app: &str, entity: &str, r: &Record) -> Response {
+fn record_response(
+    status: StatusCode,
+    access: &Access,
+    app: &str,
+    entity: &str,
+    r: &Record,
+) -> Response {
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", r.meta.version)) {
         headers.insert(header::ETAG, v);
@@ -103,7 +136,7 @@ fn record_response(status: StatusCode, app: &str, entity: &str, r: &Record) -> R
             headers.insert(header::LOCATION, v);
         }
     }
-    (status, headers, Json(r.to_json())).into_response()
+    (status, headers, Json(access.redact(entity, r.to_json()))).into_response()
 }
 
 /// Query-string form of a list request.
@@ -152,6 +185,14 @@ async fn run_list(
 ) -> ApiResult<Json<Value>> {
     let (access, loaded) = scoped(state, actor, app).await?;
     let e = loaded.app.entity(entity)?;
+    access.require(entity, Op::Read)?;
+    // Hidden fields cannot be filtered or sorted on (the answer would reveal them).
+    for (i, f) in q.filters.iter().enumerate() {
+        access.readable_field(entity, &f.field, &format!("/filters/{i}/field"))?;
+    }
+    if let Some(sort) = &q.sort {
+        access.readable_field(entity, sort.trim_start_matches('-'), "/sort")?;
+    }
     // A scoped caller lists (and counts) only the records they may see.
     if let Some(owners) = &access.owners {
         q.filters.push(Filter {
@@ -162,7 +203,7 @@ async fn run_list(
     }
     let page = trellis_form::query::list(&state.db, e, &q).await?;
     let mut body = json!({
-        "records": page.records.iter().map(Record::to_json).collect::<Vec<_>>(),
+        "records": page.records.iter().map(|r| access.redact(entity, r.to_json())).collect::<Vec<_>>(),
         "next_cursor": page.next_cursor,
     });
     if let Some(t) = page.total {
@@ -235,8 +276,9 @@ async fn create_record(
     Body(mut input): Body<Value>,
 ) -> ApiResult<Response> {
     let (access, loaded) = scoped(&state, &actor, &app).await?;
-    access.require_write()?;
     let e = loaded.app.entity(&entity)?;
+    access.require(&entity, Op::Create)?;
+    mass_assignment(&access, &entity, std::slice::from_ref(&input), "")?;
     let problems = owner_rule(&access, &mut input, "");
     if !problems.is_empty() {
         return Err(trellis_form::FormError::Invalid(problems).into());
@@ -257,7 +299,13 @@ async fn create_record(
             r
         }
     };
-    Ok(record_response(StatusCode::CREATED, &app, &entity, &r))
+    Ok(record_response(
+        StatusCode::CREATED,
+        &access,
+        &app,
+        &entity,
+        &r,
+    ))
 }
 
 /// A batch of records to create.
@@ -282,8 +330,9 @@ async fn batch_create(
     Body(mut b): Body<BatchBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let (access, loaded) = scoped(&state, &actor, &app).await?;
-    access.require_write()?;
     let e = loaded.app.entity(&entity)?;
+    access.require(&entity, Op::Create)?;
+    mass_assignment(&access, &entity, &b.records, "/records")?;
     let problems: Vec<_> = b
         .records
         .iter_mut()
@@ -336,8 +385,9 @@ async fn get_record(
 ) -> ApiResult<Response> {
     let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
+    access.require(&entity, Op::Read)?;
     let r = visible(&state, &access, e, parse_id(&id)?).await?;
-    Ok(record_response(StatusCode::OK, &app, &entity, &r))
+    Ok(record_response(StatusCode::OK, &access, &app, &entity, &r))
 }
 
 fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
@@ -377,8 +427,10 @@ async fn update_record(
     let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
+    access.require(&entity, Op::Read)?;
     visible(&state, &access, e, id).await?;
-    access.require_write()?;
+    access.require(&entity, Op::Update)?;
+    mass_assignment(&access, &entity, std::slice::from_ref(&patch), "")?;
     if patch.get("owner").is_some() {
         let problems = owner_rule(&access, &mut patch.clone(), "");
         if !problems.is_empty() {
@@ -395,7 +447,7 @@ async fn update_record(
         .unwrap_or(r);
     tx.commit().await?;
     state.flows.wake.notify_one();
-    Ok(record_response(StatusCode::OK, &app, &entity, &r))
+    Ok(record_response(StatusCode::OK, &access, &app, &entity, &r))
 }
 
 /// Delete a record (refused while other records point to it).
@@ -414,8 +466,9 @@ async fn delete_record(
     let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
     let id = parse_id(&id)?;
+    access.require(&entity, Op::Read)?;
     visible(&state, &access, e, id).await?;
-    access.require_write()?;
+    access.require(&entity, Op::Delete)?;
     let expected = if_match(&headers)?;
     let c = ctx(&state, &loaded, &actor);
     let mut tx = state.db.begin().await?;
@@ -438,12 +491,18 @@ async fn record_history(
 ) -> ApiResult<Json<Value>> {
     let (access, loaded) = scoped(&state, &actor, &app).await?;
     let e = loaded.app.entity(&entity)?;
+    access.require(&entity, Op::Read)?;
     let id = parse_id(&id)?;
     // History of a record the caller cannot see (or that was deleted) is not theirs to read,
     // except for those who see every record.
     if access.owners.is_some() {
         visible(&state, &access, e, id).await?;
     }
-    let rows = store::history(&state.db, &loaded.app, e, id).await?;
+    let hidden = &access.perm(&entity).hidden;
+    let rows: Vec<_> = store::history(&state.db, &loaded.app, e, id)
+        .await?
+        .into_iter()
+        .filter(|h| !hidden.contains(&h.field))
+        .collect();
     Ok(Json(json!({ "history": rows })))
 }

@@ -6,6 +6,7 @@
 use super::{Body, ProblemDoc, Q};
 use crate::auth::Actor;
 use crate::error::{ApiError, ApiResult};
+use crate::policy::{Access, Op};
 use crate::state::{AppState, Loaded};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
@@ -14,6 +15,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use trellis_report::expr::Expr;
+use trellis_report::model::Kind;
 use trellis_report::{engine, DrillQuery, Query, Visibility};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -28,16 +31,116 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_alerts))
 }
 
-async fn prelude(state: &AppState, actor: &Actor, app: &str) -> ApiResult<(Visibility, Loaded)> {
+/// The caller's visibility (whose records count) and role, and the app.
+pub(crate) struct Seen {
+    vis: Visibility,
+    access: Access,
+}
+
+async fn prelude(state: &AppState, actor: &Actor, app: &str) -> ApiResult<(Seen, Loaded)> {
     let (access, loaded) = super::records::scoped(state, actor, app).await?;
     let vis = Visibility {
-        owners: access.owners.map(|s| {
-            let mut v: Vec<_> = s.into_iter().collect();
+        owners: access.owners.as_ref().map(|s| {
+            let mut v: Vec<_> = s.iter().copied().collect();
             v.sort();
             v
         }),
     };
-    Ok((vis, loaded))
+    Ok((Seen { vis, access }, loaded))
+}
+
+/// Every field an expression names, as (entity, field), following one relation hop.
+fn expr_fields(
+    app: &trellis_form::model::App,
+    entity: &str,
+    e: &Expr,
+    out: &mut Vec<(String, String)>,
+) {
+    match e {
+        Expr::Path(p) => path_fields(app, entity, &p.join("."), out),
+        Expr::Call(_, args) => args.iter().for_each(|a| expr_fields(app, entity, a, out)),
+        Expr::Unary(_, a) | Expr::IsNull(a, _) => expr_fields(app, entity, a, out),
+        Expr::Binary(_, a, b) => {
+            expr_fields(app, entity, a, out);
+            expr_fields(app, entity, b, out);
+        }
+        Expr::In(a, list) => {
+            expr_fields(app, entity, a, out);
+            list.iter().for_each(|x| expr_fields(app, entity, x, out));
+        }
+        Expr::Num(_) | Expr::Str(_) | Expr::Bool(_) | Expr::Null => {}
+    }
+}
+
+/// `amount` → (entity, amount); `account.industry` → also (account, industry).
+fn path_fields(
+    app: &trellis_form::model::App,
+    entity: &str,
+    path: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    let mut parts = path.split('.');
+    let Some(first) = parts.next() else { return };
+    out.push((entity.to_owned(), first.to_owned()));
+    if let (Some(second), Ok(e)) = (parts.next(), app.entity(entity)) {
+        if let Some(target) = e.field(first).and_then(|f| f.def.entity.clone()) {
+            out.push((target, second.to_owned()));
+        }
+    }
+}
+
+/// The role may read every entity and field the plan touches (403 naming the first that it
+/// may not): a rep whose role hides `amount` cannot sum it, group by it or filter on it.
+fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()> {
+    let app = &loaded.app;
+    for name in &plan.needed {
+        let Some(m) = loaded.reports.metrics.get(name) else {
+            continue;
+        };
+        let Some(entity) = &m.entity else { continue };
+        access.require(entity, Op::Read)?;
+        let mut fields = vec![];
+        for e in [&m.time, &m.filter].into_iter().flatten() {
+            expr_fields(app, entity, e, &mut fields);
+        }
+        match &m.kind {
+            Kind::Aggregate { expr: Some(e), .. } => expr_fields(app, entity, e, &mut fields),
+            Kind::Conversion { related, when, .. } => {
+                if let Some((rel, via, _)) = related {
+                    access.require(rel, Op::Read)?;
+                    fields.push((rel.clone(), via.clone()));
+                }
+                if let Some(w) = when {
+                    expr_fields(app, entity, w, &mut fields);
+                }
+            }
+            Kind::Funnel { stage_field, .. } | Kind::TimeInStage { stage_field, .. } => {
+                fields.push((entity.clone(), stage_field.clone()));
+            }
+            _ => {}
+        }
+        if let Some(a) = &plan.anchor {
+            expr_fields(app, entity, a, &mut fields);
+        }
+        for (ent, f) in &fields {
+            access.readable_field(ent, f, &format!("/metrics/{name}"))?;
+        }
+        for (i, d) in plan.query.group_by.iter().enumerate() {
+            let mut fs = vec![];
+            path_fields(app, entity, d, &mut fs);
+            for (ent, f) in fs {
+                access.readable_field(&ent, &f, &format!("/group_by/{i}"))?;
+            }
+        }
+        for (i, flt) in plan.query.filters.iter().enumerate() {
+            let mut fs = vec![];
+            path_fields(app, entity, &flt.field, &mut fs);
+            for (ent, f) in fs {
+                access.readable_field(&ent, &f, &format!("/filters/{i}/field"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The app's metrics and dashboards.
@@ -93,9 +196,9 @@ async fn query_report(
     Q(p): Q<FormatParams>,
     Body(body): Body<Value>,
 ) -> ApiResult<Response> {
-    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    let (seen, loaded) = prelude(&state, &actor, &app).await?;
     let q = parse_query(body)?;
-    let answer = answer(&state, &loaded, &q, &vis).await?;
+    let answer = answer(&state, &loaded, &q, &seen).await?;
     let format = p.format.as_deref().unwrap_or("json");
     let table = || {
         let headers: Vec<String> = answer.columns.iter().map(|c| c.name.clone()).collect();
@@ -170,11 +273,12 @@ async fn answer(
     state: &AppState,
     loaded: &Loaded,
     q: &Query,
-    vis: &Visibility,
+    seen: &Seen,
 ) -> ApiResult<engine::Answer> {
     let now = state.clock.now();
     let plan = engine::plan(&loaded.app, &loaded.reports, q, now, state.db.backend())?;
-    Ok(engine::run(&state.db, &loaded.app, &loaded.reports, &plan, vis).await?)
+    guard(&seen.access, loaded, &plan)?;
+    Ok(engine::run(&state.db, &loaded.app, &loaded.reports, &plan, &seen.vis).await?)
 }
 
 /// The records behind one number: the same query, one row of its answer, and for a ratio or
@@ -191,7 +295,7 @@ async fn drill_report(
     Path(app): Path<String>,
     Body(body): Body<Value>,
 ) -> ApiResult<Json<Value>> {
-    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    let (seen, loaded) = prelude(&state, &actor, &app).await?;
     let dq: DrillQuery = serde_path_to_error::deserialize(body).map_err(|e| {
         ApiError::new("invalid_query", "The drill request has the wrong shape.").with_errors(vec![
             trellis_form::Problem::new(
@@ -201,18 +305,27 @@ async fn drill_report(
             ),
         ])
     })?;
+    let plan = engine::plan(
+        &loaded.app,
+        &loaded.reports,
+        &dq.query,
+        state.clock.now(),
+        state.db.backend(),
+    )?;
+    guard(&seen.access, &loaded, &plan)?;
     let page = engine::drill(
         &state.db,
         &loaded.app,
         &loaded.reports,
         &dq,
         state.clock.now(),
-        &vis,
+        &seen.vis,
     )
     .await?;
+    seen.access.require(&page.entity, Op::Read)?;
     Ok(Json(json!({
         "entity": page.entity,
-        "records": page.records.iter().map(trellis_form::store::Record::to_json).collect::<Vec<_>>(),
+        "records": page.records.iter().map(|r| seen.access.redact(&page.entity, r.to_json())).collect::<Vec<_>>(),
         "next_cursor": page.next_cursor,
     })))
 }
@@ -227,22 +340,22 @@ async fn get_dashboard(
     actor: Actor,
     Path((app, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let (vis, loaded) = prelude(&state, &actor, &app).await?;
+    let (seen, loaded) = prelude(&state, &actor, &app).await?;
     let Some(d) = loaded.reports.dashboards.get(&name).cloned() else {
         return Err(ApiError::not_found(format!(
             "app `{app}` has no dashboard `{name}`"
         )));
     };
-    let vis = Arc::new(vis);
+    let seen = Arc::new(seen);
     let mut set = tokio::task::JoinSet::new();
     for (i, item) in d.def.items.iter().enumerate() {
-        let (state, loaded, vis, q) = (
+        let (state, loaded, seen, q) = (
             state.clone(),
             loaded.clone(),
-            vis.clone(),
+            seen.clone(),
             item.query.clone(),
         );
-        set.spawn(async move { (i, answer(&state, &loaded, &q, &vis).await) });
+        set.spawn(async move { (i, answer(&state, &loaded, &q, &seen).await) });
     }
     let mut answers: Vec<Option<Value>> = vec![None; d.def.items.len()];
     while let Some(r) = set.join_next().await {
@@ -283,11 +396,11 @@ async fn list_alerts(
     actor: Actor,
     Path(app): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let (vis, loaded) = prelude(&state, &actor, &app).await?;
-    if vis.owners.is_some() {
+    let (seen, loaded) = prelude(&state, &actor, &app).await?;
+    if seen.vis.owners.is_some() || !seen.access.role.hides_nothing() {
         return Err(ApiError::new(
             "forbidden",
-            "Alerts look at every record of the app; your role sees only some of them.",
+            "Alerts look at every record and field of the app; your role sees only some of them.",
         ));
     }
     let alerts: Vec<Value> = loaded

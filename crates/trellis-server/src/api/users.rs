@@ -74,12 +74,24 @@ async fn create_user(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     admin(&actor)?;
     let (b, password) = take_password(b)?;
+    let mut detail = b.clone();
     let i: UserInput = input(b)?;
     let mut tx = state.db.begin().await?;
     let u = users::create(&mut tx, &i, state.clock.now()).await?;
+    detail["password_set"] = json!(password.is_some());
     if let Some(p) = password {
         crate::identity::set_password(&mut tx, u.id, &p).await?;
     }
+    trellis_form::audit::record(
+        &mut tx,
+        state.clock.now(),
+        Some(actor.user_id),
+        None,
+        "user.create",
+        &u.id.to_string(),
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(json!(u))))
 }
@@ -111,12 +123,24 @@ async fn update_user(
     admin(&actor)?;
     let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user not found"))?;
     let (b, password) = take_password(b)?;
+    let mut detail = b.clone();
     let i: UserInput = input(b)?;
     let mut tx = state.db.begin().await?;
     let u = users::update(&mut tx, id, &i).await?;
+    detail["password_set"] = json!(password.is_some());
     if let Some(p) = password {
         crate::identity::set_password(&mut tx, id, &p).await?;
     }
+    trellis_form::audit::record(
+        &mut tx,
+        state.clock.now(),
+        Some(actor.user_id),
+        None,
+        "user.update",
+        &id.to_string(),
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(json!(u)))
 }
@@ -139,9 +163,20 @@ async fn upsert_team(
     Body(b): Body<Value>,
 ) -> ApiResult<Json<Value>> {
     admin(&actor)?;
+    let detail = b.clone();
     let i: TeamInput = input(b)?;
     let mut tx = state.db.begin().await?;
     let id = users::upsert_team(&mut tx, &i, state.clock.now()).await?;
+    trellis_form::audit::record(
+        &mut tx,
+        state.clock.now(),
+        Some(actor.user_id),
+        None,
+        "team.upsert",
+        &id.to_string(),
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(json!({ "id": id })))
 }

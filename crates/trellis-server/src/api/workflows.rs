@@ -100,11 +100,31 @@ async fn visible_record(
     entity: &str,
     id: Uuid,
 ) -> ApiResult<store::Record> {
-    super::records::visible(state, access, loaded.app.entity(entity)?, id).await
+    let e = loaded.app.entity(entity)?;
+    access.require(entity, crate::policy::Op::Read)?;
+    super::records::visible(state, access, e, id).await
+}
+
+/// The values a run carries (its trigger and each step's input and output) may hold any field
+/// of its record: a role with hidden fields on that entity sees the run's course, not its data.
+fn redact_run(access: &Access, mut run: Value) -> Value {
+    let entity = run["entity"].as_str().unwrap_or_default().to_owned();
+    if access.perm(&entity).hidden.is_empty() {
+        return run;
+    }
+    run["trigger"] = Value::Null;
+    if let Some(steps) = run["steps"].as_array_mut() {
+        for st in steps {
+            st["input"] = Value::Null;
+            st["output"] = Value::Null;
+        }
+    }
+    run["redacted"] = json!(true);
+    run
 }
 
 fn everything(access: &Access, what: &str) -> ApiResult<()> {
-    if access.owners.is_some() {
+    if access.owners.is_some() || !access.role.hides_nothing() {
         return Err(ApiError::new(
             "forbidden",
             format!("{what} covers every record of the app; your role sees only some of them."),
@@ -313,6 +333,9 @@ async fn get_run(
     let Some(run) = state.flows.run(&app, id).await? else {
         return Err(ApiError::not_found("no such run"));
     };
+    if let Some(e) = run["entity"].as_str() {
+        access.require(e, crate::policy::Op::Read)?;
+    }
     if access.owners.is_some() {
         let rid = run["record_id"]
             .as_str()
@@ -327,7 +350,7 @@ async fn get_run(
             None => return Err(ApiError::not_found("no such run")),
         }
     }
-    Ok(Json(run))
+    Ok(Json(redact_run(&access, run)))
 }
 
 fn text(v: &DbValue) -> Value {
@@ -554,6 +577,16 @@ async fn get_document(
     visible_record(&state, &access, &loaded, entity, *record)
         .await
         .map_err(|_| ApiError::not_found("no such document"))?;
+    // A rendered document may show any field of its record.
+    if !access.perm(entity).hidden.is_empty() {
+        return Err(ApiError::new(
+            "forbidden",
+            format!(
+                "Documents of `{entity}` records may show fields your role `{}` cannot see.",
+                access.role.key
+            ),
+        ));
+    }
     let mut resp = body.clone().into_response();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&format!("{ct}; charset=utf-8")) {
