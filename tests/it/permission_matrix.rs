@@ -388,6 +388,14 @@ async fn hidden_and_read_only_fields_and_mass_assignment() {
         for f in ["amount", "budget", "quoted_amount"] {
             assert!(rec.get(f).is_none(), "{be}: {f} shown: {rec}");
         }
+        // Nor the columns that belong to them (`amount__currency`).
+        let keys: Vec<&String> = rec.as_object().unwrap().keys().collect();
+        assert!(
+            !keys.iter().any(|k| k.starts_with("amount")
+                || k.starts_with("budget")
+                || k.starts_with("quoted_amount")),
+            "{be}: {keys:?}"
+        );
         let (_, page) = with(
             &app,
             sdr,
@@ -470,6 +478,41 @@ async fn hidden_and_read_only_fields_and_mass_assignment() {
             ),
             "{be}: {b}"
         );
+        // The dashboard answers the panels the role may see and says why it leaves out the others.
+        let (s, d) = with(
+            &app,
+            sdr,
+            Method::GET,
+            "/api/v1/apps/crm/dashboards/sales_overview",
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{be}: {d}");
+        let items = d["items"].as_array().unwrap();
+        let refused: Vec<&str> = items
+            .iter()
+            .filter(|i| i["answer"]["error"]["status"] == 403)
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        let funnel = items
+            .iter()
+            .find(|i| i["query"]["metric"] == "stage_conversion")
+            .unwrap();
+        assert_eq!(
+            funnel["answer"]["rows"][0]["entered"],
+            json!(1),
+            "{be}: {funnel}"
+        );
+        assert!(
+            !refused.is_empty() && refused.len() < items.len(),
+            "{be}: {refused:?}"
+        );
+        for i in items.iter().filter(|i| i["answer"]["error"].is_object()) {
+            assert_eq!(
+                i["answer"]["error"]["errors"][0]["code"], "hidden_field",
+                "{be}: {i}"
+            );
+        }
         // Counting deals reveals no value: allowed.
         let (s, b) = with(
             &app,
@@ -484,6 +527,16 @@ async fn hidden_and_read_only_fields_and_mass_assignment() {
             (StatusCode::OK, json!(1)),
             "{be}"
         );
+        // A dry run would show the record and what the workflow computes from it.
+        let (s, b) = with(
+            &app,
+            sdr,
+            Method::POST,
+            "/api/v1/apps/crm/workflows/quoted_approval/dry-run",
+            Some(json!({"record_id": sdr_deal})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}: {b}");
         // Runs show their course, not the record's data.
         let (s, runs) = with(
             &app,
@@ -798,6 +851,65 @@ async fn admin_changes_are_in_the_audit_log() {
             StatusCode::FORBIDDEN,
             "{be}: finance reads no leads: {b}"
         );
+        // A role members hold cannot be removed from the definition.
+        let mut without =
+            app.call(Method::GET, "/api/v1/apps/crm", None).await.1["definition"].clone();
+        without["roles"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|r| r["key"] != "finance");
+        let (s, b) = app
+            .call(Method::PUT, "/api/v1/apps/crm", Some(without))
+            .await;
+        assert_eq!(
+            (s, problem_paths(&b)),
+            (
+                StatusCode::CONFLICT,
+                vec![("/roles".to_owned(), "role_in_use".to_owned())]
+            ),
+            "{be}: {b}"
+        );
+        let (_, roles) = with(
+            &app,
+            &w.tokens["viewer"],
+            Method::GET,
+            "/api/v1/apps/crm/roles",
+            None,
+        )
+        .await;
+        assert_eq!(roles["me"], "finance", "{be}");
+        // Scope `all` is not enough for app-wide views of runs: they touch every entity.
+        let (s, b) = with(
+            &app,
+            &w.tokens["viewer"],
+            Method::GET,
+            "/api/v1/apps/crm/runs",
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}: {b}");
+        let (s, b) = with(
+            &app,
+            &w.tokens["viewer"],
+            Method::POST,
+            "/api/v1/apps/crm/reports/query",
+            Some(json!({"metric": "leads"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}: {b}");
+        let (s, b) = with(
+            &app,
+            &w.tokens["viewer"],
+            Method::POST,
+            "/api/v1/apps/crm/reports/query",
+            Some(json!({"metric": "opportunities"})),
+        )
+        .await;
+        assert_eq!(
+            (s, b["rows"][0]["opportunities"].clone()),
+            (StatusCode::OK, json!(0)),
+            "{be}: {b}"
+        );
         // Paging.
         let (_, p1) = app.call(Method::GET, "/api/v1/audit?limit=2", None).await;
         let (_, p2) = app
@@ -859,6 +971,122 @@ async fn admin_changes_are_in_the_audit_log() {
                 .any(|e| e["action"] == "app.import"),
             "{be}"
         );
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn apps_are_isolated_from_each_other() {
+    for app in TestApp::each().await {
+        let be = app.backend;
+        let w = world(&app).await;
+        // A second app, whose own roles do not exist in the CRM.
+        let hr = json!({"key": "hr", "entities": [{"key": "employee", "fields": [
+            {"key": "name", "type": "text", "required": true},
+            {"key": "salary", "type": "money"}]}],
+            "roles": [{"key": "recruiter", "scope": "all", "entities": {"employee": {"can": "cru", "fields": {"salary": "hidden"}}}}]});
+        let (s, b) = app.call(Method::POST, "/api/v1/apps", Some(hr)).await;
+        assert_eq!(s, StatusCode::CREATED, "{be}: {b}");
+        let (s, b) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/hr/records/employee",
+                Some(json!({"name": "Wu Fei", "salary": "30000.00"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{be}: {b}");
+        let emp = b["id"].as_str().unwrap().to_owned();
+        // The CRM's app admin is nobody in HR: no app, no records, no members, no audit.
+        let crm_admin = &w.tokens["appadmin"];
+        let (_, apps) = with(&app, crm_admin, Method::GET, "/api/v1/apps", None).await;
+        let keys: Vec<&str> = apps["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["crm"], "{be}");
+        for path in [
+            "/api/v1/apps/hr".to_owned(),
+            "/api/v1/apps/hr/records/employee".to_owned(),
+            format!("/api/v1/apps/hr/records/employee/{emp}"),
+            "/api/v1/apps/hr/members".to_owned(),
+            "/api/v1/apps/hr/audit".to_owned(),
+            "/api/v1/apps/hr/roles".to_owned(),
+        ] {
+            let (s, _) = with(&app, crm_admin, Method::GET, &path, None).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{be}: {path}");
+        }
+        let (s, _) = with(
+            &app,
+            crm_admin,
+            Method::PUT,
+            &format!("/api/v1/apps/hr/members/{}", w.ids["appadmin"]),
+            Some(json!({"role": "recruiter"})),
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::NOT_FOUND,
+            "{be}: cannot give themselves a role elsewhere"
+        );
+        // A CRM role is not an HR role, and an HR role is not a CRM role.
+        let (s, b) = app
+            .call(
+                Method::PUT,
+                &format!("/api/v1/apps/hr/members/{}", w.ids["r1"]),
+                Some(json!({"role": "sdr"})),
+            )
+            .await;
+        assert_eq!(
+            (s, problem_paths(&b)),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                vec![("/role".to_owned(), "unknown_option".to_owned())]
+            ),
+            "{be}"
+        );
+        let (s, _) = app
+            .call(
+                Method::PUT,
+                &format!("/api/v1/apps/hr/members/{}", w.ids["r1"]),
+                Some(json!({"role": "recruiter"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{be}");
+        let (_, rec) = with(
+            &app,
+            &w.tokens["r1"],
+            Method::GET,
+            &format!("/api/v1/apps/hr/records/employee/{emp}"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (rec["name"].clone(), rec.get("salary")),
+            (json!("Wu Fei"), None),
+            "{be}: {rec}"
+        );
+        // r1 is still only a rep in the CRM.
+        let (_, roles) = with(
+            &app,
+            &w.tokens["r1"],
+            Method::GET,
+            "/api/v1/apps/crm/roles",
+            None,
+        )
+        .await;
+        assert_eq!(roles["me"], "sales_rep", "{be}");
+        // The same id under another app's path is no record of that app.
+        let (s, _) = with(
+            &app,
+            crm_admin,
+            Method::GET,
+            &format!("/api/v1/apps/crm/records/opportunity/{emp}"),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{be}");
         app.stop().await;
     }
 }

@@ -133,6 +133,14 @@ impl Role {
         self.entities.values().all(|p| p.hidden.is_empty())
     }
 
+    /// Whether the role reads every entity and every field of the app (what app-wide views of
+    /// runs, emails and alerts need, on top of scope `all`).
+    pub fn reads_everything(&self) -> bool {
+        self.entities
+            .values()
+            .all(|p| p.read && p.hidden.is_empty())
+    }
+
     /// The JSON form (`GET /api/v1/apps/{app}/roles`).
     pub fn to_json(&self) -> Value {
         let entities: serde_json::Map<String, Value> = self
@@ -359,10 +367,12 @@ fn compile_one(
                                 format!("An entity permission has `can` and `fields`, not `{k}`."),
                             );
                         }
-                        (
-                            o.get("can").and_then(Value::as_str).or(Some("")),
-                            o.get("fields"),
-                        )
+                        let can = match o.get("can") {
+                            None => Some(""),
+                            Some(Value::String(s)) => Some(s.as_str()),
+                            Some(_) => None,
+                        };
+                        (can, o.get("fields"))
                     }
                     _ => (None, None),
                 };
@@ -444,6 +454,27 @@ fn compile_one(
                         "`fields` maps field keys to `hidden` or `read_only`.".into(),
                     ),
                 }
+                // A formula over a hidden field would show what it hides.
+                if let Some(entity) = entity {
+                    for f in entity.fields.iter().filter(|f| !p.hidden.contains(&f.key)) {
+                        let Some(src) = f.def.formula.as_deref() else {
+                            continue;
+                        };
+                        for h in &p.hidden {
+                            let uses = src.match_indices(h.as_str()).any(|(i, _)| {
+                                let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+                                !src[..i].ends_with(word) && !src[i + h.len()..].starts_with(word)
+                            });
+                            if uses {
+                                err(
+                                    format!("{ep}/fields/{}", crate::error::pointer_segment(&f.key)),
+                                    "formula_reveals",
+                                    format!("The formula `{}` is computed from the hidden field `{h}`; hide `{}` too.", f.key, f.key),
+                                );
+                            }
+                        }
+                    }
+                }
                 if ek == "*" {
                     rest = Some(p);
                 } else {
@@ -470,4 +501,101 @@ fn compile_one(
         built_in: false,
         entities: perms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn app(roles: Value) -> crate::Result<crate::model::App> {
+        let def = json!({"key": "shop", "entities": [
+            {"key": "order", "fields": [{"key": "title", "type": "text", "required": true},
+                                        {"key": "total", "type": "money"}]},
+            {"key": "note", "fields": [{"key": "text", "type": "text"}]}],
+            "roles": roles});
+        crate::compile::compile(crate::compile::parse(&def)?, 1)
+    }
+
+    #[test]
+    fn built_ins_exist_in_every_app_and_may_be_redefined() {
+        let a = app(json!([])).unwrap();
+        assert_eq!(a.roles.keys(), ["admin", "manager", "sales_rep", "viewer"]);
+        let viewer = a.roles.get("viewer").unwrap();
+        assert_eq!(
+            (viewer.scope, viewer.entity("order").can()),
+            (Scope::All, "r".into())
+        );
+        assert!(!viewer.writes_anything() && viewer.built_in);
+        let rep = a.roles.get("sales_rep").unwrap();
+        assert_eq!(
+            (rep.scope, rep.entity("note").can()),
+            (Scope::Own, "crud".into())
+        );
+
+        let a = app(json!([{"key": "sales_rep", "scope": "team", "entities": {"order": "cru"}}]))
+            .unwrap();
+        let rep = a.roles.get("sales_rep").unwrap();
+        assert_eq!((rep.scope, rep.built_in), (Scope::Team, false));
+        assert_eq!(rep.entity("order").can(), "cru");
+        assert_eq!(
+            rep.entity("note"),
+            &EntityPerm::default(),
+            "not named, no `*`: nothing"
+        );
+    }
+
+    #[test]
+    fn star_covers_the_entities_not_named_and_fields_are_per_entity() {
+        let a = app(json!([{"key": "clerk", "scope": "own", "entities": {
+            "*": "r", "order": {"can": "ru", "fields": {"total": "hidden", "title": "read_only"}}}}]))
+        .unwrap();
+        let clerk = a.roles.get("clerk").unwrap();
+        assert_eq!(clerk.entity("note").can(), "r");
+        let order = clerk.entity("order");
+        assert_eq!(order.can(), "ru");
+        assert!(!order.writes("total") && !order.writes("title") && order.writes("other"));
+        assert!(!clerk.hides_nothing());
+        assert_eq!(
+            clerk.to_json()["entities"]["order"],
+            json!({"can": "ru", "fields": {"total": "hidden", "title": "read_only"}})
+        );
+    }
+
+    #[test]
+    fn a_formula_over_a_hidden_field_must_be_hidden_too() {
+        let def = json!({"key": "shop", "entities": [{"key": "order", "fields": [
+            {"key": "total", "type": "money"},
+            {"key": "total_tax", "type": "money"},
+            {"key": "tax", "type": "formula", "formula": "total * 0.13"},
+            {"key": "tax2", "type": "formula", "formula": "total_tax * 1"}]}],
+            "roles": [{"key": "clerk", "scope": "own", "entities": {"order": {"can": "r", "fields": {"total": "hidden"}}}}]});
+        let Err(crate::FormError::Definition(ps)) =
+            crate::compile::compile(crate::compile::parse(&def).unwrap(), 1)
+        else {
+            panic!("accepted")
+        };
+        assert_eq!(
+            ps.iter()
+                .map(|p| (p.path.as_str(), p.code))
+                .collect::<Vec<_>>(),
+            [("/roles/0/entities/order/fields/tax", "formula_reveals")],
+            "`total_tax` is another field"
+        );
+    }
+
+    #[test]
+    fn a_role_that_creates_must_be_able_to_set_required_fields() {
+        let Err(crate::FormError::Definition(ps)) = app(json!([{"key": "clerk", "scope": "own",
+            "entities": {"order": {"can": "cr", "fields": {"title": "read_only"}}}}]))
+        else {
+            panic!("accepted")
+        };
+        assert_eq!(
+            ps.iter()
+                .map(|p| (p.path.as_str(), p.code))
+                .collect::<Vec<_>>(),
+            [("/roles/0/entities/order/fields/title", "required_field")]
+        );
+    }
 }

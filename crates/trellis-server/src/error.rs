@@ -30,7 +30,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
         401,
         "The webhook signature is missing or wrong",
     ),
-    ("forbidden", 403, "The token's scope does not allow this"),
+    ("forbidden", 403, "Not allowed for this token or role"),
     (
         "too_many_requests",
         429,
@@ -111,6 +111,16 @@ impl ApiError {
             .map(|(_, s, _)| *s)
             .unwrap_or(500);
         StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// The problem JSON body of this error (for errors reported inside a larger answer).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "status": self.status().as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+            "errors": self.errors,
+        })
     }
 
     /// 404 for a missing thing.

@@ -137,20 +137,28 @@ impl Access {
     /// Drop the fields hidden from the caller out of a record's JSON form.
     pub fn redact(&self, entity: &str, mut record: Json) -> Json {
         let hidden = &self.perm(entity).hidden;
-        if let Some(obj) = record.as_object_mut() {
-            obj.retain(|k, _| !hidden.contains(k));
+        if !hidden.is_empty() {
+            if let Some(obj) = record.as_object_mut() {
+                obj.retain(|k, _| !hidden.contains(base_field(k)));
+            }
         }
         record
     }
 
     /// Refuse a field (of a filter, sort, dimension or metric) hidden from the caller.
     pub fn readable_field(&self, entity: &str, field: &str, path: &str) -> ApiResult<()> {
-        if self.perm(entity).hidden.contains(field) {
+        if self.perm(entity).hidden.contains(base_field(field)) {
             Err(forbidden_field(&self.role.key, entity, field, path))
         } else {
             Ok(())
         }
     }
+}
+
+/// The field a column belongs to: `stage__changed_at`, `stage__entered_won` and
+/// `amount__currency` belong to `stage` and `amount` (field keys never contain `__`).
+fn base_field(key: &str) -> &str {
+    key.split("__").next().unwrap_or(key)
 }
 
 /// A 403 naming a hidden field and where the request used it.

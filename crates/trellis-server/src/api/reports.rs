@@ -89,6 +89,13 @@ fn path_fields(
     }
 }
 
+/// A field a report uses: its entity readable (a dimension through a relation included), the
+/// field not hidden.
+fn readable(access: &Access, entity: &str, field: &str, path: &str) -> ApiResult<()> {
+    access.require(entity, Op::Read)?;
+    access.readable_field(entity, field, path)
+}
+
 /// The role may read every entity and field the plan touches (403 naming the first that it
 /// may not): a rep whose role hides `amount` cannot sum it, group by it or filter on it.
 fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()> {
@@ -123,20 +130,20 @@ fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()>
             expr_fields(app, entity, a, &mut fields);
         }
         for (ent, f) in &fields {
-            access.readable_field(ent, f, &format!("/metrics/{name}"))?;
+            readable(access, ent, f, &format!("/metrics/{name}"))?;
         }
         for (i, d) in plan.query.group_by.iter().enumerate() {
             let mut fs = vec![];
             path_fields(app, entity, d, &mut fs);
             for (ent, f) in fs {
-                access.readable_field(&ent, &f, &format!("/group_by/{i}"))?;
+                readable(access, &ent, &f, &format!("/group_by/{i}"))?;
             }
         }
         for (i, flt) in plan.query.filters.iter().enumerate() {
             let mut fs = vec![];
             path_fields(app, entity, &flt.field, &mut fs);
             for (ent, f) in fs {
-                access.readable_field(&ent, &f, &format!("/filters/{i}/field"))?;
+                readable(access, &ent, &f, &format!("/filters/{i}/field"))?;
             }
         }
     }
@@ -333,7 +340,7 @@ async fn drill_report(
 /// Every panel of a dashboard, answered in one request (the queries run concurrently).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/dashboards/{name}", tag = "reports",
     params(("app" = String, Path, description = "App key"), ("name" = String, Path, description = "Dashboard name")),
-    responses((status = 200, description = "`{name, label, items: [{key, title, chart, query, answer}]}`", body = Object),
+    responses((status = 200, description = "`{name, label, items: [{key, title, chart, query, answer}]}`; a panel the caller's role may not see answers `{error}`", body = Object),
               (status = 404, description = "No such app or dashboard", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn get_dashboard(
     State(state): State<AppState>,
@@ -360,7 +367,15 @@ async fn get_dashboard(
     let mut answers: Vec<Option<Value>> = vec![None; d.def.items.len()];
     while let Some(r) = set.join_next().await {
         let (i, a) = r.map_err(|e| ApiError::internal(e.to_string()))?;
-        answers[i] = Some(json!(a?));
+        answers[i] = Some(match a {
+            Ok(a) => json!(a),
+            // A panel the caller's role may not see (a hidden field, an entity it cannot read)
+            // is left out with the reason; the other panels still answer.
+            Err(e) if e.status() == axum::http::StatusCode::FORBIDDEN => {
+                json!({"error": e.to_json()})
+            }
+            Err(e) => return Err(e),
+        });
     }
     let items: Vec<Value> = d
         .def
@@ -397,7 +412,7 @@ async fn list_alerts(
     Path(app): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let (seen, loaded) = prelude(&state, &actor, &app).await?;
-    if seen.vis.owners.is_some() || !seen.access.role.hides_nothing() {
+    if seen.vis.owners.is_some() || !seen.access.role.reads_everything() {
         return Err(ApiError::new(
             "forbidden",
             "Alerts look at every record and field of the app; your role sees only some of them.",

@@ -124,7 +124,7 @@ fn redact_run(access: &Access, mut run: Value) -> Value {
 }
 
 fn everything(access: &Access, what: &str) -> ApiResult<()> {
-    if access.owners.is_some() || !access.role.hides_nothing() {
+    if access.owners.is_some() || !access.role.reads_everything() {
         return Err(ApiError::new(
             "forbidden",
             format!("{what} covers every record of the app; your role sees only some of them."),
@@ -250,8 +250,20 @@ async fn dry_run(
                 "app `{app}` has no workflow `{key}`"
             )));
         };
+        let entity = wf.def.trigger.entity();
+        // A dry run shows the record and every value the workflow would compute from it.
+        access.require(entity, crate::policy::Op::Read)?;
+        if !access.perm(entity).hidden.is_empty() {
+            return Err(ApiError::new(
+                "forbidden",
+                format!(
+                    "A dry run shows every field of `{entity}` records; your role `{}` has hidden fields there.",
+                    access.role.key
+                ),
+            ));
+        }
         if let Some(id) = b.record_id {
-            visible_record(&state, &access, &loaded, wf.def.trigger.entity(), id).await?;
+            visible_record(&state, &access, &loaded, entity, id).await?;
         }
     }
     let out = state
