@@ -537,6 +537,78 @@ async fn hidden_and_read_only_fields_and_mass_assignment() {
         )
         .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{be}: {b}");
+        // Starting a workflow by hand acts on the record: not for a role that cannot change it.
+        let (s, b) = with(
+            &app,
+            sdr,
+            Method::POST,
+            "/api/v1/apps/crm/workflows/quoted_approval/run",
+            Some(json!({"record_id": sdr_deal})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}: {b}");
+        // The form the SDR gets has no hidden fields, and marks nothing it cannot see.
+        let (s, schema) = with(
+            &app,
+            sdr,
+            Method::GET,
+            "/api/v1/apps/crm/entities/opportunity/schema",
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{be}");
+        assert!(
+            schema["properties"].get("amount").is_none()
+                && schema["properties"].get("name").is_some(),
+            "{be}: {schema}"
+        );
+        let (_, schema) = with(
+            &app,
+            r1,
+            Method::GET,
+            "/api/v1/apps/crm/entities/opportunity/schema",
+            None,
+        )
+        .await;
+        assert_eq!(
+            schema["properties"]["quoted_amount"]["readOnly"],
+            json!(true),
+            "{be}"
+        );
+        // Reports of a scoped role cannot look into related records it may not open.
+        let (s, b) = with(
+            &app,
+            r1,
+            Method::POST,
+            "/api/v1/apps/crm/reports/query",
+            Some(json!({"metric": "opportunities", "group_by": ["account.industry"]})),
+        )
+        .await;
+        assert_eq!(
+            (s, problem_paths(&b)),
+            (
+                StatusCode::FORBIDDEN,
+                vec![("/group_by/0".to_owned(), "related_scope".to_owned())]
+            ),
+            "{be}: {b}"
+        );
+        let (s, _) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/reports/query",
+                Some(json!({"metric": "opportunities", "group_by": ["account.industry"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{be}");
+        let (s, b) = with(
+            &app,
+            r1,
+            Method::POST,
+            "/api/v1/apps/crm/reports/query",
+            Some(json!({"metric": "opportunities", "group_by": ["owner"]})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{be}: {b}");
         // Runs show their course, not the record's data.
         let (s, runs) = with(
             &app,
@@ -782,6 +854,9 @@ async fn admin_changes_are_in_the_audit_log() {
         );
         let mut def = app.call(Method::GET, "/api/v1/apps/crm", None).await.1["definition"].clone();
         def["roles"].as_array_mut().unwrap().push(json!({"key": "finance", "scope": "all", "entities": {"opportunity": "r", "account": "r"}}));
+        def["roles"].as_array_mut().unwrap().push(
+            json!({"key": "office_admin", "scope": "own", "admin": true, "entities": {"*": "r"}}),
+        );
         let (s, b) = app.call(Method::PUT, "/api/v1/apps/crm", Some(def)).await;
         assert_eq!(s, StatusCode::OK, "{be}: {b}");
 
@@ -851,6 +926,52 @@ async fn admin_changes_are_in_the_audit_log() {
             StatusCode::FORBIDDEN,
             "{be}: finance reads no leads: {b}"
         );
+        // An app administrator of a narrower role grants only roles within their own, and
+        // cannot touch members whose role reaches further.
+        let (s, _) = app
+            .call(
+                Method::PUT,
+                &format!("/api/v1/apps/crm/members/{}", w.ids["r2"]),
+                Some(json!({"role": "office_admin"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{be}");
+        let office = &w.tokens["r2"];
+        for role in ["admin", "finance", "viewer", "sdr"] {
+            let (s, b) = with(
+                &app,
+                office,
+                Method::PUT,
+                &format!("/api/v1/apps/crm/members/{}", w.ids["r2"]),
+                Some(json!({"role": role})),
+            )
+            .await;
+            assert_eq!(
+                s,
+                StatusCode::FORBIDDEN,
+                "{be}: office_admin grants {role}: {b}"
+            );
+        }
+        let (s, _) = with(
+            &app,
+            office,
+            Method::DELETE,
+            &format!("/api/v1/apps/crm/members/{}", w.ids["appadmin"]),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{be}");
+        let (_, roles) = with(&app, office, Method::GET, "/api/v1/apps/crm/roles", None).await;
+        assert_eq!(roles["me"], "office_admin", "{be}");
+        let (s, b) = with(
+            &app,
+            &w.tokens["appadmin"],
+            Method::PUT,
+            &format!("/api/v1/apps/crm/members/{}", w.ids["r2"]),
+            Some(json!({"role": "sales_rep"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{be}: the full admin role may: {b}");
         // A role members hold cannot be removed from the definition.
         let mut without =
             app.call(Method::GET, "/api/v1/apps/crm", None).await.1["definition"].clone();

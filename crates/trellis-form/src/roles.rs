@@ -121,6 +121,30 @@ impl Role {
         self.entities.get(entity).unwrap_or(&NONE)
     }
 
+    /// Whether this role grants nothing `other` does not: no wider scope, no admin flag
+    /// `other` lacks, no letter `other` lacks on any entity, no field visible or writable that
+    /// `other` hides or makes read-only. An app administrator grants only roles within their own.
+    pub fn within(&self, other: &Role) -> bool {
+        let rank = |s: Scope| match s {
+            Scope::Own => 0,
+            Scope::Team => 1,
+            Scope::All => 2,
+        };
+        rank(self.scope) <= rank(other.scope)
+            && (!self.admin || other.admin)
+            && self.entities.iter().all(|(k, p)| {
+                let o = other.entity(k);
+                (!p.create || o.create)
+                    && (!p.read || o.read)
+                    && (!p.update || o.update)
+                    && (!p.delete || o.delete)
+                    && o.hidden.is_subset(&p.hidden)
+                    && o.read_only
+                        .iter()
+                        .all(|f| p.read_only.contains(f) || p.hidden.contains(f))
+            })
+    }
+
     /// Whether the role may create, change or delete anything at all.
     pub fn writes_anything(&self) -> bool {
         self.entities
@@ -582,6 +606,38 @@ mod tests {
             [("/roles/0/entities/order/fields/tax", "formula_reveals")],
             "`total_tax` is another field"
         );
+    }
+
+    #[test]
+    fn formulas_cannot_eval_a_field_name_together() {
+        let def = json!({"key": "shop", "entities": [{"key": "order", "fields": [
+            {"key": "total", "type": "money"},
+            {"key": "tax", "type": "formula", "formula": "eval(\"tot\" + \"al\") * 0.13"}]}]});
+        let Err(crate::FormError::Definition(ps)) =
+            crate::compile::compile(crate::compile::parse(&def).unwrap(), 1)
+        else {
+            panic!("accepted")
+        };
+        assert_eq!(ps[0].path, "/entities/0/fields/1/formula", "{ps:?}");
+    }
+
+    #[test]
+    fn within_compares_scope_admin_letters_and_fields() {
+        let a = app(json!([
+            {"key": "office", "scope": "own", "admin": true, "entities": {"*": "r"}},
+            {"key": "reader", "scope": "own", "entities": {"order": {"can": "r", "fields": {"total": "hidden"}}}},
+            {"key": "peeker", "scope": "own", "entities": {"order": "r"}}]))
+        .unwrap();
+        let r = |k: &str| a.roles.get(k).unwrap().clone();
+        assert!(r("reader").within(&r("office")) && r("peeker").within(&r("office")));
+        assert!(!r("office").within(&r("reader")), "admin flag");
+        assert!(!r("viewer").within(&r("office")), "wider scope");
+        assert!(!r("sales_rep").within(&r("office")), "more letters");
+        assert!(
+            r("reader").within(&r("peeker")) && !r("peeker").within(&r("reader")),
+            "fewer hidden fields"
+        );
+        assert!(r("manager").within(&r("admin")) && r("office").within(&r("admin")));
     }
 
     #[test]

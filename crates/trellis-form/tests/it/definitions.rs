@@ -206,8 +206,15 @@ fn examples_compile(doc: &str) {
     }
     assert!(!blocks.is_empty(), "the reference has no ```json examples");
     for (i, b) in blocks.iter().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(b)
+        let mut v: serde_json::Value = serde_json::from_str(b)
             .unwrap_or_else(|e| panic!("{doc}: example {i} is not JSON: {e}\n{b}"));
+        // A role example is checked as a role of the CRM.
+        if v.get("scope").is_some() {
+            let crm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/crm");
+            let mut def = trellis_form::bundle::load(&crm).unwrap().definition;
+            def["roles"] = json!([v]);
+            v = def;
+        }
         if let Err(e) = parse(&v).and_then(|d| compile(d, 1)) {
             panic!("{doc}: example {i} does not compile: {e:?}\n{b}");
         }

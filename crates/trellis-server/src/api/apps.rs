@@ -207,9 +207,24 @@ async fn entity_schema(
     actor: Actor,
     Path((app, entity)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    crate::policy::access(&state, &actor, &app).await?;
+    let access = crate::policy::access(&state, &actor, &app).await?;
     let l = state.app(&app)?;
-    Ok(Json(l.app.entity(&entity)?.json_schema()))
+    let mut schema = l.app.entity(&entity)?.json_schema();
+    access.require(&entity, crate::policy::Op::Read)?;
+    // The form the caller sees: hidden fields left out, read-only ones marked.
+    let perm = access.perm(&entity);
+    if let Some(props) = schema["properties"].as_object_mut() {
+        props.retain(|k, _| !perm.hidden.contains(k));
+        for f in &perm.read_only {
+            if let Some(p) = props.get_mut(f) {
+                p["readOnly"] = json!(true);
+            }
+        }
+    }
+    if let Some(req) = schema["required"].as_array_mut() {
+        req.retain(|k| k.as_str().is_none_or(|k| !perm.hidden.contains(k)));
+    }
+    Ok(Json(schema))
 }
 
 /// The members of an app and their roles (app administrators only).
@@ -241,11 +256,46 @@ async fn list_members(
     Ok(Json(json!({ "members": members })))
 }
 
-async fn manage(state: &AppState, actor: &Actor, app: &str) -> ApiResult<()> {
+/// An app administrator grants only roles within their own, to members whose current role is
+/// within their own too; administrators grant anything.
+async fn grantable(
+    state: &AppState,
+    access: &crate::policy::Access,
+    actor: &Actor,
+    app: &str,
+    user: uuid::Uuid,
+    role: &trellis_form::roles::Role,
+) -> ApiResult<()> {
+    if actor.is_admin {
+        return Ok(());
+    }
+    if !role.within(&access.role) {
+        return Err(ApiError::new(
+            "forbidden",
+            format!(
+                "The role `{}` reaches further than your own role `{}`; only an administrator can grant it.",
+                role.key, access.role.key
+            ),
+        ));
+    }
+    if let Some(held) = crate::policy::role(state, app, user).await? {
+        if let Some(current) = state.app(app)?.app.roles.get(&held) {
+            if !current.within(&access.role) {
+                return Err(ApiError::new(
+                    "forbidden",
+                    format!("The member's role `{held}` reaches further than yours; only an administrator can change it."),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn manage(state: &AppState, actor: &Actor, app: &str) -> ApiResult<crate::policy::Access> {
     let access = crate::policy::access(state, actor, app).await?;
     state.app(app)?;
     if access.admin {
-        Ok(())
+        Ok(access)
     } else {
         Err(ApiError::not_found(format!(
             "app `{app}` has no members you can manage"
@@ -273,11 +323,13 @@ async fn set_member(
     Path((app, user)): Path<(String, String)>,
     Body(b): Body<MemberBody>,
 ) -> ApiResult<Json<Value>> {
-    manage(&state, &actor, &app).await?;
+    let access = manage(&state, &actor, &app).await?;
     let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
     trellis_form::users::get(&state.db, user).await?;
     let loaded = state.app(&app)?;
-    if loaded.app.roles.get(&b.role).is_none() {
+    if let Some(role) = loaded.app.roles.get(&b.role) {
+        grantable(&state, &access, &actor, &app, user, role).await?;
+    } else {
         return Err(
             ApiError::new("validation_failed", "Unknown role.").with_errors(vec![
                 trellis_form::Problem::new(
@@ -345,8 +397,18 @@ async fn remove_member(
     actor: Actor,
     Path((app, user)): Path<(String, String)>,
 ) -> ApiResult<axum::http::StatusCode> {
-    manage(&state, &actor, &app).await?;
+    let access = manage(&state, &actor, &app).await?;
     let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
+    if let Some(held) = crate::policy::role(&state, &app, user).await? {
+        if let Some(role) = state.app(&app)?.app.roles.get(&held).cloned() {
+            if !actor.is_admin && !role.within(&access.role) {
+                return Err(ApiError::new(
+                    "forbidden",
+                    format!("The member's role `{held}` reaches further than yours; only an administrator can change it."),
+                ));
+            }
+        }
+    }
     let mut del = trellis_form::db::Sql::new("DELETE FROM \"app_members\" WHERE \"app\" = ");
     del.bind(trellis_form::db::Value::Text(app.clone()))
         .push(" AND \"user_id\" = ")

@@ -96,6 +96,26 @@ fn readable(access: &Access, entity: &str, field: &str, path: &str) -> ApiResult
     access.readable_field(entity, field, path)
 }
 
+/// A caller who sees only some records may not look through a relation: the related record may
+/// be one they cannot open (`account.industry` of an account owned by someone else).
+fn no_hop(
+    access: &Access,
+    metric_entity: &str,
+    fields: &[(String, String)],
+    path: &str,
+) -> ApiResult<()> {
+    if access.owners.is_some() {
+        if let Some((ent, f)) = fields.iter().find(|(ent, _)| ent != metric_entity) {
+            return Err(ApiError::new(
+                "forbidden",
+                format!("Your role `{}` sees only some records, so reports cannot look into related `{ent}` records (`{f}`).", access.role.key),
+            )
+            .with_errors(vec![trellis_form::Problem::new(path, "related_scope", format!("`{ent}` records outside your scope could show through this relation."))]));
+        }
+    }
+    Ok(())
+}
+
 /// The role may read every entity and field the plan touches (403 naming the first that it
 /// may not): a rep whose role hides `amount` cannot sum it, group by it or filter on it.
 fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()> {
@@ -113,9 +133,9 @@ fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()>
         match &m.kind {
             Kind::Aggregate { expr: Some(e), .. } => expr_fields(app, entity, e, &mut fields),
             Kind::Conversion { related, when, .. } => {
+                // The related records are counted, never shown (see reports.md's known gaps).
                 if let Some((rel, via, _)) = related {
-                    access.require(rel, Op::Read)?;
-                    fields.push((rel.clone(), via.clone()));
+                    readable(access, rel, via, &format!("/metrics/{name}"))?;
                 }
                 if let Some(w) = when {
                     expr_fields(app, entity, w, &mut fields);
@@ -132,9 +152,11 @@ fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()>
         for (ent, f) in &fields {
             readable(access, ent, f, &format!("/metrics/{name}"))?;
         }
+        no_hop(access, entity, &fields, &format!("/metrics/{name}"))?;
         for (i, d) in plan.query.group_by.iter().enumerate() {
             let mut fs = vec![];
             path_fields(app, entity, d, &mut fs);
+            no_hop(access, entity, &fs, &format!("/group_by/{i}"))?;
             for (ent, f) in fs {
                 readable(access, &ent, &f, &format!("/group_by/{i}"))?;
             }
@@ -142,6 +164,7 @@ fn guard(access: &Access, loaded: &Loaded, plan: &engine::Plan) -> ApiResult<()>
         for (i, flt) in plan.query.filters.iter().enumerate() {
             let mut fs = vec![];
             path_fields(app, entity, &flt.field, &mut fs);
+            no_hop(access, entity, &fs, &format!("/filters/{i}/field"))?;
             for (ent, f) in fs {
                 readable(access, &ent, &f, &format!("/filters/{i}/field"))?;
             }

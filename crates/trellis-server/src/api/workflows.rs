@@ -108,15 +108,21 @@ async fn visible_record(
 /// The values a run carries (its trigger and each step's input and output) may hold any field
 /// of its record: a role with hidden fields on that entity sees the run's course, not its data.
 fn redact_run(access: &Access, mut run: Value) -> Value {
-    let entity = run["entity"].as_str().unwrap_or_default().to_owned();
-    if access.perm(&entity).hidden.is_empty() {
+    // Steps may carry values of other entities too (related records, created records).
+    if access.role.reads_everything() {
         return run;
     }
     run["trigger"] = Value::Null;
+    if run["error"].is_string() {
+        run["error"] = json!("(hidden from your role)");
+    }
     if let Some(steps) = run["steps"].as_array_mut() {
         for st in steps {
             st["input"] = Value::Null;
             st["output"] = Value::Null;
+            if st["error"].is_string() {
+                st["error"] = json!("(hidden from your role)");
+            }
         }
     }
     run["redacted"] = json!(true);
@@ -181,14 +187,20 @@ async fn start_run(
             "app `{app}` has no workflow `{key}`"
         )));
     };
-    visible_record(
-        &state,
-        &access,
-        &loaded,
-        wf.def.trigger.entity(),
-        b.record_id,
-    )
-    .await?;
+    let entity = wf.def.trigger.entity();
+    visible_record(&state, &access, &loaded, entity, b.record_id).await?;
+    // Starting a workflow acts on its record: the role must be able to change it, and see all
+    // of it (the run may copy, send or render any field).
+    access.require(entity, crate::policy::Op::Update)?;
+    if !access.perm(entity).hidden.is_empty() {
+        return Err(ApiError::new(
+            "forbidden",
+            format!(
+                "A workflow may use every field of `{entity}` records; your role `{}` has hidden fields there.",
+                access.role.key
+            ),
+        ));
+    }
     let id = state
         .flows
         .start(&app, &key, b.record_id, Some(actor.user_id))
@@ -680,10 +692,13 @@ async fn list_approvals(
                    "due_at": text(&r[10]), "comment": text(&r[11]), "created_at": text(&r[12]), "decided_at": text(&r[13])})
         })
         .filter(|a| {
-            access.owners.is_none()
-                || a["approvers"]
-                    .as_array()
-                    .is_some_and(|x| x.contains(&me))
+            let approver = a["approvers"]
+                .as_array()
+                .is_some_and(|x| x.contains(&me));
+            let readable = a["entity"]
+                .as_str()
+                .is_some_and(|e| access.perm(e).read);
+            approver || (access.owners.is_none() && readable)
         })
         .collect();
     Ok(Json(json!({ "approvals": rows })))
