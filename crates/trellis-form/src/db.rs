@@ -283,7 +283,7 @@ impl Db {
     /// Run a read query; each row decoded by `kinds`.
     pub async fn fetch_all(&self, sql: &Sql, kinds: &[ColKind]) -> Result<Vec<Vec<Value>>> {
         Ok(match self {
-            Db::Sqlite { read, .. } => sqlite_query(sql)
+            Db::Sqlite { read, .. } => sqlite_query(&sqlite_text(&sql.text), &sql.params)
                 .fetch_all(read)
                 .await?
                 .iter()
@@ -336,15 +336,94 @@ impl Tx {
     /// Execute a statement; rows affected.
     pub async fn execute(&mut self, sql: &Sql) -> Result<u64> {
         Ok(match self {
-            Tx::Sqlite(t) => sqlite_query(sql).execute(&mut **t).await?.rows_affected(),
+            Tx::Sqlite(t) => sqlite_query(&sqlite_text(&sql.text), &sql.params)
+                .execute(&mut **t)
+                .await?
+                .rows_affected(),
             Tx::Postgres(t) => pg_query(sql).execute(&mut **t).await?.rows_affected(),
         })
+    }
+
+    /// Insert many rows of the same columns into `table`; rows inserted.
+    ///
+    /// SQLite gets one statement per 2,000 rows that reads them from a single JSON parameter
+    /// (`INSERT … SELECT value ->> 0, … FROM json_each(?1)`): sqlx's per-parameter cost on SQLite
+    /// grows faster than linearly with the parameters of a statement, so multi-row `VALUES` stop
+    /// paying off at about 300 parameters, while one JSON text of any size binds in one go.
+    /// Values arrive in the columns exactly as bound parameters would store them. PostgreSQL
+    /// gets multi-row `VALUES` statements.
+    pub async fn insert_rows(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: &[Vec<Value>],
+    ) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let names = columns
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut n = 0;
+        match self {
+            Tx::Sqlite(_) => {
+                let picks = (0..columns.len())
+                    .map(|i| format!("value ->> {i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                for chunk in rows.chunks(2_000) {
+                    let mut json = String::with_capacity(chunk.len() * columns.len() * 24);
+                    json.push('[');
+                    for (r, row) in chunk.iter().enumerate() {
+                        if r > 0 {
+                            json.push(',');
+                        }
+                        json.push('[');
+                        for (i, v) in row.iter().enumerate() {
+                            if i > 0 {
+                                json.push(',');
+                            }
+                            sqlite_json_value(&mut json, v);
+                        }
+                        json.push(']');
+                    }
+                    json.push(']');
+                    let mut sql = Sql::new(format!(
+                        "INSERT INTO {} ({names}) SELECT {picks} FROM json_each(",
+                        quote(table)
+                    ));
+                    sql.bind(Value::Text(json)).push(")");
+                    n += self.execute(&sql).await?;
+                }
+            }
+            Tx::Postgres(_) => {
+                let per = (300 / columns.len().max(1)).max(1);
+                for chunk in rows.chunks(per) {
+                    let mut sql =
+                        Sql::new(format!("INSERT INTO {} ({names}) VALUES ", quote(table)));
+                    for (r, row) in chunk.iter().enumerate() {
+                        sql.push(if r == 0 { "(" } else { ", (" });
+                        for (i, v) in row.iter().enumerate() {
+                            if i > 0 {
+                                sql.push(", ");
+                            }
+                            sql.bind(v.clone());
+                        }
+                        sql.push(")");
+                    }
+                    n += self.execute(&sql).await?;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Run a query inside the transaction.
     pub async fn fetch_all(&mut self, sql: &Sql, kinds: &[ColKind]) -> Result<Vec<Vec<Value>>> {
         Ok(match self {
-            Tx::Sqlite(t) => sqlite_query(sql)
+            Tx::Sqlite(t) => sqlite_query(&sqlite_text(&sql.text), &sql.params)
                 .fetch_all(&mut **t)
                 .await?
                 .iter()
@@ -381,9 +460,58 @@ impl Tx {
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
-fn sqlite_query(sql: &Sql) -> SqliteQuery<'_> {
-    let mut q = sqlx::query(&sql.text);
-    for v in &sql.params {
+/// One value as JSON whose `->>` gives SQLite what binding the value gives it (see
+/// [`sqlite_query`]): text for text, uuids, dates, times and JSON; a REAL for decimals.
+fn sqlite_json_value(out: &mut String, v: &Value) {
+    use std::fmt::Write;
+    let text = |out: &mut String, s: &str| {
+        out.push_str(&serde_json::Value::from(s).to_string());
+    };
+    match v {
+        Value::Null(_) => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Decimal(d) => match d.to_f64().filter(|f| f.is_finite()) {
+            Some(f) => out.push_str(&serde_json::Value::from(f).to_string()),
+            None => out.push_str("null"),
+        },
+        Value::Text(s) => text(out, s),
+        Value::Uuid(u) => text(out, &u.to_string()),
+        Value::Date(d) => text(out, &d.format("%Y-%m-%d").to_string()),
+        Value::DateTime(t) => text(out, &sqlite_datetime(t)),
+        Value::Json(j) => text(out, &j.to_string()),
+    }
+}
+
+/// `$n` placeholders as SQLite's numbered `?n`: SQLite looks every `$name` parameter up among
+/// the names seen so far while preparing (quadratic in the number of parameters), but reads the
+/// number of a `?n` directly. The builder only ever writes `$` before a digit in placeholders
+/// (identifiers are `[a-z0-9_]`, values are bound, JSON paths read `'$.'`).
+fn sqlite_text(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    if !bytes
+        .windows(2)
+        .any(|w| w[0] == b'$' && w[1].is_ascii_digit())
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn sqlite_query<'q>(text: &'q str, params: &'q [Value]) -> SqliteQuery<'q> {
+    let mut q = sqlx::query(text);
+    for v in params {
         q = match v {
             Value::Null(_) => q.bind(None::<String>),
             Value::Bool(b) => q.bind(*b),

@@ -733,10 +733,12 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
             );
         }
     }
-    // History: every tracked field that got a value; the stage's whole imported path.
+    // History: every tracked field that got a value, in one row (see [`CREATED`]); the stage's
+    // whole imported path in rows of its own, which reports read.
     let stage_key = e.stage().map(|f| f.key.as_str());
     let mut changed = vec![];
-    let mut rows: Vec<HistoryEntry> = vec![];
+    let mut initial: Vec<Json> = vec![];
+    let mut stage_history: Vec<HistoryEntry> = vec![];
     for f in &e.fields {
         let v = &p.fields[&f.key];
         if v.is_null() {
@@ -745,30 +747,32 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
         changed.push(f.key.clone());
         if Some(f.key.as_str()) == stage_key {
             for (old, new, at) in &stage_rows {
-                rows.push(HistoryEntry {
+                stage_history.push(HistoryEntry {
                     field: f.key.clone(),
                     old: old.clone(),
                     new: new.clone(),
                     at: *at,
                 });
             }
+            // Where the stage rows go when the row is read back.
+            initial.push(json!([f.key, Json::Null, stage_history.len()]));
         } else if e.tracks(&f.key) {
-            rows.push(HistoryEntry {
-                field: f.key.clone(),
-                old: Json::Null,
-                new: v.clone(),
-                at: created_at,
-            });
+            initial.push(json!([f.key, v]));
         }
     }
     if p.owner.is_some() {
+        initial.push(json!(["owner", p.owner]));
+    }
+    let mut rows: Vec<HistoryEntry> = vec![];
+    if initial.iter().any(|i| i.get(2).is_none()) {
         rows.push(HistoryEntry {
-            field: "owner".into(),
+            field: CREATED.into(),
             old: Json::Null,
-            new: json!(p.owner),
+            new: Json::Array(initial),
             at: created_at,
         });
     }
+    rows.extend(stage_history);
     let record = Record {
         meta,
         fields: p.fields,
@@ -781,11 +785,6 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
         record,
     }
 }
-
-/// Bound parameters per multi-row statement. Both databases allow far more, but sqlx binds
-/// `$n` parameters on SQLite in time that grows faster than linearly: 300 per statement beat
-/// 120, 1,000 and 30,000 when measured with `trellis bench writes` (see docs/benchmarks.md).
-const MAX_PARAMS: usize = 300;
 
 /// Write new rows with multi-row statements: the entity rows (grouped by column set), their
 /// history rows and their events.
@@ -828,14 +827,12 @@ async fn write_rows(
     rows: Vec<NewRow>,
     ctx: &WriteCtx,
 ) -> Result<()> {
-    // Entity rows: consecutive rows with the same columns share a statement.
+    // Entity rows: consecutive rows with the same columns share statements.
     let mut i = 0;
     while i < rows.len() {
         let names: Vec<&str> = rows[i].cols.iter().map(|(c, _)| c.as_str()).collect();
-        let per_statement = (MAX_PARAMS / names.len()).max(1);
         let mut j = i;
         while j < rows.len()
-            && j - i < per_statement
             && rows[j]
                 .cols
                 .iter()
@@ -844,26 +841,12 @@ async fn write_rows(
         {
             j += 1;
         }
-        let mut sql = Sql::new(format!("INSERT INTO {} (", quote(&e.table)));
-        sql.push(
-            &names
-                .iter()
-                .map(|c| quote(c))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
-        sql.push(") VALUES ");
-        for (n, row) in rows[i..j].iter().enumerate() {
-            sql.push(if n == 0 { "(" } else { ", (" });
-            for (k, (_, v)) in row.cols.iter().enumerate() {
-                if k > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(v.clone());
-            }
-            sql.push(")");
-        }
-        execute_write(tx, e, &sql).await?;
+        let values: Vec<Vec<Value>> = rows[i..j]
+            .iter()
+            .map(|r| r.cols.iter().map(|(_, v)| v.clone()).collect())
+            .collect();
+        let result = tx.insert_rows(&e.table, &names, &values).await;
+        unique_conflict(e, result)?;
         i = j;
     }
     let history: Vec<(Uuid, &HistoryEntry)> = rows
@@ -1144,7 +1127,14 @@ pub async fn insert_batch(
 }
 
 async fn execute_write(tx: &mut Tx, e: &Entity, sql: &Sql) -> Result<u64> {
-    match tx.execute(sql).await {
+    let result = tx.execute(sql).await;
+    unique_conflict(e, result)
+}
+
+/// A unique violation (a concurrent writer took the value between our check and our write) as
+/// the conflict that names the field.
+fn unique_conflict(e: &Entity, result: Result<u64>) -> Result<u64> {
+    match result {
         Err(FormError::Database(sqlx::Error::Database(db))) if db.is_unique_violation() => {
             // A concurrent writer took the value between our check and our write.
             let field = e.fields.iter().find(|f| {
@@ -1196,25 +1186,36 @@ async fn write_history_rows(
     rows: &[(Uuid, &HistoryEntry)],
     actor: Option<Uuid>,
 ) -> Result<()> {
-    for chunk in rows.chunks(MAX_PARAMS / 5) {
-        let mut sql = Sql::new("INSERT INTO \"history\" (\"app\", \"entity\", \"record_id\", \"field\", \"old_value\", \"new_value\", \"at\", \"actor\") VALUES ");
-        let (app_p, entity_p, actor_p) = (
-            sql.param(Value::Text(app.into())),
-            sql.param(Value::Text(e.key.clone())),
-            sql.param(Value::opt_uuid(actor)),
-        );
-        for (i, (id, r)) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            sql.push(&format!("{app_p}, {entity_p}, "));
-            sql.bind(Value::Uuid(*id)).push(", ");
-            sql.bind(Value::Text(r.field.clone())).push(", ");
-            sql.bind(Value::Json(r.old.clone())).push(", ");
-            sql.bind(Value::Json(r.new.clone())).push(", ");
-            sql.bind(Value::DateTime(r.at))
-                .push(&format!(", {actor_p})"));
-        }
-        tx.execute(&sql).await?;
-    }
+    let values: Vec<Vec<Value>> = rows
+        .iter()
+        .map(|(id, r)| {
+            vec![
+                Value::Text(app.into()),
+                Value::Text(e.key.clone()),
+                Value::Uuid(*id),
+                Value::Text(r.field.clone()),
+                Value::Json(r.old.clone()),
+                Value::Json(r.new.clone()),
+                Value::DateTime(r.at),
+                Value::opt_uuid(actor),
+            ]
+        })
+        .collect();
+    tx.insert_rows(
+        "history",
+        &[
+            "app",
+            "entity",
+            "record_id",
+            "field",
+            "old_value",
+            "new_value",
+            "at",
+            "actor",
+        ],
+        &values,
+    )
+    .await?;
     Ok(())
 }
 
@@ -1249,35 +1250,55 @@ async fn write_events(
     events: &[(Uuid, Json, Json, DateTime<Utc>, bool)],
     ctx: &WriteCtx,
 ) -> Result<()> {
-    for chunk in events.chunks(MAX_PARAMS / 4) {
-        let mut sql = Sql::new("INSERT INTO \"events\" (\"app\", \"entity\", \"record_id\", \"kind\", \"changed\", \"record\", \"actor\", \"at\", \"depth\", \"processed_at\") VALUES ");
-        let shared = [
-            sql.param(Value::Text(app.into())),
-            sql.param(Value::Text(e.key.clone())),
-            sql.param(Value::Text(kind.into())),
-            sql.param(Value::opt_uuid(ctx.actor)),
-            sql.param(Value::Int(ctx.depth as i64)),
-            sql.param(Value::DateTime(ctx.now)),
-            sql.param(Value::Null(ColKind::DateTime)),
-        ];
-        for (i, (id, changed, record, at, historical)) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            sql.push(&format!("{}, {}, ", shared[0], shared[1]));
-            sql.bind(Value::Uuid(*id))
-                .push(&format!(", {}, ", shared[2]));
-            sql.bind(Value::Json(changed.clone())).push(", ");
-            sql.bind(Value::Json(record.clone()))
-                .push(&format!(", {}, ", shared[3]));
-            // Each event carries its own write's time (a group commit mixes several).
-            // A historical import describes the past: its events start no automation.
-            let processed = if *historical { &shared[5] } else { &shared[6] };
-            sql.bind(Value::DateTime(*at))
-                .push(&format!(", {}, {processed})", shared[4]));
-        }
-        tx.execute(&sql).await?;
-    }
+    let values: Vec<Vec<Value>> = events
+        .iter()
+        .map(|(id, changed, record, at, historical)| {
+            vec![
+                Value::Text(app.into()),
+                Value::Text(e.key.clone()),
+                Value::Uuid(*id),
+                Value::Text(kind.into()),
+                Value::Json(changed.clone()),
+                Value::Json(record.clone()),
+                Value::opt_uuid(ctx.actor),
+                // Each event carries its own write's time (a group commit mixes several).
+                Value::DateTime(*at),
+                Value::Int(ctx.depth as i64),
+                // A historical import describes the past: its events start no automation.
+                if *historical {
+                    Value::DateTime(ctx.now)
+                } else {
+                    Value::Null(ColKind::DateTime)
+                },
+            ]
+        })
+        .collect();
+    tx.insert_rows(
+        "events",
+        &[
+            "app",
+            "entity",
+            "record_id",
+            "kind",
+            "changed",
+            "record",
+            "actor",
+            "at",
+            "depth",
+            "processed_at",
+        ],
+        &values,
+    )
+    .await?;
     Ok(())
 }
+
+/// The `field` of the one history row a create writes for the initial values of its tracked
+/// fields (and owner): `new_value` holds `[[field, value], …]` in definition order, where the
+/// stage field appears as `[stage, null, n]`: the n stage rows that follow the row. Reading the
+/// history expands it into one row per field, as if each had been written alone: a record with
+/// eight initial values costs one history row instead of eight (see docs/benchmarks.md).
+pub const CREATED: &str = "*created";
 
 /// One history row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -1322,22 +1343,41 @@ pub async fn history(
     if rows.is_empty() {
         get(db, e, id).await?;
     }
-    Ok(rows
-        .into_iter()
-        .map(|r| HistoryRow {
-            field: match &r[0] {
-                Value::Text(s) => s.clone(),
-                _ => String::new(),
-            },
-            old: values::scalar_json(&r[1], 0),
-            new: values::scalar_json(&r[2], 0),
-            at: values::scalar_json(&r[3], 0),
-            actor: match r[4] {
-                Value::Uuid(u) => Some(u),
-                _ => None,
-            },
-        })
-        .collect())
+    let mut out: Vec<HistoryRow> = Vec::with_capacity(rows.len());
+    let mut rows = rows.into_iter().map(|r| HistoryRow {
+        field: match &r[0] {
+            Value::Text(s) => s.clone(),
+            _ => String::new(),
+        },
+        old: values::scalar_json(&r[1], 0),
+        new: values::scalar_json(&r[2], 0),
+        at: values::scalar_json(&r[3], 0),
+        actor: match r[4] {
+            Value::Uuid(u) => Some(u),
+            _ => None,
+        },
+    });
+    while let Some(row) = rows.next() {
+        if row.field != CREATED {
+            out.push(row);
+            continue;
+        }
+        for item in row.new.as_array().into_iter().flatten() {
+            let field = item[0].as_str().unwrap_or_default().to_owned();
+            match item.get(2).and_then(Json::as_u64) {
+                // The create's stage rows, which follow this one.
+                Some(n) => out.extend(rows.by_ref().take(n as usize)),
+                None => out.push(HistoryRow {
+                    field,
+                    old: Json::Null,
+                    new: item[1].clone(),
+                    at: row.at.clone(),
+                    actor: row.actor,
+                }),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Delete history rows past each entity's retention (stage history is always kept).
