@@ -686,3 +686,112 @@ async fn approvals_escalate_once_then_time_out_and_all_approvers_must_agree_befo
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_firing_report_alert_starts_its_workflow() {
+    for db in testing::each().await {
+        let clock = Arc::new(trellis_form::ManualClock::new(t0()));
+        let app = start(db, clock.clone()).await;
+        let be = app.backend;
+        let alert = json!({"deal_drop": {"label": "Deals dropped", "every": "day",
+            "query": {"metric": "deals", "time": {"from": "2026-07-01", "to": "2026-10-01"},
+                      "compare": "previous_period", "flag": {"metric": "deals", "change_pct_lte": -30}}}});
+        let mut def = json!({"key": "t", "timezone": "Asia/Shanghai", "entities": [entity()],
+            "reports": [{"metrics": {"deals": {"type": "aggregate", "entity": "deal", "agg": "count"}}, "alerts": alert}],
+            "workflows": [{"key": "on_drop", "trigger": {"type": "alert_fired", "alert": "deal_dropp"},
+                "nodes": [{"id": "tell", "type": "notify", "to": {"role": "manager"},
+                           "title": "{{ record.label }}", "body": "{{ record.rows[0].deals }} deals, was {{ record.rows[0].deals_previous }}"}]}]});
+        // A misspelt alert is a definition error naming the alerts there are.
+        let (s, b) = app
+            .call(Method::POST, "/api/v1/apps", Some(def.clone()))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{be}: {b}");
+        assert_eq!(
+            b["errors"][0]["path"], "/workflows/0/trigger/alert",
+            "{be}: {b}"
+        );
+        assert_eq!(b["errors"][0]["code"], "unknown_alert", "{be}: {b}");
+        def["workflows"][0]["trigger"]["alert"] = json!("deal_drop");
+        install(&app, def).await;
+        // A manager of the app, to be told.
+        let (_, u) = app
+            .call(
+                Method::POST,
+                "/api/v1/users",
+                Some(json!({"name": "Boss", "email": "boss@t.example"})),
+            )
+            .await;
+        let boss = u["id"].as_str().unwrap().to_owned();
+        let (s, _) = app
+            .call(
+                Method::PUT,
+                &format!("/api/v1/apps/t/members/{boss}"),
+                Some(json!({"role": "manager"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        // Three deals last quarter but one, one this quarter: down 67%.
+        let at = |d: &str| format!("{d}T10:00:00Z");
+        let records: Vec<Value> = ["2026-04-10", "2026-05-10", "2026-06-10", "2026-08-10"]
+            .iter()
+            .map(|d| json!({"title": "d", "created_at": at(d)}))
+            .collect();
+        let (s, b) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/t/records/deal/batch",
+                Some(json!({"records": records})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{be}: {b}");
+        let loaded = trellis_form::apps::load(&app.db.db, "t")
+            .await
+            .unwrap()
+            .unwrap();
+        let reports = trellis_report::Reports::compile(&loaded).unwrap();
+        let fired = trellis_report::alerts::evaluate(&app.db.db, &loaded, &reports, t0())
+            .await
+            .unwrap();
+        assert_eq!(fired.len(), 1, "{be}");
+        let sql = trellis_form::db::Sql::new(
+            "SELECT \"user_id\", \"title\", \"body\" FROM \"notifications\" WHERE \"app\" = 't'",
+        );
+        let kinds = [
+            trellis_form::model::ColKind::Uuid,
+            trellis_form::model::ColKind::Text,
+            trellis_form::model::ColKind::Text,
+        ];
+        let db = app.db.db.clone();
+        eventually("the manager's notification", || {
+            let (db, sql) = (db.clone(), sql.clone());
+            async move { db.fetch_all(&sql, &kinds).await.unwrap().len() == 1 }
+        })
+        .await;
+        let rows = app.db.db.fetch_all(&sql, &kinds).await.unwrap();
+        let got: Vec<String> = rows[0]
+            .iter()
+            .map(|v| {
+                trellis_form::values::scalar_json(v, 0)
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [boss.as_str(), "Deals dropped", "1 deals, was 3"],
+            "{be}"
+        );
+        // The run: no record, the alert's workflow, succeeded.
+        let (_, list) = app
+            .call(Method::GET, "/api/v1/apps/t/runs?workflow=on_drop", None)
+            .await;
+        let run = &list["runs"][0];
+        assert_eq!(
+            (run["status"].clone(), run["record_id"].clone()),
+            (json!("succeeded"), Value::Null),
+            "{be}: {list}"
+        );
+        app.stop().await;
+    }
+}

@@ -315,9 +315,31 @@ fn compile_one(
     // Trigger.
     let entity_key = def.trigger.entity().to_owned();
     let entity = match &def.trigger {
-        Trigger::Schedule { cron } => {
-            if let Err(m) = crate::schedule::parse(cron) {
-                c.problem("trigger/cron", "invalid_cron", m);
+        Trigger::Schedule { .. } | Trigger::AlertFired { .. } => {
+            match &def.trigger {
+                Trigger::Schedule { cron } => {
+                    if let Err(m) = crate::schedule::parse(cron) {
+                        c.problem("trigger/cron", "invalid_cron", m);
+                    }
+                }
+                Trigger::AlertFired { alert, .. } => {
+                    let known = alert_names(app);
+                    if !known.iter().any(|a| a == alert) {
+                        c.problem(
+                            "trigger/alert",
+                            "unknown_alert",
+                            format!(
+                                "The app's reports have no alert `{alert}` (they have: {}).",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        );
+                    }
+                }
+                _ => {}
             }
             for (i, n) in def.nodes.iter().enumerate() {
                 if matches!(
@@ -331,7 +353,7 @@ fn compile_one(
                         &format!("nodes/{i}/type"),
                         "needs_record",
                         format!(
-                            "A `{}` node works on the run's record, and a scheduled run has none.",
+                            "A `{}` node works on the run's record, and a scheduled or alert run has none.",
                             n.action.kind()
                         ),
                     );
@@ -463,6 +485,18 @@ fn compile_one(
             }
             _ => {}
         }
+    }
+    if def.mode == Mode::Inline
+        && matches!(
+            def.trigger,
+            Trigger::Schedule { .. } | Trigger::AlertFired { .. }
+        )
+    {
+        c.problem(
+            "mode",
+            "inline_without_write",
+            "Inline workflows run inside a record's write; this trigger has none, so make the workflow `async`.".into(),
+        );
     }
     if let Some(t) = def.trigger.condition() {
         c.condition(cond_name(&["trigger", "condition"]), t);
@@ -814,4 +848,15 @@ pub async fn missing_references(
         }
     }
     Ok(problems)
+}
+
+/// The alert names of the app's report definitions (`reports[*].alerts`), read from the
+/// definition: the report engine compiles them, and this crate does not depend on it.
+fn alert_names(app: &App) -> Vec<String> {
+    app.def
+        .reports
+        .iter()
+        .filter_map(|r| r.get("alerts").and_then(serde_json::Value::as_object))
+        .flat_map(|m| m.keys().cloned())
+        .collect()
 }

@@ -168,6 +168,15 @@ pub enum Trigger {
         /// Entity key.
         entity: String,
     },
+    /// A report alert of the app fired (`reports` → `alerts`): the run's `record` is the
+    /// firing, `{alert, label, meta, rows}`, with the flagged rows of the alert's query.
+    AlertFired {
+        /// The alert's name.
+        alert: String,
+        /// Optional rhai condition (over `record`, the firing).
+        #[serde(default)]
+        condition: Option<String>,
+    },
 }
 
 impl Trigger {
@@ -182,7 +191,7 @@ impl Trigger {
             | Trigger::DateRelative { entity, .. }
             | Trigger::Webhook { entity, .. }
             | Trigger::Manual { entity } => entity,
-            Trigger::Schedule { .. } => "",
+            Trigger::Schedule { .. } | Trigger::AlertFired { .. } => "",
         }
     }
 
@@ -195,7 +204,8 @@ impl Trigger {
             | Trigger::RecordDeleted { condition, .. }
             | Trigger::Inactivity { condition, .. }
             | Trigger::DateRelative { condition, .. }
-            | Trigger::Webhook { condition, .. } => condition.as_deref(),
+            | Trigger::Webhook { condition, .. }
+            | Trigger::AlertFired { condition, .. } => condition.as_deref(),
             Trigger::Manual { .. } | Trigger::Schedule { .. } => None,
         }
     }

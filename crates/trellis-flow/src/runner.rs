@@ -267,12 +267,26 @@ fn context(ev: &Event, vars: &Vars, now: DateTime<Utc>, inst: &Installed) -> Jso
     })
 }
 
+/// The event kind a report alert writes to the outbox (entity `report`, record = the firing).
+const ALERT_FIRED: &str = "alert.fired";
+
+/// Whether `wf` watches the entity (or, for alerts, the report events) of `ev`.
+fn listens(wf: &Workflow, ev: &Event) -> bool {
+    match wf.def.trigger {
+        Trigger::AlertFired { .. } => ev.entity == "report",
+        _ => wf.def.trigger.entity() == ev.entity,
+    }
+}
+
 /// Whether `wf`'s trigger matches `ev` (its condition included).
 fn matches(wf: &Workflow, ev: &Event, ctx: &Json, app: &App) -> std::result::Result<bool, String> {
-    if wf.def.trigger.entity() != ev.entity {
+    if !listens(wf, ev) {
         return Ok(false);
     }
     let hit = match &wf.def.trigger {
+        Trigger::AlertFired { alert, .. } => {
+            ev.kind == ALERT_FIRED && ev.record.get("alert").and_then(Json::as_str) == Some(alert)
+        }
         Trigger::RecordCreated { .. } => ev.kind == "created",
         Trigger::RecordUpdated { fields, .. } => {
             ev.kind == "updated"
@@ -809,9 +823,11 @@ impl Runtime {
                 continue;
             };
             for wf in inst.flows.enabled() {
-                if wf.def.mode != Mode::Async || wf.def.trigger.entity() != ev.entity {
+                if wf.def.mode != Mode::Async || !listens(wf, ev) {
                     continue;
                 }
+                // A firing is no record: the run, like a scheduled one, has none to reload.
+                let alert = matches!(wf.def.trigger, Trigger::AlertFired { .. });
                 let ctx = context(ev, &self.settings.vars, now, &inst);
                 let (status, error) = match matches(wf, ev, &ctx, &inst.app) {
                     Ok(false) => continue,
@@ -844,8 +860,8 @@ impl Runtime {
                         id: Uuid::now_v7(),
                         app: &ev.app,
                         wf: &wf.def,
-                        entity: &ev.entity,
-                        record: Some(ev.record_id),
+                        entity: if alert { "" } else { &ev.entity },
+                        record: (!alert).then_some(ev.record_id),
                         event: Some(ev.id),
                         context: &ctx,
                         status,

@@ -77,6 +77,10 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../examples/crm/roles/04-sdr.json"),
     ),
     (
+        "workflows/08-funnel-alert.json",
+        include_str!("../../../examples/crm/workflows/08-funnel-alert.json"),
+    ),
+    (
         "reports/sales.json",
         include_str!("../../../examples/crm/reports/sales.json"),
     ),

@@ -14,7 +14,7 @@
 use anyhow::Context;
 use chrono::{DateTime, Datelike, Duration, Utc};
 use rand::{Rng, SeedableRng};
-use trellis_form::db::{quote, Db, Sql, Tx, Value};
+use trellis_form::db::{Db, Sql, Tx, Value};
 use trellis_form::model::{App, ColKind};
 use uuid::Uuid;
 
@@ -51,8 +51,9 @@ const LOSS: [&str; 7] = [
 ];
 /// Relative lead volume per month (January first).
 const SEASON: [f64; 12] = [0.9, 0.6, 1.0, 1.0, 1.0, 1.1, 0.9, 0.9, 1.1, 0.9, 1.2, 1.3];
-/// Most parameters one statement binds (sqlx's SQLite binding slows down beyond a few hundred).
-const PARAMS: usize = 300;
+/// Rows gathered per table before they are written (`Tx::insert_rows`: one JSON parameter per
+/// 2,000 rows on SQLite, 300-parameter statements on PostgreSQL).
+const ROWS_PER_FLUSH: usize = 2_000;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -99,33 +100,16 @@ impl Table {
     async fn push(&mut self, tx: &mut Tx, row: Vec<Value>) -> anyhow::Result<()> {
         debug_assert_eq!(row.len(), self.cols.len());
         self.rows.push(row);
-        if (self.rows.len() + 1) * self.cols.len() > PARAMS {
+        if self.rows.len() >= ROWS_PER_FLUSH {
             self.flush(tx).await?;
         }
         Ok(())
     }
 
     async fn flush(&mut self, tx: &mut Tx) -> anyhow::Result<()> {
-        if self.rows.is_empty() {
-            return Ok(());
-        }
-        let cols: Vec<String> = self.cols.iter().map(|c| quote(c)).collect();
-        let mut sql = Sql::new(format!(
-            "INSERT INTO {} ({}) VALUES ",
-            quote(&self.name),
-            cols.join(", ")
-        ));
-        for (i, r) in self.rows.drain(..).enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, v) in r.into_iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(v);
-            }
-            sql.push(")");
-        }
-        tx.execute(&sql).await?;
+        let cols: Vec<&str> = self.cols.iter().map(String::as_str).collect();
+        tx.insert_rows(&self.name, &cols, &self.rows).await?;
+        self.rows.clear();
         Ok(())
     }
 }

@@ -94,6 +94,67 @@ async fn demo_data_is_deterministic_consistent_and_tells_the_east_story() {
             .map(|r| r["region"].as_str().unwrap())
             .collect();
         assert_eq!(flagged, vec!["east"], "{b}: {story}");
+        // The CRM's alert fires on it, and its workflow (`funnel_alert`) tells the managers.
+        let mut tx = db.begin().await.unwrap();
+        let boss = trellis_form::users::create(
+            &mut tx,
+            &trellis_form::users::UserInput {
+                name: Some("Boss".into()),
+                email: Some("boss@demo.example".into()),
+                ..Default::default()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+        let mut member = Sql::new(
+            "INSERT INTO \"app_members\" (\"app\", \"user_id\", \"role\") VALUES ('crm', ",
+        );
+        member.bind(Value::Uuid(boss.id)).push(", 'manager')");
+        tx.execute(&member).await.unwrap();
+        tx.commit().await.unwrap();
+        let reports = Reports::compile(&app).unwrap();
+        let fired = trellis_report::alerts::evaluate(db, &app, &reports, now)
+            .await
+            .unwrap();
+        assert!(
+            fired.iter().any(|f| f.alert == "funnel_drop_by_region"),
+            "{b}: {fired:?}"
+        );
+        let flows = trellis_flow::Runtime::new(
+            db.clone(),
+            std::sync::Arc::new(trellis_form::ManualClock::new(now)),
+            trellis_flow::Settings::default(),
+        );
+        flows
+            .install(
+                std::sync::Arc::new(apps::load(db, "crm").await.unwrap().unwrap()),
+                None,
+            )
+            .await
+            .unwrap();
+        flows.dispatch(1000).await.unwrap();
+        while flows.work().await.unwrap() > 0 {}
+        let mut told =
+            Sql::new("SELECT \"title\", \"body\" FROM \"notifications\" WHERE \"user_id\" = ");
+        told.bind(Value::Uuid(boss.id));
+        let told = db
+            .fetch_all(&told, &[ColKind::Text, ColKind::Text])
+            .await
+            .unwrap();
+        assert_eq!(told.len(), 1, "{b}");
+        assert_eq!(
+            told[0][0],
+            Value::Text("Proposal → quoted dropped in a region".into()),
+            "{b}"
+        );
+        let Value::Text(body) = &told[0][1] else {
+            panic!("{b}: no body")
+        };
+        assert!(
+            body.starts_with("east: ") && body.contains("% last quarter, was "),
+            "{b}: {body}"
+        );
         t.cleanup().await;
     }
     // Determinism across databases: two fresh SQLite databases, one seed.
