@@ -278,6 +278,20 @@ async fn grantable(
             ),
         ));
     }
+    reachable(state, access, actor, app, user).await
+}
+
+/// The member's current role is within the caller's (administrators reach every member).
+async fn reachable(
+    state: &AppState,
+    access: &crate::policy::Access,
+    actor: &Actor,
+    app: &str,
+    user: uuid::Uuid,
+) -> ApiResult<()> {
+    if actor.is_admin {
+        return Ok(());
+    }
     if let Some(held) = crate::policy::role(state, app, user).await? {
         if let Some(current) = state.app(app)?.app.roles.get(&held) {
             if !current.within(&access.role) {
@@ -399,16 +413,7 @@ async fn remove_member(
 ) -> ApiResult<axum::http::StatusCode> {
     let access = manage(&state, &actor, &app).await?;
     let user = uuid::Uuid::parse_str(&user).map_err(|_| ApiError::not_found("user not found"))?;
-    if let Some(held) = crate::policy::role(&state, &app, user).await? {
-        if let Some(role) = state.app(&app)?.app.roles.get(&held).cloned() {
-            if !actor.is_admin && !role.within(&access.role) {
-                return Err(ApiError::new(
-                    "forbidden",
-                    format!("The member's role `{held}` reaches further than yours; only an administrator can change it."),
-                ));
-            }
-        }
-    }
+    reachable(&state, &access, &actor, &app, user).await?;
     let mut del = trellis_form::db::Sql::new("DELETE FROM \"app_members\" WHERE \"app\" = ");
     del.bind(trellis_form::db::Value::Text(app.clone()))
         .push(" AND \"user_id\" = ")
