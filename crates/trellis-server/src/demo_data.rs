@@ -159,10 +159,6 @@ pub async fn generate(
     if reps.is_empty() {
         reps.push(fallback);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let now = opts.now;
-    let start = now - Duration::days(730);
-    let (drop_from, drop_to) = last_full_quarter(now);
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(opts.opportunities as u64);
         b.set_style(
@@ -175,6 +171,68 @@ pub async fn generate(
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // Bulk load: the big tables' plain indexes are built once at the end, not row by row.
+    let dropped = drop_plain_indexes(db, &[&lead_t, &opp_t, "history"]).await?;
+    let filled = fill(db, app, &reps, opts, &bar, (lead_t, opp_t, acct_t)).await;
+    let mut tx = db.begin().await?;
+    for (name, ddl) in &dropped {
+        tx.execute(&Sql::new(ddl.clone()))
+            .await
+            .with_context(|| format!("cannot rebuild the index {name}"))?;
+    }
+    tx.commit().await?;
+    let sum = filled?;
+    bar.finish_and_clear();
+    Ok(sum)
+}
+
+/// Drop the indexes of `tables` that enforce nothing (not unique, not keys) and return their
+/// names and definitions, to be built again after a bulk load.
+async fn drop_plain_indexes(db: &Db, tables: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = vec![];
+    for t in tables {
+        let mut sql = match db.backend() {
+            trellis_form::db::Backend::Sqlite => Sql::new(
+                "SELECT \"name\", \"sql\" FROM \"sqlite_master\" WHERE \"type\" = 'index' AND \"sql\" IS NOT NULL AND \"tbl_name\" = ",
+            ),
+            trellis_form::db::Backend::Postgres => Sql::new(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = ",
+            ),
+        };
+        sql.bind(text(*t));
+        for r in db.fetch_all(&sql, &[ColKind::Text, ColKind::Text]).await? {
+            if let (Value::Text(name), Value::Text(ddl)) = (&r[0], &r[1]) {
+                if !ddl.to_uppercase().contains("UNIQUE") {
+                    out.push((name.clone(), ddl.clone()));
+                }
+            }
+        }
+    }
+    let mut tx = db.begin().await?;
+    for (name, _) in &out {
+        tx.execute(&Sql::new(format!(
+            "DROP INDEX {}",
+            trellis_form::db::quote(name)
+        )))
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Generate the records (see [`generate`]).
+async fn fill(
+    db: &Db,
+    app: &App,
+    reps: &[Uuid],
+    opts: &Options,
+    bar: &indicatif::ProgressBar,
+    (lead_t, opp_t, acct_t): (String, String, String),
+) -> anyhow::Result<Summary> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let now = opts.now;
+    let start = now - Duration::days(730);
+    let (drop_from, drop_to) = last_full_quarter(now);
     let mut sum = Summary::default();
     let mut tx = db.begin().await?;
     if db.backend() == trellis_form::db::Backend::Sqlite {
@@ -437,7 +495,6 @@ pub async fn generate(
         t.flush(&mut tx).await?;
     }
     tx.commit().await?;
-    bar.finish_and_clear();
     Ok(sum)
 }
 

@@ -50,9 +50,18 @@ async fn demo_data_is_deterministic_consistent_and_tells_the_east_story() {
             now,
             progress: false,
         };
+        let indexes = if db.backend() == trellis_form::db::Backend::Sqlite {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index'"
+        } else {
+            "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema()"
+        };
+        let before = count(db, indexes).await;
         let sum = demo_data::generate(db, &app, Uuid::nil(), &opts)
             .await
             .unwrap();
+        // The plain indexes dropped for the bulk load are all back.
+        assert_eq!(count(db, indexes).await, before, "{b}");
+        assert!(before > 20, "{b}: {before}");
         assert_eq!(sum.opportunities, 8000, "{b}");
         assert_eq!(
             count(db, "SELECT COUNT(*) FROM \"crm__opportunity\"").await,
