@@ -346,14 +346,14 @@ pub fn plan(
             None
         }
     };
-    if compare.is_some() && per_stage.is_some() {
-        problems.push(Problem::new(
-            "/compare",
-            "invalid_query",
-            "Funnels and time in stage are not compared with a previous period yet; query the periods separately.",
-        ));
-    }
     if let Some(f) = &q.flag {
+        if per_stage.is_some() {
+            problems.push(Problem::new(
+                "/flag",
+                "invalid_query",
+                "A flag rule needs a metric with one value per row; a funnel or time in stage is compared column by column (`entered_change_pct`, …) without a flag.",
+            ));
+        }
         if compare.is_none() {
             problems.push(Problem::new(
                 "/flag",
@@ -655,6 +655,19 @@ fn plan_columns(reports: &Reports, plan: &Plan) -> Vec<Column> {
                 role: "metric",
                 label: format!("{} {n}", m.label),
             });
+            if plan.compare.is_some() {
+                for (suffix, what) in [
+                    ("previous", "previous"),
+                    ("change", "change"),
+                    ("change_pct", "change %"),
+                ] {
+                    cols.push(Column {
+                        name: format!("{n}_{suffix}"),
+                        role: "metric",
+                        label: format!("{} {n} ({what})", m.label),
+                    });
+                }
+            }
         }
         return cols;
     }
@@ -795,24 +808,51 @@ pub async fn run(
             row.insert("period".into(), key[k].clone());
             k += 1;
         }
+        // The same row of the compared period: the same dimensions (and stage), the period
+        // shifted back.
+        let prev_key = |shift: Shift| {
+            let mut pk = key.clone();
+            if let Some(g) = plan.grain {
+                let i = plan.dims.len();
+                if let Some(d) = key[i]
+                    .as_str()
+                    .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                {
+                    pk[i] = json!(g.start(shift.back(d)).format("%Y-%m-%d").to_string());
+                }
+            }
+            pk
+        };
         if let Some(ps) = &plan.per_stage {
             row.insert("stage".into(), key[k].clone());
             stage_values(reports, ps, &key, &rows, &mut row);
+            if let (Some(prev), Some(shift)) = (&prev, plan.compare) {
+                let mut before = Map::new();
+                stage_values(reports, ps, &prev_key(shift), prev, &mut before);
+                for (n, pv) in before {
+                    let (v, p) = (row.get(&n).and_then(Json::as_f64), pv.as_f64());
+                    let whole = matches!(&pv, Json::Number(x) if x.is_i64());
+                    let change = v.zip(p).map(|(a, b)| a - b);
+                    let pct = match (change, p) {
+                        (Some(c), Some(b)) if b != 0.0 => Some(c / b.abs() * 100.0),
+                        _ => None,
+                    };
+                    // Counts stay whole numbers; rates and days stay as they are.
+                    let change = match change {
+                        Some(c) if whole => json!(c as i64),
+                        c => float(c),
+                    };
+                    row.insert(format!("{n}_previous"), pv);
+                    row.insert(format!("{n}_change"), change);
+                    row.insert(format!("{n}_change_pct"), float(pct));
+                }
+            }
         } else {
             for m in &plan.metrics {
                 let v = value(reports, m, &vals);
                 row.insert(m.clone(), num(reports, m, v));
                 if let (Some(prev), Some(shift)) = (&prev, plan.compare) {
-                    let mut pk = key.clone();
-                    if let Some(g) = plan.grain {
-                        let i = plan.dims.len();
-                        if let Some(d) = key[i]
-                            .as_str()
-                            .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-                        {
-                            pk[i] = json!(g.start(shift.back(d)).format("%Y-%m-%d").to_string());
-                        }
-                    }
+                    let pk = prev_key(shift);
                     let pv = prev
                         .get(&pk)
                         .map(|pvals| value(reports, m, pvals))

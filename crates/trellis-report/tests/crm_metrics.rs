@@ -345,6 +345,63 @@ async fn crm_metrics_match_the_hand_computed_fixture() {
         let c = ask(db, &fx, json!({"metric": "leads", "time": {"grain": "quarter", "from": "2027-01-01", "to": "2027-07-01"}, "compare": "previous_year"})).await;
         assert_eq!(c.rows[0]["leads_previous"], json!(3), "{b}");
         assert_eq!(c.rows[1]["leads_previous"], json!(1), "{b}");
+        // Funnels and time in stage compare stage by stage: every column gets the same stage's
+        // value over the shifted range (asked for on its own) as `_previous`, and the change.
+        for (metric, cols) in [
+            (
+                "stage_conversion",
+                &["entered", "advanced", "step_rate", "cumulative_rate"][..],
+            ),
+            ("time_in_stage", &["days"][..]),
+        ] {
+            let range = |from: &str, to: &str| json!({"from": from, "to": to});
+            let cur = ask(
+                db,
+                &fx,
+                json!({"metric": metric, "time": range("2026-04-01", "2026-07-01")}),
+            )
+            .await;
+            let old = ask(
+                db,
+                &fx,
+                json!({"metric": metric, "time": range("2026-01-01", "2026-04-01")}),
+            )
+            .await;
+            let c = ask(db, &fx, json!({"metric": metric, "time": range("2026-04-01", "2026-07-01"), "compare": "previous_period"})).await;
+            assert_eq!(c.rows.len(), cur.rows.len(), "{b} {metric}");
+            let mut compared = 0;
+            for (row, now_row) in c.rows.iter().zip(&cur.rows) {
+                assert_eq!(row["stage"], now_row["stage"], "{b} {metric}");
+                let Some(before) = old.rows.iter().find(|r| r["stage"] == row["stage"]) else {
+                    continue;
+                };
+                for col in cols {
+                    assert_eq!(row[*col], now_row[*col], "{b} {metric} {col}");
+                    assert_eq!(
+                        row[&format!("{col}_previous")],
+                        before[*col],
+                        "{b} {metric} {col}: {row:?}"
+                    );
+                    if let (Some(a), Some(p)) = (now_row[*col].as_f64(), before[*col].as_f64()) {
+                        let change = row[&format!("{col}_change")].as_f64().unwrap();
+                        assert!(
+                            (change - (a - p)).abs() < 1e-9,
+                            "{b} {metric} {col}: {row:?}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+            assert!(
+                compared > 0,
+                "{b} {metric}: the fixture has both periods: {c:?}"
+            );
+            let names: Vec<&str> = c.columns.iter().map(|c| c.name.as_str()).collect();
+            assert!(
+                names.contains(&format!("{}_change_pct", cols[0]).as_str()),
+                "{b}: {names:?}"
+            );
+        }
 
         // Dimensions one relation away and filters through them.
         let by_industry = ask(
@@ -607,6 +664,11 @@ async fn bad_queries_are_precise_errors() {
             json!({"metrics": ["stage_conversion", "leads"]}),
             "/metrics",
             "on its own",
+        ),
+        (
+            json!({"metric": "stage_conversion", "time": {"from": "2026-04-01", "to": "2026-07-01"}, "compare": "previous_period", "flag": {"metric": "stage_conversion", "change_pct_lte": -30}}),
+            "/flag",
+            "one value per row",
         ),
         (
             json!({"metric": "leads", "sort": ["-revenue"]}),
