@@ -441,4 +441,31 @@ fn users_and_tokens_from_the_command_line() {
         (code, err.trim()),
         (1, "There is no user `ghost@x.example`.")
     );
+    // What the command line did is in the audit log, without a user of its own and without
+    // the password or the token; the refused attempts left nothing.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let entries = rt.block_on(async {
+        let db = trellis_form::db::Db::connect(&url, &Default::default())
+            .await
+            .unwrap();
+        let e = trellis_form::audit::list(&db, None, None, 100)
+            .await
+            .unwrap();
+        db.close().await;
+        e
+    });
+    let actions: Vec<(&str, Option<uuid::Uuid>)> = entries
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor))
+        .collect();
+    assert_eq!(actions, [("token.create", None), ("user.create", None)]);
+    assert_eq!(entries[0].detail["via"], "cli");
+    assert_eq!(entries[0].detail["scope"], "read");
+    assert_eq!(entries[1].detail["email"], "boss@x.example");
+    assert_eq!(entries[1].detail["password_set"], true);
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(
+        !text.contains("a long password") && !text.contains(out.trim()),
+        "{text}"
+    );
 }
