@@ -650,47 +650,12 @@ fn plan_columns(reports: &Reports, plan: &Plan) -> Vec<Column> {
             _ => &["days"],
         };
         for n in names {
-            cols.push(Column {
-                name: (*n).into(),
-                role: "metric",
-                label: format!("{} {n}", m.label),
-            });
-            if plan.compare.is_some() {
-                for (suffix, what) in [
-                    ("previous", "previous"),
-                    ("change", "change"),
-                    ("change_pct", "change %"),
-                ] {
-                    cols.push(Column {
-                        name: format!("{n}_{suffix}"),
-                        role: "metric",
-                        label: format!("{} {n} ({what})", m.label),
-                    });
-                }
-            }
+            metric_columns(&mut cols, plan, n, &format!("{} {n}", m.label));
         }
         return cols;
     }
     for m in &plan.metrics {
-        let label = reports.metrics[m].label.clone();
-        cols.push(Column {
-            name: m.clone(),
-            role: "metric",
-            label: label.clone(),
-        });
-        if plan.compare.is_some() {
-            for (suffix, what) in [
-                ("previous", "previous"),
-                ("change", "change"),
-                ("change_pct", "change %"),
-            ] {
-                cols.push(Column {
-                    name: format!("{m}_{suffix}"),
-                    role: "metric",
-                    label: format!("{label} ({what})"),
-                });
-            }
-        }
+        metric_columns(&mut cols, plan, m, &reports.metrics[m].label);
     }
     if plan.query.flag.is_some() {
         cols.push(Column {
@@ -700,6 +665,39 @@ fn plan_columns(reports: &Reports, plan: &Plan) -> Vec<Column> {
         });
     }
     cols
+}
+
+/// A metric column and, with `compare`, its `_previous`, `_change` and `_change_pct` columns.
+fn metric_columns(cols: &mut Vec<Column>, plan: &Plan, name: &str, label: &str) {
+    cols.push(Column {
+        name: name.into(),
+        role: "metric",
+        label: label.into(),
+    });
+    if plan.compare.is_some() {
+        for (suffix, what) in [
+            ("previous", "previous"),
+            ("change", "change"),
+            ("change_pct", "change %"),
+        ] {
+            cols.push(Column {
+                name: format!("{name}_{suffix}"),
+                role: "metric",
+                label: format!("{label} ({what})"),
+            });
+        }
+    }
+}
+
+/// The change from `previous` to `current`, and in percent of |previous| (null when previous
+/// is 0 or either is empty).
+fn change(current: Option<f64>, previous: Option<f64>) -> (Option<f64>, Option<f64>) {
+    let c = current.zip(previous).map(|(a, b)| a - b);
+    let pct = match (c, previous) {
+        (Some(c), Some(b)) if b != 0.0 => Some(c / b.abs() * 100.0),
+        _ => None,
+    };
+    (c, pct)
 }
 
 /// A key of merged rows: the dimension values, the period, the stage.
@@ -832,18 +830,14 @@ pub async fn run(
                 for (n, pv) in before {
                     let (v, p) = (row.get(&n).and_then(Json::as_f64), pv.as_f64());
                     let whole = matches!(&pv, Json::Number(x) if x.is_i64());
-                    let change = v.zip(p).map(|(a, b)| a - b);
-                    let pct = match (change, p) {
-                        (Some(c), Some(b)) if b != 0.0 => Some(c / b.abs() * 100.0),
-                        _ => None,
-                    };
+                    let (c, pct) = change(v, p);
                     // Counts stay whole numbers; rates and days stay as they are.
-                    let change = match change {
+                    let c = match c {
                         Some(c) if whole => json!(c as i64),
                         c => float(c),
                     };
                     row.insert(format!("{n}_previous"), pv);
-                    row.insert(format!("{n}_change"), change);
+                    row.insert(format!("{n}_change"), c);
                     row.insert(format!("{n}_change_pct"), float(pct));
                 }
             }
@@ -857,16 +851,9 @@ pub async fn run(
                         .get(&pk)
                         .map(|pvals| value(reports, m, pvals))
                         .unwrap_or_else(|| empty_value(reports, m));
-                    let change = match (v, pv) {
-                        (Some(a), Some(b)) => Some(a - b),
-                        _ => None,
-                    };
-                    let pct = match (change, pv) {
-                        (Some(c), Some(b)) if b != 0.0 => Some(c / b.abs() * 100.0),
-                        _ => None,
-                    };
+                    let (c, pct) = change(v, pv);
                     row.insert(format!("{m}_previous"), num(reports, m, pv));
-                    row.insert(format!("{m}_change"), num(reports, m, change));
+                    row.insert(format!("{m}_change"), num(reports, m, c));
                     row.insert(format!("{m}_change_pct"), float(pct));
                     if let Some(f) = plan.query.flag.as_ref().filter(|f| f.metric == *m) {
                         let flagged = pct.is_some_and(|p| {
