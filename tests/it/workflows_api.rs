@@ -52,6 +52,8 @@ async fn demo(app: &TestApp) -> HashMap<String, String> {
 async fn demo_at(app: &TestApp, now: chrono::DateTime<chrono::Utc>) -> HashMap<String, String> {
     let db = &app.db.db;
     let crm = trellis_form::apps::load(db, "crm").await.unwrap().unwrap();
+    // Written outside the server: the rollups' statements go with the app.
+    trellis_report::rollup::prepare(&crm, db.backend()).unwrap();
     let admin = trellis_form::users::list(db)
         .await
         .unwrap()

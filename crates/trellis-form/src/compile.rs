@@ -98,6 +98,7 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
         def,
         entities,
         roles,
+        rollups: Default::default(),
     })
 }
 

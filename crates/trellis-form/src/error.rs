@@ -78,6 +78,9 @@ pub enum FormError {
     /// record still referenced by others.
     #[error("the write conflicts with existing data")]
     Conflict(Vec<Problem>),
+    /// The engine is wired wrongly (a bug of the caller, not of the input).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

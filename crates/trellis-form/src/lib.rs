@@ -22,6 +22,7 @@ pub mod model;
 pub mod plan;
 pub mod query;
 pub mod roles;
+pub mod rollup;
 pub(crate) mod schema;
 pub mod sheet;
 pub mod store;

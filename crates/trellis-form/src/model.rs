@@ -30,6 +30,9 @@ pub struct App {
     pub entities: Vec<Entity>,
     /// Roles: the built-ins (as shipped or redefined) and the app's own.
     pub roles: crate::roles::Roles,
+    /// Maintenance statements of the app's rollups, handed in by the report engine (see
+    /// [`crate::rollup`]).
+    pub rollups: std::sync::OnceLock<Vec<crate::rollup::Maintain>>,
 }
 
 impl App {

@@ -827,6 +827,15 @@ async fn write_rows(
     rows: Vec<NewRow>,
     ctx: &WriteCtx,
 ) -> Result<()> {
+    // Rollups: records the new rows point at lose their old contribution first.
+    let maintained = crate::rollup::affects(app, e)?;
+    if maintained {
+        let touched: Vec<crate::rollup::Touched> = rows
+            .iter()
+            .map(|r| (r.record.meta.id, &r.record.fields))
+            .collect();
+        crate::rollup::apply(tx, app, e, -1, &touched, false).await?;
+    }
     // Entity rows: consecutive rows with the same columns share statements.
     let mut i = 0;
     while i < rows.len() {
@@ -848,6 +857,13 @@ async fn write_rows(
         let result = tx.insert_rows(&e.table, &names, &values).await;
         unique_conflict(e, result)?;
         i = j;
+    }
+    if maintained {
+        let touched: Vec<crate::rollup::Touched> = rows
+            .iter()
+            .map(|r| (r.record.meta.id, &r.record.fields))
+            .collect();
+        crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
     let history: Vec<(Uuid, &HistoryEntry)> = rows
         .iter()
@@ -944,6 +960,17 @@ pub async fn update(
     sql.push(" WHERE \"id\" = ").bind(Value::Uuid(id));
     sql.push(" AND \"version\" = ")
         .bind(Value::Int(old.meta.version));
+    // Rollups: the record (and what it points at, before and after) leaves its buckets and
+    // comes back in the new ones.
+    let maintained = crate::rollup::affects(app, e)?;
+    let touched: Vec<crate::rollup::Touched> = if maintained {
+        vec![(id, &old.fields), (id, &p.fields)]
+    } else {
+        vec![]
+    };
+    if maintained {
+        crate::rollup::apply(tx, app, e, -1, &touched, true).await?;
+    }
     if execute_write(tx, e, &sql).await? == 0 {
         let current = get_in(tx, e, id).await?.meta.version;
         return Err(FormError::VersionConflict {
@@ -972,6 +999,9 @@ pub async fn update(
             new: json!(p.owner),
             at: ctx.now,
         });
+    }
+    if maintained {
+        crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
     write_history(tx, &app.key, e, id, &rows, ctx.actor).await?;
     let record = get_in(tx, e, id).await?;
@@ -1021,9 +1051,17 @@ pub async fn delete(
     if !problems.is_empty() {
         return Err(FormError::Conflict(problems));
     }
+    let maintained = crate::rollup::affects(app, e)?;
+    let touched: Vec<crate::rollup::Touched> = vec![(id, &old.fields)];
+    if maintained {
+        crate::rollup::apply(tx, app, e, -1, &touched, true).await?;
+    }
     let mut sql = Sql::new(format!("DELETE FROM {} WHERE \"id\" = ", quote(&e.table)));
     sql.bind(Value::Uuid(id));
     tx.execute(&sql).await?;
+    if maintained {
+        crate::rollup::apply(tx, app, e, 1, &touched, false).await?;
+    }
     write_event(tx, &app.key, e, id, "deleted", &[], &old.to_json(), ctx).await?;
     Ok(())
 }

@@ -32,6 +32,10 @@ pub trait Dialect: Sync {
     fn bool_lit(&self, b: bool) -> &'static str;
     /// The number of rows for which `cond` is true (0 over no rows).
     fn count_if(&self, cond: &str) -> String;
+    /// `col IN (the ids of the JSON array of text in parameter p)`.
+    fn ids_in(&self, col: &str, p: &str) -> String;
+    /// A text key of values (equal values give equal keys, NULL included).
+    fn json_key(&self, items: &[String]) -> String;
     /// The number of rows for which the correlated `EXISTS (…)` `exists` is true.
     fn count_exists(&self, exists: &str) -> String {
         self.count_if(exists)
@@ -109,6 +113,12 @@ impl Dialect for Sqlite {
     fn json_text(&self, col: &str) -> String {
         format!("json_extract({col}, '$')")
     }
+    fn ids_in(&self, col: &str, p: &str) -> String {
+        format!("{col} IN (SELECT \"value\" FROM json_each({p}))")
+    }
+    fn json_key(&self, items: &[String]) -> String {
+        format!("json_array({})", items.join(", "))
+    }
     fn native_percentile(&self) -> bool {
         false
     }
@@ -180,6 +190,12 @@ impl Dialect for Postgres {
     }
     fn json_text(&self, col: &str) -> String {
         format!("({col} #>> '{{}}')")
+    }
+    fn ids_in(&self, col: &str, p: &str) -> String {
+        format!("{col} IN (SELECT CAST(\"value\" AS UUID) FROM jsonb_array_elements_text(CAST({p} AS JSONB)))")
+    }
+    fn json_key(&self, items: &[String]) -> String {
+        format!("CAST(jsonb_build_array({}) AS TEXT)", items.join(", "))
     }
     fn native_percentile(&self) -> bool {
         true

@@ -61,7 +61,7 @@ pub struct Plan {
     pub compare: Option<Shift>,
     /// Row limit.
     pub limit: usize,
-    backend: Backend,
+    pub(crate) backend: Backend,
 }
 
 /// How a compared period is shifted back.
@@ -475,7 +475,7 @@ fn months_between(f: NaiveDate, t: NaiveDate) -> Option<i32> {
     Some((t.year() * 12 + t.month() as i32) - (f.year() * 12 + f.month() as i32))
 }
 
-fn dimension(ctx: &mut Ctx, d: &str) -> std::result::Result<Typed, String> {
+pub(crate) fn dimension(ctx: &mut Ctx, d: &str) -> std::result::Result<Typed, String> {
     match crate::expr::parse(d) {
         Ok(Expr::Path(p)) => {
             let t = ctx.path(&p)?;
@@ -489,7 +489,7 @@ fn dimension(ctx: &mut Ctx, d: &str) -> std::result::Result<Typed, String> {
 }
 
 /// One filter of a query as SQL; values bound, options checked, LIKE escaped.
-fn filter_sql(
+pub(crate) fn filter_sql(
     ctx: &mut Ctx,
     f: &Filter,
     sql: &mut Sql,
@@ -760,7 +760,8 @@ pub async fn run(
             range = Some((f, tomorrow));
         }
     }
-    let (rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis).await?;
+    let mut used: Vec<String> = vec![];
+    let (rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis, &mut used).await?;
     let totals_rows = if plan.per_stage.is_some() {
         None
     } else if plan.dims.is_empty() && plan.grain.is_none() {
@@ -773,7 +774,7 @@ pub async fn run(
         Some(t)
     } else {
         Some(
-            rows_for(db, app, reports, plan, cur_range, false, vis)
+            rows_for(db, app, reports, plan, cur_range, false, vis, &mut used)
                 .await?
                 .0,
         )
@@ -787,7 +788,7 @@ pub async fn run(
             shift.back(t)
         };
         prev = Some(
-            rows_for(db, app, reports, plan, Some((pf, pt)), true, vis)
+            rows_for(db, app, reports, plan, Some((pf, pt)), true, vis, &mut used)
                 .await?
                 .0,
         );
@@ -933,6 +934,7 @@ pub async fn run(
         "to": cur_range.map(|r| r.1.to_string()),
         "grain": plan.query.time.as_ref().and_then(|t| t.grain.clone()),
         "now": trellis_form::values::datetime_json(&plan.now),
+        "rollups": used,
         "compared_with": match (plan.compare, cur_range) {
             (Some(s), Some((f, t))) => {
                 let pf = s.back(f);
@@ -1104,7 +1106,7 @@ fn stage_values(reports: &Reports, ps: &str, key: &Key, rows: &Rows, row: &mut M
 
 /// A unit of SQL work.
 #[derive(Debug, Clone)]
-enum Unit {
+pub(crate) enum Unit {
     /// Aggregates over one entity with one anchor.
     Aggs {
         entity: String,
@@ -1121,7 +1123,7 @@ enum Unit {
     TimeInStage { metric: String },
 }
 
-fn anchor_of(plan: &Plan, m: &Metric) -> Option<Expr> {
+pub(crate) fn anchor_of(plan: &Plan, m: &Metric) -> Option<Expr> {
     plan.anchor.clone().or_else(|| m.time.clone())
 }
 
@@ -1160,7 +1162,7 @@ fn units(reports: &Reports, plan: &Plan) -> Vec<Unit> {
 }
 
 /// What a unit's statement returns after the key columns.
-enum Out {
+pub(crate) enum Out {
     /// Named value columns.
     Values(Vec<String>),
     /// Per stage, one column per stage key (funnel): value `entered`.
@@ -1719,13 +1721,15 @@ fn bounds(kind: ColKind, tz: Tz, f: NaiveDate, t: NaiveDate) -> (Value, Value) {
 }
 
 /// Offsets over every year a CRM holds data for, when a grouped query has no range.
-fn full_offsets(tz: Tz) -> Offsets {
+pub(crate) fn full_offsets(tz: Tz) -> Offsets {
     let from = time::local_midnight(tz, NaiveDate::from_ymd_opt(2000, 1, 1).expect("date"));
     let to = time::local_midnight(tz, NaiveDate::from_ymd_opt(2040, 1, 1).expect("date"));
     time::offsets(tz, from, to)
 }
 
-/// Run every unit for one range and merge the rows (grouped, gap-filled) or the single total.
+/// Run every unit for one range and merge the rows (grouped, gap-filled) or the single total;
+/// `used` collects the rollups that answered.
+#[allow(clippy::too_many_arguments)]
 async fn rows_for(
     db: &Db,
     app: &App,
@@ -1734,11 +1738,21 @@ async fn rows_for(
     range: Option<(NaiveDate, NaiveDate)>,
     grouped: bool,
     vis: &Visibility,
+    used: &mut Vec<String>,
 ) -> Result<(Rows, Option<(NaiveDate, NaiveDate)>)> {
     let mut rows = Rows::new();
     let mut stage_list: Option<Vec<String>> = None;
     for u in units(reports, plan) {
-        let (sql, kinds, out) = unit_sql(app, reports, plan, &u, range, grouped, vis, None)?;
+        let (sql, kinds, out) =
+            match crate::rollup::serve(app, reports, plan, &u, range, grouped, vis)? {
+                Some((sql, kinds, out, name)) => {
+                    if !used.contains(&name) {
+                        used.push(name);
+                    }
+                    (sql, kinds, out)
+                }
+                None => unit_sql(app, reports, plan, &u, range, grouped, vis, None)?,
+            };
         let result = db.fetch_all(&sql, &kinds).await?;
         let nkeys = match &out {
             Out::Values(v) => kinds.len() - v.len(),

@@ -17,6 +17,7 @@ pub mod expr;
 pub mod lower;
 pub mod model;
 pub mod query;
+pub mod rollup;
 pub mod time;
 pub mod verify;
 

@@ -29,6 +29,9 @@ pub struct ReportsDef {
     /// Alerts by name.
     #[serde(default)]
     pub alerts: BTreeMap<String, AlertDef>,
+    /// Rollups by name.
+    #[serde(default)]
+    pub rollups: BTreeMap<String, crate::rollup::RollupDef>,
 }
 
 /// An alert: a query with a `flag` rule, evaluated on a schedule; flagged rows fire it.
@@ -408,6 +411,8 @@ pub struct Reports {
     pub dashboards: BTreeMap<String, Dashboard>,
     /// Alerts by name.
     pub alerts: BTreeMap<String, Alert>,
+    /// Rollups by name.
+    pub rollups: BTreeMap<String, crate::rollup::Rollup>,
 }
 
 impl Reports {
@@ -417,6 +422,7 @@ impl Reports {
         let mut problems = vec![];
         let mut out = Reports::default();
         let mut defs: Vec<(String, String, MetricDef)> = vec![];
+        let mut rollups: Vec<(String, String, crate::rollup::RollupDef)> = vec![];
         for (i, item) in app.def.reports.iter().enumerate() {
             let base = format!("/reports/{i}");
             let parsed: ReportsDef = match serde_path_to_error::deserialize(item) {
@@ -447,6 +453,14 @@ impl Reports {
                     continue;
                 }
                 defs.push((name, path, m));
+            }
+            for (name, r) in parsed.rollups {
+                let path = format!("{base}/rollups/{name}");
+                if rollups.iter().any(|(n, ..)| *n == name) || !valid_name(&name) {
+                    problems.push(Problem::new(&path, "invalid_name", format!("`{name}` is defined twice or is not a valid rollup name (lowercase letters, digits and _)")));
+                    continue;
+                }
+                rollups.push((name, path, r));
             }
             for (name, a) in parsed.alerts {
                 let path = format!("{base}/alerts/{name}");
@@ -571,6 +585,9 @@ impl Reports {
                 }
             }
         }
+        let (compiled, ps) = crate::rollup::compile(app, &out.metrics, &rollups);
+        out.rollups = compiled;
+        problems.extend(ps);
         if problems.is_empty() {
             for (name, d) in &out.dashboards {
                 let base = section_path(app, "dashboards", name);

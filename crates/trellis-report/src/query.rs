@@ -43,6 +43,9 @@ pub struct Query {
     /// Most rows returned (default 10,000, at most 50,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// `false` answers from the base tables even where a rollup fits (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_rollups: Option<bool>,
 }
 
 /// The time part of a query.

@@ -53,7 +53,11 @@ async fn fixture(db: &Db) -> Fx {
         .await
         .unwrap();
     let app = apps::load(db, &out.app).await.unwrap().unwrap();
-    let reports = Reports::compile(&app).unwrap();
+    // Rollups built (empty) and kept by every write below: queries that fit one answer from it.
+    let reports = trellis_report::rollup::prepare(&app, db.backend()).unwrap();
+    trellis_report::rollup::ensure(db, &app, &reports, now())
+        .await
+        .unwrap();
     let mut tx = db.begin().await.unwrap();
     let mk = |name: &str, email: &str| UserInput {
         name: Some(name.into()),
@@ -1028,4 +1032,396 @@ async fn alerts_fire_once_per_finding_and_leave_an_event() {
         assert_eq!(listed[0].id, fired[0].id, "{b}");
         t.cleanup().await;
     }
+}
+
+/// Every value row of every rollup table, by key (rows whose counts all went back to zero
+/// left out: an incremental table keeps them, a rebuilt one never has them).
+async fn rollup_tables(db: &Db, fx: &Fx) -> Vec<(String, Vec<Json>)> {
+    use trellis_form::db::{quote, Sql, Value};
+    use trellis_form::model::ColKind;
+    let mut out = vec![];
+    for r in fx.reports.rollups.values() {
+        let cols = r.value_columns();
+        let sel: Vec<String> = cols.iter().map(|c| quote(c)).collect();
+        let sql = Sql::new(format!(
+            "SELECT \"__key\", {} FROM {} ORDER BY \"__key\"",
+            sel.join(", "),
+            quote(&r.table)
+        ));
+        let mut kinds = vec![ColKind::Text];
+        kinds.extend(cols.iter().map(|_| ColKind::Decimal));
+        for row in db.fetch_all(&sql, &kinds).await.unwrap() {
+            let vals: Vec<Json> = row[1..]
+                .iter()
+                .map(|v| match v {
+                    Value::Decimal(d) => json!(d.to_string().parse::<f64>().unwrap()),
+                    Value::Int(i) => json!(*i as f64),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            if vals.iter().all(|v| v.as_f64() == Some(0.0)) {
+                continue;
+            }
+            // A bucket without records holds nothing else either.
+            assert_ne!(vals[0].as_f64(), Some(0.0), "{}: {row:?}", r.name);
+            let Value::Text(k) = &row[0] else { panic!() };
+            out.push((format!("{}:{k}", r.name), vals));
+        }
+    }
+    out
+}
+
+/// The queries the rollups must answer exactly as the base tables do, and whether one should
+/// serve each.
+fn rollup_queries() -> Vec<(Json, bool)> {
+    vec![
+        (json!({"metric": "stage_conversion"}), true),
+        (
+            json!({"metric": "stage_conversion", "group_by": ["region"]}),
+            true,
+        ),
+        (
+            json!({"metric": "stage_conversion", "group_by": ["region"], "time": {"field": "expected_close_date", "grain": "quarter", "from": "2026-01-01", "to": "2027-04-01"}}),
+            true,
+        ),
+        (
+            json!({"metrics": ["pipeline_value", "win_rate", "avg_deal_size", "sales_cycle_days", "lead_conversion"]}),
+            true,
+        ),
+        (json!({"metric": "weighted_forecast"}), true),
+        (
+            json!({"metric": "weighted_forecast", "group_by": ["stage"]}),
+            true,
+        ),
+        (
+            json!({"metric": "weighted_forecast", "time": {"grain": "month", "from": "2026-01-01", "to": "2027-03-01"}}),
+            true,
+        ),
+        (
+            json!({"metrics": ["win_rate", "won_count"], "time": {"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"}}),
+            true,
+        ),
+        (
+            json!({"metrics": ["win_rate", "avg_deal_size"], "group_by": ["region"], "time": {"grain": "week", "from": "2026-01-05", "to": "2026-07-06"}}),
+            true,
+        ),
+        (
+            json!({"metric": "proposal_to_quoted", "group_by": ["region"], "time": {"from": "2026-04-01", "to": "2026-07-01"}, "compare": "previous_period", "flag": {"metric": "proposal_to_quoted", "change_pct_lte": -30}}),
+            true,
+        ),
+        (
+            json!({"metrics": ["leads", "lead_conversion"], "group_by": ["source"], "time": {"grain": "month", "from": "2026-01-01", "to": "2026-12-01"}}),
+            true,
+        ),
+        (
+            json!({"metrics": ["leads", "lead_conversion"], "time": {"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"}}),
+            true,
+        ),
+        (
+            json!({"metric": "pipeline_value", "filters": [{"field": "region", "op": "eq", "value": "east"}]}),
+            true,
+        ),
+        (
+            json!({"metric": "pipeline_value", "filters": [{"field": "region", "op": "is_null", "value": true}]}),
+            true,
+        ),
+        // Not served: another time zone, a filter or a dimension outside the rollup, a
+        // percentile, a range that cuts a month bucket.
+        (
+            json!({"metrics": ["leads", "lead_conversion"], "timezone": "Europe/Berlin", "time": {"grain": "week", "from": "2026-03-23", "to": "2026-04-06"}}),
+            false,
+        ),
+        (
+            json!({"metric": "pipeline_value", "filters": [{"field": "industry", "op": "eq", "value": "retail"}]}),
+            false,
+        ),
+        (
+            json!({"metric": "stage_conversion", "group_by": ["owner"]}),
+            false,
+        ),
+        (
+            json!({"metric": "weighted_forecast", "time": {"grain": "day", "from": "2026-03-01", "to": "2026-03-15"}}),
+            false,
+        ),
+        (json!({"metric": "median_cycle"}), false),
+    ]
+}
+
+async fn same_either_way(db: &Db, fx: &Fx, b: &str, when: &str) {
+    for (q, served) in rollup_queries() {
+        let fast = ask(db, fx, q.clone()).await;
+        let mut base_q = q.clone();
+        base_q["use_rollups"] = json!(false);
+        let base = ask(db, fx, base_q).await;
+        assert_eq!(base.meta["rollups"], json!([]), "{b} {when}: {q}");
+        assert_eq!(
+            fast.meta["rollups"] != json!([]),
+            served,
+            "{b} {when}: {q} was {}served: {}",
+            if served { "not " } else { "" },
+            fast.meta["rollups"]
+        );
+        assert_eq!(rows(&fast), rows(&base), "{b} {when}: {q}");
+        assert_eq!(json!(fast.totals), json!(base.totals), "{b} {when}: {q}");
+    }
+}
+
+#[tokio::test]
+async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
+    for t in testing::each().await {
+        let db = &t.db;
+        let fx = fixture(db).await;
+        let b = t.backend;
+        same_either_way(db, &fx, b, "after the fixture").await;
+        // The dashboard panels too.
+        let before = rollup_tables(db, &fx).await;
+        assert!(before.len() > 10, "{b}: {before:?}");
+
+        // Writes through every path: a stage change (O3 proposal → quoted moves it between
+        // buckets of every rollup), a region change, a new opportunity that converts lead L3
+        // (the lead's rollup moves from another entity's write), a batch of leads, a delete.
+        let ctx = WriteCtx {
+            actor: None,
+            now: now(),
+            default_owner: Some(fx.rep_a),
+            import: false,
+            depth: 0,
+        };
+        let opp = fx.app.entity("opportunity").unwrap();
+        let lead = fx.app.entity("lead").unwrap();
+        let mut tx = db.begin().await.unwrap();
+        store::update(
+            &mut tx,
+            &fx.app,
+            opp,
+            fx.ids["O3"],
+            &json!({"stage": "quoted", "quoted_amount": 280}),
+            None,
+            &ctx,
+        )
+        .await
+        .unwrap();
+        store::update(
+            &mut tx,
+            &fx.app,
+            opp,
+            fx.ids["O5"],
+            &json!({"region": "south", "amount": 75}),
+            None,
+            &ctx,
+        )
+        .await
+        .unwrap();
+        let o6 = store::create(&mut tx, &fx.app, opp, &json!({"name": "O6", "needs_summary": "n", "region": "east", "amount": 120, "lead": fx.ids["L3"], "expected_close_date": "2027-02-01", "stage": "mql"}), &ctx)
+            .await
+            .unwrap()
+            .meta
+            .id;
+        store::create_batch(
+            &mut tx,
+            &fx.app,
+            lead,
+            &[
+                json!({"name": "L6", "status": "new", "source": "website"}),
+                json!({"name": "L7", "status": "new", "region": "east"}),
+            ],
+            &ctx,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        // The new opportunity moves the lead it converts: L3 is now converted, as the base
+        // tables say.
+        let conv = ask(db, &fx, json!({"metric": "lead_conversion"})).await;
+        assert_eq!(conv.meta["rollups"], json!(["leads_by_day"]), "{b}");
+        assert_eq!(
+            conv.totals["lead_conversion"],
+            json!(3.0 / 7.0 * 1e6_f64)
+                .as_f64()
+                .map(|x| json!((x.round()) / 1e6))
+                .unwrap(),
+            "{b}"
+        );
+        // Repointing and deleting the opportunity moves the lead back.
+        let mut tx = db.begin().await.unwrap();
+        store::update(
+            &mut tx,
+            &fx.app,
+            opp,
+            o6,
+            &json!({"lead": fx.ids["L4"]}),
+            None,
+            &ctx,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        same_either_way(db, &fx, b, "after the writes").await;
+        let mut tx = db.begin().await.unwrap();
+        store::delete(&mut tx, &fx.app, opp, o6, None, &ctx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        same_either_way(db, &fx, b, "after a delete").await;
+        let conv = ask(db, &fx, json!({"metric": "lead_conversion"})).await;
+        assert_eq!(
+            conv.totals["lead_conversion"],
+            json!(0.285714),
+            "{b}: 2 of 7 leads"
+        );
+
+        // A rebuild from the base tables gives the same tables the writes kept.
+        let kept = rollup_tables(db, &fx).await;
+        assert_ne!(kept, before, "{b}: the writes changed the rollups");
+        let done = trellis_report::rollup::rebuild(db, &fx.app, &fx.reports, None, now())
+            .await
+            .unwrap();
+        assert_eq!(done.len(), fx.reports.rollups.len(), "{b}");
+        let leads_rebuilt = done.iter().find(|r| r.rollup == "leads_by_day").unwrap();
+        assert_eq!(leads_rebuilt.records, 7, "{b}");
+        assert_eq!(rollup_tables(db, &fx).await, kept, "{b}");
+        same_either_way(db, &fx, b, "after a rebuild").await;
+        // One rollup by name; an unknown one is a precise error.
+        assert_eq!(
+            trellis_report::rollup::rebuild(
+                db,
+                &fx.app,
+                &fx.reports,
+                Some("proposals_by_day"),
+                now()
+            )
+            .await
+            .unwrap()
+            .len(),
+            1
+        );
+        match trellis_report::rollup::rebuild(db, &fx.app, &fx.reports, Some("nope"), now()).await {
+            Err(FormError::Query(ps)) => assert_eq!(ps[0].code, "unknown_rollup", "{b}"),
+            other => panic!("{b}: {other:?}"),
+        }
+        // A scoped caller (own records) is answered from the base tables: no CRM rollup keeps
+        // owners apart.
+        let mine = ask_as(
+            db,
+            &fx,
+            json!({"metric": "stage_conversion"}),
+            &Visibility {
+                owners: Some(vec![fx.rep_a]),
+            },
+        )
+        .await;
+        assert_eq!(mine.meta["rollups"], json!([]), "{b}");
+        assert_eq!(
+            mine.rows[0]["entered"],
+            json!(3),
+            "{b}: O1, O2, O5 are rep A's"
+        );
+    }
+}
+
+#[tokio::test]
+async fn writes_refuse_to_run_around_declared_rollups() {
+    for t in testing::each().await {
+        let db = &t.db;
+        let out = apps::import(db, &crm_def(), ImportOptions::default(), None, now())
+            .await
+            .unwrap();
+        // Loaded without the report engine: the form engine cannot keep the rollups.
+        let app = apps::load(db, &out.app).await.unwrap().unwrap();
+        let ctx = WriteCtx {
+            actor: None,
+            now: now(),
+            default_owner: None,
+            import: false,
+            depth: 0,
+        };
+        let mut tx = db.begin().await.unwrap();
+        let err = store::create(
+            &mut tx,
+            &app,
+            app.entity("lead").unwrap(),
+            &json!({"name": "x", "status": "new"}),
+            &ctx,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, FormError::Internal(ref m) if m.contains("declares rollups")),
+            "{}: {err}",
+            t.backend
+        );
+        drop(tx);
+        let n = db
+            .fetch_all(
+                &trellis_form::db::Sql::new("SELECT COUNT(*) FROM \"crm__lead\""),
+                &[trellis_form::model::ColKind::Int],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n[0][0], trellis_form::db::Value::Int(0), "{}", t.backend);
+    }
+}
+
+#[tokio::test]
+async fn bad_rollup_definitions_list_every_problem() {
+    let t = testing::sqlite().await;
+    let db = &t.db;
+    let mut def = crm_def();
+    def["reports"].as_array_mut().unwrap().push(json!({"rollups": {
+        "bad": {"entity": "opportunity", "dimensions": ["account.industry", "nope", "region", "region"],
+                "time": "name", "grain": "fortnight",
+                "measures": ["median_cycle", "time_in_stage", "leads", "missing"]},
+        "no_entity": {"entity": "ghost", "measures": ["leads"]},
+        "Bad-Name": {"entity": "lead", "measures": ["leads"]},
+        "empty": {"entity": "lead", "measures": []}
+    }}));
+    let out = apps::import(db, &def, ImportOptions::default(), None, now())
+        .await
+        .unwrap();
+    let app = apps::load(db, &out.app).await.unwrap().unwrap();
+    let Err(FormError::Definition(ps)) = Reports::compile(&app) else {
+        panic!("expected definition errors")
+    };
+    let got: Vec<(String, String)> = ps
+        .iter()
+        .map(|p| (p.path.clone(), p.code.to_string()))
+        .collect();
+    let i = def["reports"].as_array().unwrap().len() - 1;
+    let at = |s: &str| format!("/reports/{i}/rollups/{s}");
+    for (path, code) in [
+        (at("Bad-Name"), "invalid_name"),
+        (at("bad/dimensions/0"), "invalid_rollup"),
+        (at("bad/dimensions/1"), "unknown_field"),
+        (at("bad/dimensions/3"), "duplicate"),
+        (at("bad/time"), "invalid_rollup"),
+        (at("bad/grain"), "invalid_rollup"),
+        (at("bad/measures/0"), "invalid_rollup"),
+        (at("bad/measures/1"), "invalid_rollup"),
+        (at("bad/measures/2"), "invalid_rollup"),
+        (at("bad/measures/3"), "unknown_metric"),
+        (at("no_entity/entity"), "unknown_entity"),
+        (at("empty/measures"), "required"),
+    ] {
+        assert!(
+            got.contains(&(path.clone(), code.to_owned())),
+            "{path} {code} not in {got:#?}"
+        );
+    }
+    let msg = |p: &str| ps.iter().find(|x| x.path == p).unwrap().message.clone();
+    assert!(
+        msg(&at("bad/measures/0")).contains("cannot be added up"),
+        "{}",
+        msg(&at("bad/measures/0"))
+    );
+    assert!(
+        msg(&at("bad/measures/1")).contains("clock"),
+        "{}",
+        msg(&at("bad/measures/1"))
+    );
+    assert!(
+        msg(&at("bad/dimensions/0")).contains("go stale"),
+        "{}",
+        msg(&at("bad/dimensions/0"))
+    );
+    t.cleanup().await;
 }

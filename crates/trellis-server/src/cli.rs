@@ -71,6 +71,24 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Rollups (pre-aggregated report tables the write path keeps fresh).
+    #[command(subcommand)]
+    Rollup(RollupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RollupCommand {
+    /// Recompute rollups from the base tables (all of the app's, or one).
+    Rebuild {
+        /// The app.
+        #[arg(long)]
+        app: String,
+        /// Only this rollup.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +427,9 @@ pub async fn main() -> anyhow::Result<i32> {
             db,
         } => demo_data(&app, opportunities, seed, &db).await,
         Command::Export(args) => export_sheet(&args).await,
+        Command::Rollup(RollupCommand::Rebuild { app, name, db }) => {
+            rollup_rebuild(&app, name.as_deref(), &db).await
+        }
         Command::App(AppCommand::Import {
             dir,
             db,
@@ -825,10 +846,57 @@ async fn default_owner(
     })
 }
 
+/// Load an app for writing: its reports compiled and its rollups built and attached, so the
+/// writes keep them fresh.
+async fn load_writable(
+    db: &trellis_form::db::Db,
+    key: &str,
+) -> anyhow::Result<Option<(trellis_form::model::App, trellis_report::Reports)>> {
+    let Some(app) = apps::load(db, key).await? else {
+        return Ok(None);
+    };
+    let reports = trellis_report::rollup::prepare(&app, db.backend()).map_err(describe)?;
+    trellis_report::rollup::ensure(db, &app, &reports, SystemClock.now()).await?;
+    Ok(Some((app, reports)))
+}
+
+async fn rollup_rebuild(app: &str, name: Option<&str>, db: &DbArgs) -> anyhow::Result<i32> {
+    let db = open_db(db).await?;
+    let Some(loaded) = apps::load(&db, app).await? else {
+        eprintln!("There is no app `{app}`.");
+        return Ok(1);
+    };
+    let reports = trellis_report::Reports::compile(&loaded).map_err(describe)?;
+    if reports.rollups.is_empty() {
+        eprintln!("App `{app}` declares no rollups.");
+        return Ok(1);
+    }
+    let started = std::time::Instant::now();
+    match trellis_report::rollup::rebuild(&db, &loaded, &reports, name, SystemClock.now()).await {
+        Ok(done) => {
+            for r in done {
+                println!(
+                    "Rebuilt {}: {} rows from {} records.",
+                    r.rollup, r.rows, r.records
+                );
+            }
+            println!("Done in {:.1} s.", started.elapsed().as_secs_f64());
+            Ok(0)
+        }
+        Err(trellis_form::FormError::Query(ps)) => {
+            for p in ps {
+                eprintln!("{}", p.message);
+            }
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn import_sheet(args: &ImportArgs) -> anyhow::Result<i32> {
     let sheet = crate::sheets::read(&args.file)?;
     let db = open_db(&args.db).await?;
-    let Some(app) = apps::load(&db, &args.app).await? else {
+    let Some((app, _)) = load_writable(&db, &args.app).await? else {
         eprintln!("There is no app `{}`.", args.app);
         return Ok(1);
     };
@@ -1046,7 +1114,7 @@ async fn demo_data(app: &str, opportunities: usize, seed: u64, db: &DbArgs) -> a
         .map_err(describe)?;
         eprintln!("Installed the CRM app.");
     }
-    let Some(loaded) = apps::load(&db, app).await? else {
+    let Some((loaded, _)) = load_writable(&db, app).await? else {
         eprintln!("There is no app `{app}` in this database.");
         return Ok(1);
     };

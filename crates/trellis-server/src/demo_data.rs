@@ -183,6 +183,11 @@ pub async fn generate(
     tx.commit().await?;
     let sum = filled?;
     bar.finish_and_clear();
+    // The rows went in directly, not through the write path: rollups are computed once from
+    // them (when the app's reports compile).
+    if let Ok(reports) = trellis_report::Reports::compile(app) {
+        trellis_report::rollup::rebuild(db, app, &reports, None, opts.now).await?;
+    }
     Ok(sum)
 }
 

@@ -202,6 +202,7 @@ impl From<FormError> for ApiError {
                 err.extra = Some(Box::new(("current_version", serde_json::json!(current))));
                 err
             }
+            FormError::Internal(e) => ApiError::internal(e),
             FormError::Database(e) => ApiError::internal(e),
             FormError::Migrate(e) => ApiError::internal(e),
         }

@@ -116,6 +116,15 @@ impl AppState {
                 trellis_report::Reports::default()
             }
         };
+        // Rollups: built (or rebuilt, when their definition changed) before the app takes
+        // writes, then kept fresh by every write. Without reports none is kept, and none is
+        // trusted when reports come back (they are rebuilt).
+        let built =
+            trellis_report::rollup::ensure(&self.db, &app, &reports, self.clock.now()).await?;
+        for b in &built {
+            tracing::info!(app = %app.key, rollup = %b.rollup, rows = b.rows, records = b.records, "rollup built");
+        }
+        trellis_report::rollup::attach(&app, &reports, self.db.backend())?;
         let app = Arc::new(app);
         let default_owner = owner.unwrap_or(self.admin_user);
         // Same for workflows: a stored definition that no longer compiles runs no automation.

@@ -7,7 +7,7 @@ use trellis_form::store::WriteCtx;
 use trellis_form::testing;
 use trellis_server::sheets::{self, Outcome};
 
-async fn setup(db: &trellis_form::db::Db) -> (trellis_form::model::App, WriteCtx) {
+async fn setup(db: &trellis_form::db::Db) -> (std::sync::Arc<trellis_form::model::App>, WriteCtx) {
     let (state, _) = trellis_server::cli::prepare(
         db.clone(),
         Arc::new(trellis_form::SystemClock),
@@ -17,7 +17,7 @@ async fn setup(db: &trellis_form::db::Db) -> (trellis_form::model::App, WriteCtx
     .await
     .unwrap();
     let loaded = state.app("crm").unwrap();
-    let app = trellis_form::apps::load(db, "crm").await.unwrap().unwrap();
+    let app = loaded.app.clone();
     let ctx = WriteCtx {
         actor: Some(state.admin_user),
         now: trellis_form::Clock::now(&trellis_form::SystemClock),
