@@ -289,3 +289,98 @@ pub async fn version_definition(db: &Db, key: &str, version: i64) -> Result<Json
         None => Err(FormError::NotFound("app version")),
     }
 }
+
+/// Bring tables made by an earlier Trellis up to the current layout: stage fields gained
+/// per-stage days columns (the finished stays, for time-in-stage reports). Missing ones are
+/// added and filled from the stage history, in one transaction per entity. Returns the number
+/// of columns added.
+pub async fn upgrade(db: &Db, app: &App) -> Result<usize> {
+    let mut added = 0;
+    for e in &app.entities {
+        let Some(sf) = e.stage() else { continue };
+        let mut sql = match db.backend() {
+            crate::db::Backend::Sqlite => Sql::new("SELECT \"name\" FROM pragma_table_info("),
+            crate::db::Backend::Postgres => Sql::new(
+                "SELECT CAST(\"column_name\" AS TEXT) FROM \"information_schema\".\"columns\" WHERE \"table_schema\" = current_schema() AND \"table_name\" = (",
+            ),
+        };
+        sql.bind(Value::Text(e.table.clone())).push(")");
+        let have: Vec<String> = db
+            .fetch_all(&sql, &[ColKind::Text])
+            .await?
+            .into_iter()
+            .filter_map(|r| match &r[0] {
+                Value::Text(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        if have.is_empty() {
+            continue;
+        }
+        let missing: Vec<String> = sf
+            .stages
+            .iter()
+            .map(|s| crate::model::stage_days_column(&sf.key, &s.key))
+            .filter(|c| !have.contains(c))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let mut tx = db.begin().await?;
+        for c in &missing {
+            tx.execute(&Sql::new(format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                crate::db::quote(&e.table),
+                crate::db::quote(c),
+                db.backend().column_type(ColKind::Decimal)
+            )))
+            .await?;
+        }
+        // Every record's stage path, in order; the finished stays per stage.
+        let mut q = Sql::new(
+            "SELECT \"record_id\", \"new_value\", \"at\" FROM \"history\" WHERE \"app\" = ",
+        );
+        q.bind(Value::Text(app.key.clone()))
+            .push(" AND \"entity\" = ")
+            .bind(Value::Text(e.key.clone()))
+            .push(" AND \"field\" = ")
+            .bind(Value::Text(sf.key.clone()))
+            .push(" ORDER BY \"record_id\", \"at\", \"id\"");
+        let rows = tx
+            .fetch_all(&q, &[ColKind::Uuid, ColKind::Json, ColKind::DateTime])
+            .await?;
+        let mut i = 0;
+        while i < rows.len() {
+            let id = rows[i][0].clone();
+            let mut path: Vec<(String, chrono::DateTime<chrono::Utc>)> = vec![];
+            while i < rows.len() && rows[i][0] == id {
+                if let (Value::Json(v), Value::DateTime(at)) = (&rows[i][1], &rows[i][2]) {
+                    path.push((v.as_str().unwrap_or_default().to_owned(), *at));
+                }
+                i += 1;
+            }
+            let finished = crate::model::finished_stays(&path);
+            let finished: Vec<_> = finished
+                .into_iter()
+                .filter(|(s, _)| missing.contains(&crate::model::stage_days_column(&sf.key, s)))
+                .collect();
+            if finished.is_empty() {
+                continue;
+            }
+            let mut u = Sql::new(format!("UPDATE {} SET ", crate::db::quote(&e.table)));
+            for (k, (s, d)) in finished.iter().enumerate() {
+                if k > 0 {
+                    u.push(", ");
+                }
+                u.ident(&crate::model::stage_days_column(&sf.key, s))
+                    .push(" = ")
+                    .bind(crate::store::days_value(Some(*d)));
+            }
+            u.push(" WHERE \"id\" = ").bind(id);
+            tx.execute(&u).await?;
+        }
+        tx.commit().await?;
+        added += missing.len();
+    }
+    Ok(added)
+}

@@ -207,6 +207,12 @@ impl Field {
                         ColKind::DateTime,
                     ));
                 }
+                for s in &self.stages {
+                    cols.push(Column::new(
+                        stage_days_column(&self.key, &s.key),
+                        ColKind::Decimal,
+                    ));
+                }
             }
             _ => {}
         }
@@ -264,6 +270,29 @@ pub fn stage_changed_column(field: &str) -> String {
 /// Column holding the time a record first entered `stage`.
 pub fn stage_entered_column(field: &str, stage: &str) -> String {
     format!("{field}__entered_{stage}")
+}
+
+/// Column holding the days a record spent in `stage` over its finished stays (the stay under
+/// way is counted from the stage's last change; NULL when no stay in it has ended).
+pub fn stage_days_column(field: &str, stage: &str) -> String {
+    format!("{field}__days_{stage}")
+}
+
+/// Days per stage of the finished stays of a stage path (`(stage, entered at)` in order): each
+/// stay lasts until the next entry; the last one is still under way and not counted.
+pub fn finished_stays<S: AsRef<str>>(
+    path: &[(S, chrono::DateTime<chrono::Utc>)],
+) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = vec![];
+    for w in path.windows(2) {
+        let days = (w[1].1 - w[0].1).num_milliseconds() as f64 / 86_400_000.0;
+        let s = w[0].0.as_ref();
+        match out.iter_mut().find(|(k, _)| k == s) {
+            Some((_, d)) => *d += days,
+            None => out.push((s.to_owned(), days)),
+        }
+    }
+    out
 }
 
 /// The SQL table of an entity.

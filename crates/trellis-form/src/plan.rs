@@ -405,16 +405,24 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
         for s in &f.stages {
             if of.stage(&s.key).is_none() {
                 let c = crate::model::stage_entered_column(&f.key, &s.key);
+                let days = crate::model::stage_days_column(&f.key, &s.key);
                 steps.push(step(
                     StepKind::AddStage,
                     &f.key,
                     false,
                     format!("add stage `{}` to `{}.{}`", s.key, e.key, f.key),
-                    vec![Sql::new(format!(
-                        "ALTER TABLE {t} ADD COLUMN {} {}",
-                        quote(&c),
-                        backend.column_type(ColKind::DateTime)
-                    ))],
+                    vec![
+                        Sql::new(format!(
+                            "ALTER TABLE {t} ADD COLUMN {} {}",
+                            quote(&c),
+                            backend.column_type(ColKind::DateTime)
+                        )),
+                        Sql::new(format!(
+                            "ALTER TABLE {t} ADD COLUMN {} {}",
+                            quote(&days),
+                            backend.column_type(ColKind::Decimal)
+                        )),
+                    ],
                 ));
             }
         }
@@ -429,10 +437,13 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                         "remove stage `{}` from `{}.{}`: its entry times are DROPPED",
                         s.key, e.key, f.key
                     ),
-                    vec![Sql::new(format!(
-                        "ALTER TABLE {t} DROP COLUMN {}",
-                        quote(&c)
-                    ))],
+                    vec![
+                        Sql::new(format!("ALTER TABLE {t} DROP COLUMN {}", quote(&c))),
+                        Sql::new(format!(
+                            "ALTER TABLE {t} DROP COLUMN {}",
+                            quote(&crate::model::stage_days_column(&f.key, &s.key))
+                        )),
+                    ],
                 );
                 st.checks.push((
                     {

@@ -126,7 +126,12 @@ pub(crate) fn decode(e: &Entity, row: Vec<Value>) -> Record {
         let main = if f.ty == FieldType::Money { 2 } else { 1 };
         fields.insert(f.key.clone(), values::to_json(f, &cols[..main]));
         if f.ty == FieldType::Stage {
-            for (c, v) in f.columns()[1..].iter().zip(&cols[1..]) {
+            // The change and entry times; the days columns serve reports only.
+            for (c, v) in f.columns()[1..]
+                .iter()
+                .zip(&cols[1..])
+                .take(1 + f.stages.len())
+            {
                 stage_times.insert(c.name.clone(), values::scalar_json(v, 0));
             }
         }
@@ -631,6 +636,15 @@ async fn exists(tx: &mut Tx, table: &str, col: &str, v: Value) -> Result<bool> {
     Ok(tx.fetch_optional(&sql, &[ColKind::Int]).await?.is_some())
 }
 
+/// Days as a decimal column value (NULL for none).
+pub(crate) fn days_value(days: Option<f64>) -> Value {
+    use rust_decimal::prelude::FromPrimitive;
+    match days.and_then(rust_decimal::Decimal::from_f64) {
+        Some(d) => Value::Decimal(d.round_dp(9)),
+        None => Value::Null(ColKind::Decimal),
+    }
+}
+
 /// Create a record; returns it as stored.
 pub async fn create(
     tx: &mut Tx,
@@ -691,6 +705,7 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
     let mut stage_times = Map::new();
     if let Some(sf) = e.stage() {
         let mut entered: Vec<(String, DateTime<Utc>)> = vec![];
+        let mut finished: Vec<(String, f64)> = vec![];
         let mut changed_at = None;
         if let Some(stage) = p.fields.get(&sf.key).and_then(Json::as_str) {
             let mut history = p.stage_history.clone();
@@ -706,6 +721,7 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
                 prev = json!(s);
             }
             changed_at = history.last().map(|(_, t)| *t);
+            finished = crate::model::finished_stays(&history);
         }
         // Every stage column, NULL where not entered, so rows of any stage share one statement.
         cols.push((
@@ -731,6 +747,13 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
                 stage_entered_column(&sf.key, &s.key),
                 t.map(|t| values::datetime_json(&t)).unwrap_or(Json::Null),
             );
+        }
+        for s in &sf.stages {
+            let days = finished.iter().find(|(k, _)| *k == s.key).map(|(_, d)| *d);
+            cols.push((
+                crate::model::stage_days_column(&sf.key, &s.key),
+                days_value(days),
+            ));
         }
     }
     // History: every tracked field that got a value, in one row (see [`CREATED`]); the stage's
@@ -942,6 +965,24 @@ pub async fn update(
             sql.push(", ").ident(c).push(" = ").bind(v.clone());
         }
         if f.ty == FieldType::Stage {
+            // The stay that ends now adds its days to the stage it leaves.
+            let left = old.fields.get(&f.key).and_then(Json::as_str);
+            let since = old
+                .stage_times
+                .get(&stage_changed_column(&f.key))
+                .and_then(Json::as_str)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+            if let (Some(left), Some(since)) = (left, since) {
+                let col = crate::model::stage_days_column(&f.key, left);
+                let days =
+                    crate::model::finished_stays(&[("", since.with_timezone(&Utc)), ("", ctx.now)]);
+                let d = sql.param(days_value(days.first().map(|x| x.1)));
+                sql.push(&format!(
+                    ", {} = COALESCE({}, 0) + {d}",
+                    quote(&col),
+                    quote(&col)
+                ));
+            }
             sql.push(", ")
                 .ident(&stage_changed_column(&f.key))
                 .push(" = ")

@@ -18,7 +18,9 @@ use serde_json::{json, Map, Value as Json};
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use trellis_form::db::{quote, Backend, Db, Sql, Value};
-use trellis_form::model::{stage_entered_column, App, ColKind};
+use trellis_form::model::{
+    stage_changed_column, stage_days_column, stage_entered_column, App, ColKind,
+};
 use trellis_form::query::Filter;
 use trellis_form::{FormError, Problem, Result};
 use uuid::Uuid;
@@ -1043,7 +1045,7 @@ fn eval(reports: &Reports, e: &Expr, vals: &Vals) -> Option<f64> {
     }
 }
 
-fn stage_order(app: &App, reports: &Reports, m: &str) -> Vec<String> {
+pub(crate) fn stage_order(app: &App, reports: &Reports, m: &str) -> Vec<String> {
     let metric = &reports.metrics[m];
     match &metric.kind {
         Kind::Funnel { stages, .. } => stages.clone(),
@@ -1169,6 +1171,8 @@ pub(crate) enum Out {
     Stages(Vec<String>),
     /// A stage key column, then the `days` value (time in stage).
     StageColumn,
+    /// Per stage, one column per stage key: value `days` (time in stage).
+    StageDays(Vec<String>),
 }
 
 struct Drill<'a> {
@@ -1559,6 +1563,46 @@ fn unit_sql(
             if let Some(f) = lower_opt(&mut ctx, &mut sql, &m.filter)? {
                 conds.push(f);
             }
+            if drill.is_none() && matches!(agg, Agg::Avg) {
+                // The average from the record's own columns, in one pass: the finished stays
+                // (kept by the form engine) plus the stay under way, counted until now, over
+                // the records that ever entered the stage.
+                let open = stage_order(app, reports, metric);
+                let now = sql.param(Value::DateTime(plan.now));
+                let changed = format!("t.{}", quote(&stage_changed_column(stage_field)));
+                let mut entered = vec![];
+                for st in &open {
+                    let e_col = format!("t.{}", quote(&stage_entered_column(stage_field, st)));
+                    let d_col = format!("t.{}", quote(&stage_days_column(stage_field, st)));
+                    let sp = sql.param(Value::Text(st.clone()));
+                    let current = d.days_between(&changed, &now);
+                    select.push(d.number(&format!(
+                        "AVG(CASE WHEN {e_col} IS NOT NULL THEN {} + CASE WHEN t.{} = {sp} THEN {current} ELSE 0 END END)",
+                        d.real(&format!("COALESCE({d_col}, 0)")),
+                        quote(stage_field)
+                    )));
+                    kinds.push(ColKind::Decimal);
+                    entered.push(format!("COUNT({e_col})"));
+                }
+                let having = if group_n == 0 {
+                    String::new()
+                } else {
+                    // A group shows when one of its records ever waited in a stage.
+                    format!(" HAVING {} > 0", entered.join(" + "))
+                };
+                let group = if group_n == 0 {
+                    String::new()
+                } else {
+                    format!(" GROUP BY {}", positions(group_n))
+                };
+                sql.text = format!(
+                    "SELECT {} FROM {}{}{group}{having}",
+                    select.join(", "),
+                    ctx.from_clause(),
+                    where_sql(&conds)
+                );
+                return Ok((sql, kinds, Out::StageDays(open)));
+            }
             let (app_p, ent_p, field_p) = (
                 sql.param(Value::Text(app.key.clone())),
                 sql.param(Value::Text(e.key.clone())),
@@ -1758,6 +1802,7 @@ async fn rows_for(
             Out::Values(v) => kinds.len() - v.len(),
             Out::Stages(s) => kinds.len() - s.len(),
             Out::StageColumn => kinds.len() - 1,
+            Out::StageDays(s) => kinds.len() - s.len(),
         };
         for r in result {
             let key: Key = r[..nkeys].iter().map(to_json).collect();
@@ -1779,12 +1824,19 @@ async fn rows_for(
                 Out::StageColumn => {
                     rows.entry(key).insert("days".into(), nums[0]);
                 }
+                Out::StageDays(stages) => {
+                    for (s, v) in stages.iter().zip(nums) {
+                        let mut k = key.clone();
+                        k.push(json!(s));
+                        rows.entry(k).insert("days".into(), v);
+                    }
+                }
             }
         }
         if let Out::Stages(s) = &out {
             stage_list = Some(s.clone());
         }
-        if matches!(out, Out::StageColumn) {
+        if matches!(out, Out::StageColumn | Out::StageDays(_)) {
             stage_list = plan
                 .per_stage
                 .as_ref()

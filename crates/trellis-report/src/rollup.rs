@@ -36,7 +36,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use trellis_form::db::{quote, Backend, Db, Sql, Value};
 use trellis_form::def::Label;
-use trellis_form::model::{stage_entered_column, App, ColKind};
+use trellis_form::model::{
+    stage_changed_column, stage_days_column, stage_entered_column, App, ColKind,
+};
 use trellis_form::rollup::Maintain;
 use trellis_form::{FormError, Problem, Result};
 
@@ -75,7 +77,37 @@ enum Part {
     Num,
     /// Records that entered funnel stage `i` (per the funnel's mode).
     Stage(usize),
+    /// Time in stage, open stage `i`: records that ever entered it.
+    Entered(usize),
+    /// … the days of their finished stays in it.
+    Done(usize),
+    /// … records in it now.
+    Current(usize),
+    /// … the day number (days since 2000-01-01) their stay under way began.
+    Since(usize),
 }
+
+/// Open stages of a time-in-stage metric's field, in order.
+fn open_stages(app: &App, m: &Metric) -> Vec<String> {
+    let Kind::TimeInStage { stage_field, .. } = &m.kind else {
+        return vec![];
+    };
+    m.entity
+        .as_ref()
+        .and_then(|e| app.entity(e).ok())
+        .and_then(|e| e.field(stage_field))
+        .map(|f| {
+            f.stages
+                .iter()
+                .filter(|s| s.kind == trellis_form::def::StageKind::Open)
+                .map(|s| s.key.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The day number the `Since` parts count from.
+const EPOCH: &str = "2000-01-01T00:00:00+00:00";
 
 /// A compiled rollup.
 #[derive(Debug, Clone)]
@@ -124,7 +156,7 @@ pub fn table_name(app: &str, name: &str) -> String {
     format!("rollup__{app}__{name}")
 }
 
-fn parts_of(m: &Metric) -> std::result::Result<Vec<Part>, String> {
+fn parts_of(app: &App, m: &Metric) -> std::result::Result<Vec<Part>, String> {
     Ok(match &m.kind {
         Kind::Aggregate { agg: Agg::Count, .. } => vec![Part::N],
         Kind::Aggregate {
@@ -152,9 +184,21 @@ fn parts_of(m: &Metric) -> std::result::Result<Vec<Part>, String> {
             v.extend((0..stages.len()).map(Part::Stage));
             v
         }
+        Kind::TimeInStage { agg: Agg::Avg, .. } => {
+            let mut v = vec![Part::N];
+            for i in 0..open_stages(app, m).len() {
+                v.extend([
+                    Part::Entered(i),
+                    Part::Done(i),
+                    Part::Current(i),
+                    Part::Since(i),
+                ]);
+            }
+            v
+        }
         Kind::TimeInStage { .. } => {
             return Err(format!(
-                "`{}` counts the days of stays still under way up to now, which changes with the clock, not with writes",
+                "`{}` is a percentile of days in stage, which cannot be added up from parts (an average can)",
                 m.name
             ))
         }
@@ -301,7 +345,7 @@ pub(crate) fn compile(
                     ));
                     continue;
                 }
-                match parts_of(bm) {
+                match parts_of(app, bm) {
                     Err(msg) => {
                         problems.push(err(p.clone(), msg));
                         continue;
@@ -443,6 +487,39 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
                 }
                 (None, Some(w)) => when(ctx.lower(w, sql).map_err(internal)?.sql),
                 (None, None) => "0".into(),
+            }
+        }
+        Part::Entered(i) | Part::Done(i) | Part::Current(i) | Part::Since(i) => {
+            let Kind::TimeInStage { stage_field, .. } = &m.kind else {
+                return Err(internal("not time in stage".into()));
+            };
+            let st = &open_stages(app, m)[*i];
+            let e_col = format!("t.{}", quote(&stage_entered_column(stage_field, st)));
+            let d_col = format!("t.{}", quote(&stage_days_column(stage_field, st)));
+            let changed = format!("t.{}", quote(&stage_changed_column(stage_field)));
+            let sp = sql.param(Value::Text(st.clone()));
+            let now_here = format!("t.{} = {sp}", quote(stage_field));
+            let f = filter
+                .clone()
+                .unwrap_or_else(|| d.bool_lit(true).to_owned());
+            match part {
+                Part::Entered(_) => when(format!("{e_col} IS NOT NULL")),
+                Part::Done(_) => format!(
+                    "CASE WHEN ({f}) AND {e_col} IS NOT NULL THEN {} ELSE 0 END",
+                    d.real(&format!("COALESCE({d_col}, 0)"))
+                ),
+                Part::Current(_) => when(format!("{now_here} AND {e_col} IS NOT NULL")),
+                _ => {
+                    let epoch = sql.param(Value::DateTime(
+                        DateTime::parse_from_rfc3339(EPOCH)
+                            .expect("epoch")
+                            .with_timezone(&Utc),
+                    ));
+                    format!(
+                        "CASE WHEN ({f}) AND {now_here} AND {e_col} IS NOT NULL THEN {} ELSE 0 END",
+                        d.days_between(&epoch, &changed)
+                    )
+                }
             }
         }
         Part::Stage(i) => {
@@ -793,7 +870,18 @@ pub(crate) fn serve(
                 vec![metric.clone()],
             )
         }
-        Unit::Window { .. } | Unit::TimeInStage { .. } => return Ok(None),
+        Unit::TimeInStage { metric } => {
+            let m = &reports.metrics[metric];
+            if !matches!(m.kind, Kind::TimeInStage { agg: Agg::Avg, .. }) {
+                return Ok(None);
+            }
+            (
+                m.entity.clone().unwrap_or_default(),
+                anchor_of(plan, m),
+                vec![metric.clone()],
+            )
+        }
+        Unit::Window { .. } => return Ok(None),
     };
     let e = app.entity(&entity)?;
     let d = dialect::of(plan.backend);
@@ -898,9 +986,9 @@ pub(crate) fn serve(
                 Some(Some(f)) if metrics.iter().all(|n| reports.metrics[n].filter.as_ref() == Some(f))
             );
             having_col = if shared {
-                r.col(&metrics[0], &Part::N)
+                format!("SUM({})", r.col(&metrics[0], &Part::N))
             } else {
-                "t.\"__n\"".into()
+                "SUM(t.\"__n\")".into()
             };
             for name in &metrics {
                 let m = &reports.metrics[name];
@@ -927,7 +1015,7 @@ pub(crate) fn serve(
             out = Out::Values(metrics.clone());
         }
         Unit::Conversion { metric } => {
-            having_col = r.col(metric, &Part::N);
+            having_col = format!("SUM({})", r.col(metric, &Part::N));
             select.push(d.number(&sum(r.col(metric, &Part::Num))));
             select.push(d.number(&sum(r.col(metric, &Part::N))));
             kinds.push(ColKind::Decimal);
@@ -938,14 +1026,42 @@ pub(crate) fn serve(
             let Kind::Funnel { stages, .. } = &reports.metrics[metric].kind else {
                 return Ok(None);
             };
-            having_col = r.col(metric, &Part::N);
+            having_col = format!("SUM({})", r.col(metric, &Part::N));
             for i in 0..stages.len() {
                 select.push(d.number(&sum(r.col(metric, &Part::Stage(i)))));
                 kinds.push(ColKind::Decimal);
             }
             out = Out::Stages(stages.clone());
         }
-        Unit::Window { .. } | Unit::TimeInStage { .. } => return Ok(None),
+        Unit::TimeInStage { metric } => {
+            let m = &reports.metrics[metric];
+            let open = open_stages(app, m);
+            let days = (plan.now
+                - DateTime::parse_from_rfc3339(EPOCH)
+                    .expect("epoch")
+                    .with_timezone(&Utc))
+            .num_milliseconds() as f64
+                / 86_400_000.0;
+            let now = sql.param(Value::Decimal(
+                rust_decimal::Decimal::from_f64_retain(days).unwrap_or_default(),
+            ));
+            let mut entered = vec![];
+            for i in 0..open.len() {
+                let c = |p: Part| r.col(metric, &p);
+                select.push(d.number(&format!(
+                    "({} + {} * {now} - {}) / NULLIF({}, 0)",
+                    d.real(&sum(c(Part::Done(i)))),
+                    sum(c(Part::Current(i))),
+                    sum(c(Part::Since(i))),
+                    sum(c(Part::Entered(i)))
+                )));
+                kinds.push(ColKind::Decimal);
+                entered.push(sum(c(Part::Entered(i))));
+            }
+            having_col = format!("({})", entered.join(" + "));
+            out = Out::StageDays(open);
+        }
+        Unit::Window { .. } => return Ok(None),
     }
     let (group, having) = if group_n == 0 {
         (String::new(), String::new())
@@ -953,7 +1069,7 @@ pub(crate) fn serve(
         let pos: Vec<String> = (1..=group_n).map(|i| i.to_string()).collect();
         (
             format!(" GROUP BY {}", pos.join(", ")),
-            format!(" HAVING SUM({having_col}) > 0"),
+            format!(" HAVING {having_col} > 0"),
         )
     };
     let wh = if conds.is_empty() {

@@ -1076,6 +1076,16 @@ async fn rollup_tables(db: &Db, fx: &Fx) -> Vec<(String, Vec<Json>)> {
 fn rollup_queries() -> Vec<(Json, bool)> {
     vec![
         (json!({"metric": "stage_conversion"}), true),
+        (json!({"metric": "time_in_stage"}), true),
+        (
+            json!({"metric": "time_in_stage", "group_by": ["region"]}),
+            true,
+        ),
+        (
+            json!({"metric": "time_in_stage", "group_by": ["product_line"], "filters": [{"field": "region", "op": "in", "value": ["east", "north"]}]}),
+            true,
+        ),
+        (json!({"metric": "median_time_in_stage"}), false),
         (
             json!({"metric": "stage_conversion", "group_by": ["region"]}),
             true,
@@ -1370,7 +1380,7 @@ async fn bad_rollup_definitions_list_every_problem() {
     def["reports"].as_array_mut().unwrap().push(json!({"rollups": {
         "bad": {"entity": "opportunity", "dimensions": ["account.industry", "nope", "region", "region"],
                 "time": "name", "grain": "fortnight",
-                "measures": ["median_cycle", "time_in_stage", "leads", "missing"]},
+                "measures": ["median_cycle", "median_time_in_stage", "leads", "missing"]},
         "no_entity": {"entity": "ghost", "measures": ["leads"]},
         "Bad-Name": {"entity": "lead", "measures": ["leads"]},
         "empty": {"entity": "lead", "measures": []}
@@ -1414,7 +1424,7 @@ async fn bad_rollup_definitions_list_every_problem() {
         msg(&at("bad/measures/0"))
     );
     assert!(
-        msg(&at("bad/measures/1")).contains("clock"),
+        msg(&at("bad/measures/1")).contains("an average can"),
         "{}",
         msg(&at("bad/measures/1"))
     );

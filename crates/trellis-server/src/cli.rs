@@ -855,6 +855,7 @@ async fn load_writable(
     let Some(app) = apps::load(db, key).await? else {
         return Ok(None);
     };
+    apps::upgrade(db, &app).await?;
     let reports = trellis_report::rollup::prepare(&app, db.backend()).map_err(describe)?;
     trellis_report::rollup::ensure(db, &app, &reports, SystemClock.now()).await?;
     Ok(Some((app, reports)))

@@ -324,6 +324,9 @@ async fn fill(
     for s in &all_stages {
         opp_cols.push(format!("stage__entered_{s}"));
     }
+    for s in &all_stages {
+        opp_cols.push(format!("stage__days_{s}"));
+    }
     let opp_cols_ref: Vec<&str> = opp_cols.iter().map(String::as_str).collect();
     let mut opps = Table::new(&opp_t, &opp_cols_ref);
     let mut hist = Table::new(
@@ -467,6 +470,17 @@ async fn fill(
             row.push(match entered.iter().find(|(x, _)| x == s) {
                 Some((_, at)) => Value::DateTime(*at),
                 None => Value::Null(ColKind::DateTime),
+            });
+        }
+        let finished = trellis_form::model::finished_stays(&entered);
+        for s in &all_stages {
+            row.push(match finished.iter().find(|(x, _)| x == s) {
+                Some((_, d)) => Value::Decimal(
+                    rust_decimal::Decimal::from_f64_retain(*d)
+                        .unwrap_or_default()
+                        .round_dp(9),
+                ),
+                None => Value::Null(ColKind::Decimal),
             });
         }
         opps.push(&mut tx, row).await?;

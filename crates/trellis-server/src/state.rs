@@ -100,6 +100,11 @@ impl AppState {
         // An installed definition passed the report checks on import; one stored by an older
         // version that no longer passes keeps its records working, without reports.
         // Reports also need the tables to be what the model says (see trellis_report::verify).
+        // Tables made by an earlier version get the columns this one reads.
+        let upgraded = trellis_form::apps::upgrade(&self.db, &app).await?;
+        if upgraded > 0 {
+            tracing::info!(app = %app.key, columns = upgraded, "added and filled the stage days columns");
+        }
         let reports = match trellis_report::Reports::compile(&app) {
             Ok(r) => match trellis_report::verify(&self.db, &app).await {
                 Ok(()) => r,

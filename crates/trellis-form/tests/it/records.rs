@@ -494,6 +494,49 @@ async fn stages_check_entry_criteria_and_keep_entry_times() {
                 json!("qualified")
             ]
         );
+        // Days of the finished stays per stage (for time-in-stage reports): new 0–2 h and
+        // 3–4 h, qualified 2–3 h; the stay under way (qualified since 4 h) is not in them.
+        let days = |db: trellis_form::db::Db, table: String| async move {
+            let sql = trellis_form::db::Sql::new(format!(
+                "SELECT \"stage__days_new\", \"stage__days_qualified\", \"stage__days_won\" FROM \"{table}\""
+            ));
+            let k = trellis_form::model::ColKind::Decimal;
+            db.fetch_all(&sql, &[k, k, k]).await.unwrap()[0]
+                .iter()
+                .map(|v| match v {
+                    trellis_form::db::Value::Decimal(d) => {
+                        json!((d.to_string().parse::<f64>().unwrap() * 1e6).round() / 1e6)
+                    }
+                    other => json!(format!("{other:?}")),
+                })
+                .collect::<Vec<_>>()
+        };
+        let want = vec![json!(0.125), json!(0.041667), json!("Null(Decimal)")];
+        assert_eq!(
+            days(t.db.clone(), deal.table.clone()).await,
+            want,
+            "{}",
+            t.backend
+        );
+        // A table made before these columns existed gets them, filled from the history.
+        let mut tx = t.db.begin().await.unwrap();
+        for c in ["new", "qualified", "proposal", "won", "lost"] {
+            tx.execute(&trellis_form::db::Sql::new(format!(
+                "ALTER TABLE \"{}\" DROP COLUMN \"stage__days_{c}\"",
+                deal.table
+            )))
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(trellis_form::apps::upgrade(&t.db, &app).await.unwrap(), 5);
+        assert_eq!(
+            days(t.db.clone(), deal.table.clone()).await,
+            want,
+            "{}",
+            t.backend
+        );
+        assert_eq!(trellis_form::apps::upgrade(&t.db, &app).await.unwrap(), 0);
         t.cleanup().await;
     }
 }
