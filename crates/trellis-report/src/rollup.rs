@@ -886,9 +886,18 @@ pub(crate) fn serve(
     let e = app.entity(&entity)?;
     let d = dialect::of(plan.backend);
     let needs_time = range.is_some() || (grouped && plan.grain.is_some());
-    // The smallest rollup that fits (fewest dimensions, then name).
+    // The smallest rollup that fits: without a time range, the coarsest buckets first; then
+    // the fewest dimensions.
+    let fineness = |r: &Rollup| match (needs_time, &r.time, r.grain) {
+        (true, ..) | (false, None, _) => 0,
+        (false, Some(_), Grain::Year) => 1,
+        (false, Some(_), Grain::Quarter) => 2,
+        (false, Some(_), Grain::Month) => 3,
+        (false, Some(_), Grain::Week(_)) => 4,
+        (false, Some(_), Grain::Day) => 5,
+    };
     let mut candidates: Vec<&Rollup> = reports.rollups.values().collect();
-    candidates.sort_by_key(|r| (r.dims.len(), r.time.is_some(), r.name.clone()));
+    candidates.sort_by_key(|r| (fineness(r), r.dims.len(), r.name.clone()));
     let fits = |r: &Rollup| -> bool {
         if r.entity != entity || !metrics.iter().all(|m| r.measures.contains(m)) {
             return false;

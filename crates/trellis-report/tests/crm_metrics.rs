@@ -1243,7 +1243,7 @@ async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
         // The new opportunity moves the lead it converts: L3 is now converted, as the base
         // tables say.
         let conv = ask(db, &fx, json!({"metric": "lead_conversion"})).await;
-        assert_eq!(conv.meta["rollups"], json!(["leads_by_day"]), "{b}");
+        assert_eq!(conv.meta["rollups"], json!(["leads_by_month"]), "{b}");
         assert_eq!(
             conv.totals["lead_conversion"],
             json!(3.0 / 7.0 * 1e6_f64)
@@ -1287,7 +1287,7 @@ async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
             .await
             .unwrap();
         assert_eq!(done.len(), fx.reports.rollups.len(), "{b}");
-        let leads_rebuilt = done.iter().find(|r| r.rollup == "leads_by_day").unwrap();
+        let leads_rebuilt = done.iter().find(|r| r.rollup == "leads_by_month").unwrap();
         assert_eq!(leads_rebuilt.records, 7, "{b}");
         assert_eq!(rollup_tables(db, &fx).await, kept, "{b}");
         same_either_way(db, &fx, b, "after a rebuild").await;

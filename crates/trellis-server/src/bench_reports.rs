@@ -29,7 +29,7 @@ fn postgres_baselines() -> Vec<(&'static str, &'static str)> {
         ("sales_cycle_days", "SELECT AVG(EXTRACT(EPOCH FROM \"stage__entered_won\" - \"created_at\") / 86400.0) FROM \"crm__opportunity\" WHERE \"stage__entered_won\" IS NOT NULL"),
         ("lead_conversion", "SELECT COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM \"crm__opportunity\" o WHERE o.\"lead\" = l.\"id\" AND o.\"created_at\" >= l.\"created_at\"))::numeric / COUNT(*) FROM \"crm__lead\" l"),
         ("stage_conversion", "SELECT COUNT(*) FILTER (WHERE \"stage__entered_mql\" IS NOT NULL OR \"stage__entered_sql\" IS NOT NULL OR \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_sql\" IS NOT NULL OR \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(*) FILTER (WHERE \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL), COUNT(\"stage__entered_won\") FROM \"crm__opportunity\""),
-        ("time_in_stage", "SELECT stage, AVG(v) FROM (SELECT record_id, stage, SUM(EXTRACT(EPOCH FROM COALESCE(left_at, TIMESTAMPTZ '2026-11-27T12:00:00Z') - at) / 86400.0) AS v FROM (SELECT record_id, new_value #>> '{}' AS stage, at, LEAD(at) OVER (PARTITION BY record_id ORDER BY at, id) AS left_at FROM history WHERE app = 'crm' AND entity = 'opportunity' AND field = 'stage') s WHERE stage IN ('mql','sql','proposal','quoted','negotiation') GROUP BY record_id, stage) x GROUP BY stage"),
+        ("time_in_stage", "SELECT AVG(CASE WHEN \"stage__entered_mql\" IS NOT NULL THEN COALESCE(\"stage__days_mql\", 0) + CASE WHEN \"stage\" = 'mql' THEN EXTRACT(EPOCH FROM TIMESTAMPTZ '2026-11-27T12:00:00Z' - \"stage__changed_at\") / 86400.0 ELSE 0 END END), AVG(CASE WHEN \"stage__entered_sql\" IS NOT NULL THEN COALESCE(\"stage__days_sql\", 0) + CASE WHEN \"stage\" = 'sql' THEN EXTRACT(EPOCH FROM TIMESTAMPTZ '2026-11-27T12:00:00Z' - \"stage__changed_at\") / 86400.0 ELSE 0 END END), AVG(CASE WHEN \"stage__entered_proposal\" IS NOT NULL THEN COALESCE(\"stage__days_proposal\", 0) + CASE WHEN \"stage\" = 'proposal' THEN EXTRACT(EPOCH FROM TIMESTAMPTZ '2026-11-27T12:00:00Z' - \"stage__changed_at\") / 86400.0 ELSE 0 END END), AVG(CASE WHEN \"stage__entered_quoted\" IS NOT NULL THEN COALESCE(\"stage__days_quoted\", 0) + CASE WHEN \"stage\" = 'quoted' THEN EXTRACT(EPOCH FROM TIMESTAMPTZ '2026-11-27T12:00:00Z' - \"stage__changed_at\") / 86400.0 ELSE 0 END END), AVG(CASE WHEN \"stage__entered_negotiation\" IS NOT NULL THEN COALESCE(\"stage__days_negotiation\", 0) + CASE WHEN \"stage\" = 'negotiation' THEN EXTRACT(EPOCH FROM TIMESTAMPTZ '2026-11-27T12:00:00Z' - \"stage__changed_at\") / 86400.0 ELSE 0 END END) FROM \"crm__opportunity\""),
     ]
 }
 
@@ -42,7 +42,7 @@ fn sqlite_baselines() -> Vec<(&'static str, &'static str)> {
         ("sales_cycle_days", "SELECT AVG(julianday(\"stage__entered_won\") - julianday(\"created_at\")) FROM \"crm__opportunity\" WHERE \"stage__entered_won\" IS NOT NULL"),
         ("lead_conversion", "SELECT CAST(SUM(EXISTS (SELECT 1 FROM \"crm__opportunity\" o WHERE o.\"lead\" = l.\"id\" AND o.\"created_at\" >= l.\"created_at\")) AS REAL) / COUNT(*) FROM \"crm__lead\" l"),
         ("stage_conversion", "SELECT COUNT(CASE WHEN \"stage__entered_mql\" IS NOT NULL OR \"stage__entered_sql\" IS NOT NULL OR \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL THEN 1 END), COUNT(CASE WHEN \"stage__entered_sql\" IS NOT NULL OR \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL THEN 1 END), COUNT(CASE WHEN \"stage__entered_proposal\" IS NOT NULL OR \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL THEN 1 END), COUNT(CASE WHEN \"stage__entered_quoted\" IS NOT NULL OR \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL THEN 1 END), COUNT(CASE WHEN \"stage__entered_negotiation\" IS NOT NULL OR \"stage__entered_won\" IS NOT NULL THEN 1 END), COUNT(\"stage__entered_won\") FROM \"crm__opportunity\""),
-        ("time_in_stage", "SELECT stage, AVG(v) FROM (SELECT record_id, stage, SUM(julianday(COALESCE(left_at, '2026-11-27T12:00:00.000000Z')) - julianday(at)) AS v FROM (SELECT record_id, json_extract(new_value, '$') AS stage, at, LEAD(at) OVER (PARTITION BY record_id ORDER BY at, id) AS left_at FROM history WHERE app = 'crm' AND entity = 'opportunity' AND field = 'stage') WHERE stage IN ('mql','sql','proposal','quoted','negotiation') GROUP BY record_id, stage) GROUP BY stage"),
+        ("time_in_stage", "SELECT AVG(CASE WHEN \"stage__entered_mql\" IS NOT NULL THEN COALESCE(\"stage__days_mql\", 0) + CASE WHEN \"stage\" = 'mql' THEN julianday('2026-11-27T12:00:00.000000Z') - julianday(\"stage__changed_at\") ELSE 0 END END), AVG(CASE WHEN \"stage__entered_sql\" IS NOT NULL THEN COALESCE(\"stage__days_sql\", 0) + CASE WHEN \"stage\" = 'sql' THEN julianday('2026-11-27T12:00:00.000000Z') - julianday(\"stage__changed_at\") ELSE 0 END END), AVG(CASE WHEN \"stage__entered_proposal\" IS NOT NULL THEN COALESCE(\"stage__days_proposal\", 0) + CASE WHEN \"stage\" = 'proposal' THEN julianday('2026-11-27T12:00:00.000000Z') - julianday(\"stage__changed_at\") ELSE 0 END END), AVG(CASE WHEN \"stage__entered_quoted\" IS NOT NULL THEN COALESCE(\"stage__days_quoted\", 0) + CASE WHEN \"stage\" = 'quoted' THEN julianday('2026-11-27T12:00:00.000000Z') - julianday(\"stage__changed_at\") ELSE 0 END END), AVG(CASE WHEN \"stage__entered_negotiation\" IS NOT NULL THEN COALESCE(\"stage__days_negotiation\", 0) + CASE WHEN \"stage\" = 'negotiation' THEN julianday('2026-11-27T12:00:00.000000Z') - julianday(\"stage__changed_at\") ELSE 0 END END) FROM \"crm__opportunity\""),
     ]
 }
 
@@ -62,6 +62,8 @@ pub struct Line {
     pub hand_ms: Option<f64>,
     /// generated / hand.
     pub ratio: Option<f64>,
+    /// Median milliseconds answered from a rollup (None where none fits).
+    pub rollup_ms: Option<f64>,
 }
 
 /// Generate data, then time every CRM metric and the dashboard against the baselines.
@@ -92,34 +94,56 @@ pub async fn run(
         sum.history,
         t.elapsed().as_secs_f64()
     );
+    // The generator rebuilt the rollups; attached, the planner may answer from them.
     let reports = Reports::compile(app)?;
+    trellis_report::rollup::attach(app, &reports, db.backend())?;
     let vis = Visibility::default();
     let mut out = vec![];
     for (name, hand) in baselines(db.backend()) {
-        let q = Query {
+        let query = |rollups: bool| Query {
             metric: Some(name.into()),
+            use_rollups: Some(rollups),
             ..Default::default()
         };
-        let plan = engine::plan(app, &reports, &q, now, db.backend())?;
-        let (mut g, mut h) = (vec![], vec![]);
+        let base = engine::plan(app, &reports, &query(false), now, db.backend())?;
+        let fast = engine::plan(app, &reports, &query(true), now, db.backend())?;
+        let (mut g, mut h, mut r) = (vec![], vec![], vec![]);
+        let mut answers = None;
         for _ in 0..runs {
             let t = Instant::now();
-            engine::run(&db, app, &reports, &plan, &vis).await?;
+            let a = engine::run(&db, app, &reports, &base, &vis).await?;
             g.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             db.fetch_all(&Sql::new(hand), &[]).await?;
             h.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let b = engine::run(&db, app, &reports, &fast, &vis).await?;
+            r.push(t.elapsed().as_secs_f64() * 1000.0);
+            answers = Some((a, b));
         }
+        let (a, b) = answers.context("at least one run")?;
+        let served = b.meta["rollups"] != serde_json::json!([]);
+        // A rollup must give the base tables' answer.
+        anyhow::ensure!(
+            !served || (a.rows == b.rows && a.totals == b.totals),
+            "{name}: the rollup answered {:?}, the base tables {:?}",
+            b.rows,
+            a.rows
+        );
         let (g, h) = (p50(g), p50(h));
+        let r = served.then(|| p50(r));
         eprintln!(
-            "{name:<20} generated {g:>9.1} ms   hand-written {h:>9.1} ms   {:>5.2}x",
-            g / h
+            "{name:<20} generated {g:>9.1} ms   hand-written {h:>9.1} ms   {:>5.2}x   rollup {}",
+            g / h,
+            r.map(|r| format!("{r:>7.1} ms"))
+                .unwrap_or_else(|| "—".into())
         );
         out.push(Line {
             name: name.into(),
             generated_ms: g,
             hand_ms: Some(h),
             ratio: Some(g / h),
+            rollup_ms: r,
         });
     }
     let d = reports
@@ -127,26 +151,35 @@ pub async fn run(
         .get("sales_overview")
         .context("the CRM has a sales_overview dashboard")?;
     let shared = std::sync::Arc::new(trellis_form::apps::load(&db, "crm").await?.context("crm")?);
-    let mut times = vec![];
+    trellis_report::rollup::attach(&shared, &reports, db.backend())?;
+    let mut times = (vec![], vec![]);
     for _ in 0..runs {
-        let t = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for item in &d.def.items {
-            let (db, q) = (db.clone(), item.query.clone());
-            let (app2, reports2) = (shared.clone(), reports.clone());
-            set.spawn(async move {
-                let plan = engine::plan(&app2, &reports2, &q, now, db.backend())?;
-                engine::run(&db, &app2, &reports2, &plan, &Visibility::default()).await
-            });
+        for rollups in [false, true] {
+            let t = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for item in &d.def.items {
+                let (db, mut q) = (db.clone(), item.query.clone());
+                q.use_rollups = Some(rollups);
+                let (app2, reports2) = (shared.clone(), reports.clone());
+                set.spawn(async move {
+                    let plan = engine::plan(&app2, &reports2, &q, now, db.backend())?;
+                    engine::run(&db, &app2, &reports2, &plan, &Visibility::default()).await
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r??;
+            }
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if rollups {
+                times.1.push(ms);
+            } else {
+                times.0.push(ms);
+            }
         }
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let dash = p50(times);
+    let (dash, fast) = (p50(times.0), p50(times.1));
     eprintln!(
-        "{:<20} generated {dash:>9.1} ms ({} panels, concurrently)",
+        "{:<20} generated {dash:>9.1} ms ({} panels, concurrently)   rollups {fast:>7.1} ms",
         "sales_overview",
         d.def.items.len()
     );
@@ -155,6 +188,7 @@ pub async fn run(
         generated_ms: dash,
         hand_ms: None,
         ratio: None,
+        rollup_ms: Some(fast),
     });
     Ok(out)
 }
