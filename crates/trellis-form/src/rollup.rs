@@ -24,6 +24,9 @@ pub struct Maintain {
     pub rollup: String,
     /// The entity whose writes change the rollup.
     pub entity: String,
+    /// The table of the records the rollup aggregates (locked before their contribution is
+    /// removed, so concurrent writers on PostgreSQL see each other's result).
+    pub table: String,
     /// `None`: the rollup aggregates the written records themselves. `Some(field)`: a relation
     /// field of the written entity pointing at the records the rollup aggregates (a conversion
     /// counts a lead once an opportunity points at it).
@@ -82,8 +85,10 @@ pub async fn apply(
     touched: &[Touched<'_>],
     own_rows: bool,
 ) -> Result<()> {
+    // Per rollup, every record the write reaches (itself, what it points at), once.
+    let mut per_rollup: Vec<(&Maintain, Vec<String>)> = vec![];
     for m in app.maintenance()?.iter().filter(|m| m.entity == e.key) {
-        let mut ids: Vec<String> = match &m.via {
+        let ids: Vec<String> = match &m.via {
             None if !own_rows => continue,
             None => touched.iter().map(|(id, _)| id.to_string()).collect(),
             Some(f) => touched
@@ -92,14 +97,32 @@ pub async fn apply(
                 .map(str::to_owned)
                 .collect(),
         };
+        match per_rollup.iter_mut().find(|(x, _)| x.rollup == m.rollup) {
+            Some((_, v)) => v.extend(ids),
+            None => per_rollup.push((m, ids)),
+        }
+    }
+    for (m, mut ids) in per_rollup {
         ids.sort();
         ids.dedup();
         if ids.is_empty() {
             continue;
         }
+        let list = Json::from(ids).to_string();
+        if sign < 0 && tx.backend() == crate::db::Backend::Postgres {
+            // Another transaction changing these records (or what they count) waits here, and
+            // the removal below reads its committed result.
+            let mut lock = Sql::new(format!(
+                "SELECT 1 FROM {} WHERE \"id\" IN (SELECT CAST(\"value\" AS UUID) FROM jsonb_array_elements_text(CAST(",
+                crate::db::quote(&m.table)
+            ));
+            lock.bind(Value::Text(list.clone()))
+                .push(" AS JSONB))) ORDER BY \"id\" FOR UPDATE");
+            tx.execute(&lock).await?;
+        }
         let mut sql = m.sql.clone();
         sql.params[0] = Value::Int(sign);
-        sql.params[1] = Value::Text(Json::from(ids).to_string());
+        sql.params[1] = Value::Text(list);
         tx.execute(&sql).await?;
     }
     Ok(())

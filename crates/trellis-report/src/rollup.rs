@@ -470,9 +470,16 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
             };
             match (related, w) {
                 (Some((ce, via, within)), _) => {
+                    // As the base statement: related records created at or after the base
+                    // record's time anchor (the metric's own; a query that moves the anchor is
+                    // answered from the base tables).
+                    let base_time = match &m.time {
+                        Some(x) => ctx.lower(x, sql).map_err(internal)?.sql,
+                        None => "t.\"created_at\"".into(),
+                    };
                     let target = app.entity(ce)?;
                     let mut inner = format!(
-                        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= t.\"created_at\"",
+                        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= {base_time}",
                         tt = quote(&target.table),
                         via = quote(via),
                     );
@@ -480,7 +487,7 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
                         let wp = sql.param(Value::Int(i64::from(*w)));
                         inner.push_str(&format!(
                             " AND {}",
-                            d.within("c.\"created_at\"", "t.\"created_at\"", &wp)
+                            d.within("c.\"created_at\"", &base_time, &wp)
                         ));
                     }
                     when(format!("EXISTS ({inner})"))
@@ -657,9 +664,11 @@ pub fn maintenance(app: &App, reports: &Reports, backend: Backend) -> Result<Vec
     let mut out = vec![];
     for r in reports.rollups.values() {
         let sql = contribution(app, reports, r, backend, true)?;
+        let table = app.entity(&r.entity)?.table.clone();
         out.push(Maintain {
             rollup: r.name.clone(),
             entity: r.entity.clone(),
+            table: table.clone(),
             via: None,
             sql: sql.clone(),
         });
@@ -667,6 +676,7 @@ pub fn maintenance(app: &App, reports: &Reports, backend: Backend) -> Result<Vec
             out.push(Maintain {
                 rollup: r.name.clone(),
                 entity: other.clone(),
+                table: table.clone(),
                 via: Some(field.clone()),
                 sql: sql.clone(),
             });
@@ -773,7 +783,10 @@ pub async fn rebuild(
 }
 
 fn signature(app: &App, reports: &Reports, r: &Rollup, backend: Backend) -> Result<String> {
-    let mut s = ddl(app, r, backend)?.join(";\n");
+    // The app version too: a migration's data steps (a default filled into a field made
+    // required) change rows without the write path, so a new version rebuilds.
+    let mut s = format!("-- version {}\n", app.version);
+    s.push_str(&ddl(app, r, backend)?.join(";\n"));
     let c = contribution(app, reports, r, backend, false)?;
     s.push_str(";\n");
     s.push_str(&c.text);
@@ -864,6 +877,17 @@ pub(crate) fn serve(
         } => (entity.clone(), time.clone(), metrics.clone()),
         Unit::Conversion { metric } | Unit::Funnel { metric } => {
             let m = &reports.metrics[metric];
+            if matches!(
+                m.kind,
+                Kind::Conversion {
+                    related: Some(_),
+                    ..
+                }
+            ) && anchor_of(plan, m) != m.time
+            {
+                // The related records are compared with the anchor, which the rollup fixed.
+                return Ok(None);
+            }
             (
                 m.entity.clone().unwrap_or_default(),
                 anchor_of(plan, m),
@@ -1045,14 +1069,16 @@ pub(crate) fn serve(
         Unit::TimeInStage { metric } => {
             let m = &reports.metrics[metric];
             let open = open_stages(app, m);
-            let days = (plan.now
+            // Exact: microseconds since the epoch over the microseconds of a day.
+            let micros = (plan.now
                 - DateTime::parse_from_rfc3339(EPOCH)
                     .expect("epoch")
                     .with_timezone(&Utc))
-            .num_milliseconds() as f64
-                / 86_400_000.0;
+            .num_microseconds()
+            .unwrap_or_default();
             let now = sql.param(Value::Decimal(
-                rust_decimal::Decimal::from_f64_retain(days).unwrap_or_default(),
+                rust_decimal::Decimal::from(micros)
+                    / rust_decimal::Decimal::from(86_400_000_000i64),
             ));
             let mut entered = vec![];
             for i in 0..open.len() {

@@ -1086,6 +1086,12 @@ fn rollup_queries() -> Vec<(Json, bool)> {
             true,
         ),
         (json!({"metric": "median_time_in_stage"}), false),
+        // A conversion whose anchor the query moves compares the opportunities with that
+        // anchor: base tables.
+        (
+            json!({"metric": "lead_conversion", "time": {"field": "updated_at"}}),
+            false,
+        ),
         (
             json!({"metric": "stage_conversion", "group_by": ["region"]}),
             true,
@@ -1280,6 +1286,33 @@ async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
             "{b}: 2 of 7 leads"
         );
 
+        // Two writers converting the same lead at once (L5): the second waits for the first
+        // and counts the lead once.
+        let first = async {
+            let mut tx = db.begin().await.unwrap();
+            store::create(&mut tx, &fx.app, opp, &json!({"name": "O7", "needs_summary": "n", "amount": 10, "lead": fx.ids["L5"], "expected_close_date": "2027-02-01", "stage": "mql"}), &ctx)
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            tx.commit().await.unwrap();
+        };
+        let second = async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let mut tx = db.begin().await.unwrap();
+            store::create(&mut tx, &fx.app, opp, &json!({"name": "O8", "needs_summary": "n", "amount": 20, "lead": fx.ids["L5"], "expected_close_date": "2027-02-01", "stage": "mql"}), &ctx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        };
+        tokio::join!(first, second);
+        same_either_way(db, &fx, b, "after concurrent writers").await;
+        let conv = ask(db, &fx, json!({"metric": "lead_conversion"})).await;
+        assert_eq!(
+            conv.totals["lead_conversion"],
+            json!(0.428571),
+            "{b}: 3 of 7 leads"
+        );
+
         // A rebuild from the base tables gives the same tables the writes kept.
         let kept = rollup_tables(db, &fx).await;
         assert_ne!(kept, before, "{b}: the writes changed the rollups");
@@ -1323,8 +1356,8 @@ async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
         assert_eq!(mine.meta["rollups"], json!([]), "{b}");
         assert_eq!(
             mine.rows[0]["entered"],
-            json!(3),
-            "{b}: O1, O2, O5 are rep A's"
+            json!(5),
+            "{b}: O1, O2, O5, O7, O8 are rep A's"
         );
     }
 }
