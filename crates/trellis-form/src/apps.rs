@@ -290,6 +290,26 @@ pub async fn version_definition(db: &Db, key: &str, version: i64) -> Result<Json
     }
 }
 
+/// The columns the database has for `table` (none when the table is missing).
+pub async fn live_columns(db: &Db, table: &str) -> Result<Vec<String>> {
+    let mut sql = match db.backend() {
+        crate::db::Backend::Sqlite => Sql::new("SELECT \"name\" FROM pragma_table_info("),
+        crate::db::Backend::Postgres => Sql::new(
+            "SELECT CAST(\"column_name\" AS TEXT) FROM \"information_schema\".\"columns\" WHERE \"table_schema\" = current_schema() AND \"table_name\" = (",
+        ),
+    };
+    sql.bind(Value::Text(table.to_owned())).push(")");
+    Ok(db
+        .fetch_all(&sql, &[ColKind::Text])
+        .await?
+        .into_iter()
+        .filter_map(|r| match &r[0] {
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Bring tables made by an earlier Trellis up to the current layout: stage fields gained
 /// per-stage days columns (the finished stays, for time-in-stage reports). Missing ones are
 /// added and filled from the stage history, in one transaction per entity. Returns the number
@@ -298,22 +318,7 @@ pub async fn upgrade(db: &Db, app: &App) -> Result<usize> {
     let mut added = 0;
     for e in &app.entities {
         let Some(sf) = e.stage() else { continue };
-        let mut sql = match db.backend() {
-            crate::db::Backend::Sqlite => Sql::new("SELECT \"name\" FROM pragma_table_info("),
-            crate::db::Backend::Postgres => Sql::new(
-                "SELECT CAST(\"column_name\" AS TEXT) FROM \"information_schema\".\"columns\" WHERE \"table_schema\" = current_schema() AND \"table_name\" = (",
-            ),
-        };
-        sql.bind(Value::Text(e.table.clone())).push(")");
-        let have: Vec<String> = db
-            .fetch_all(&sql, &[ColKind::Text])
-            .await?
-            .into_iter()
-            .filter_map(|r| match &r[0] {
-                Value::Text(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect();
+        let have = live_columns(db, &e.table).await?;
         if have.is_empty() {
             continue;
         }

@@ -1257,20 +1257,7 @@ fn unit_sql(
             group_n += 1;
         }
     }
-    for (i, f) in plan.query.filters.iter().enumerate() {
-        conds.push(
-            filter_sql(&mut ctx, f, &mut sql, &format!("/filters/{i}"))
-                .map_err(|p| FormError::Query(vec![p]))?,
-        );
-    }
-    match &vis.owners {
-        None => {}
-        Some(list) if list.is_empty() => conds.push("1 = 0".into()),
-        Some(list) => {
-            let ps: Vec<String> = list.iter().map(|u| sql.param(Value::Uuid(*u))).collect();
-            conds.push(format!("t.\"owner\" IN ({})", ps.join(", ")));
-        }
-    }
+    query_conds(&mut ctx, plan, vis, &mut sql, &mut conds)?;
     let lower_opt = |ctx: &mut Ctx, sql: &mut Sql, x: &Option<Expr>| -> Result<Option<String>> {
         match x {
             Some(x) => Ok(Some(ctx.lower(x, sql).map_err(internal)?.sql)),
@@ -1437,25 +1424,13 @@ fn unit_sql(
                 (Some((ce, via, within)), _) => {
                     // A base record converts when any related record was created at or after it
                     // (and within the window): EXISTS counts each base record at most once.
-                    let target = app.entity(ce)?;
-                    let mut inner = format!(
-                        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= {base_time}",
-                        tt = quote(&target.table),
-                        via = quote(via),
-                    );
-                    if let Some(w) = within {
-                        let wp = sql.param(Value::Int(i64::from(*w)));
-                        inner.push_str(&format!(
-                            " AND {}",
-                            d.within("c.\"created_at\"", &base_time, &wp)
-                        ));
-                        if *exclude_immature {
-                            let now = sql.param(Value::DateTime(plan.now));
-                            let wp2 = sql.param(Value::Int(i64::from(*w)));
-                            conds.push(format!("NOT ({})", d.within(&now, &base_time, &wp2)));
-                        }
+                    let hit = related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
+                    if let (Some(w), true) = (within, *exclude_immature) {
+                        let now = sql.param(Value::DateTime(plan.now));
+                        let wp2 = sql.param(Value::Int(i64::from(*w)));
+                        conds.push(format!("NOT ({})", d.within(&now, &base_time, &wp2)));
                     }
-                    format!("EXISTS ({inner})")
+                    hit
                 }
                 (None, Some(w)) => ctx.lower(w, &mut sql).map_err(internal)?.sql,
                 (None, None) => d.bool_lit(false).to_owned(),
@@ -1492,23 +1467,7 @@ fn unit_sql(
             if let Some(f) = lower_opt(&mut ctx, &mut sql, &m.filter)? {
                 conds.push(f);
             }
-            let col = |s: &str| format!("t.{}", quote(&stage_entered_column(stage_field, s)));
-            let cond = |i: usize| -> String {
-                if *ordered {
-                    let mut parts: Vec<String> = (0..=i)
-                        .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
-                        .collect();
-                    for k in 0..i {
-                        parts.push(format!("{} <= {}", col(&stages[k]), col(&stages[k + 1])));
-                    }
-                    format!("({})", parts.join(" AND "))
-                } else {
-                    let parts: Vec<String> = (i..stages.len())
-                        .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
-                        .collect();
-                    format!("({})", parts.join(" OR "))
-                }
-            };
+            let cond = |i: usize| funnel_cond(stage_field, stages, *ordered, i);
             if let Some(dr) = drill {
                 let stage = dr
                     .row
@@ -1675,6 +1634,78 @@ fn unit_sql(
         where_sql(&conds)
     );
     Ok((sql, kinds, out))
+}
+
+/// The query's filters and the caller's visibility as conditions on `t`.
+pub(crate) fn query_conds(
+    ctx: &mut Ctx,
+    plan: &Plan,
+    vis: &Visibility,
+    sql: &mut Sql,
+    conds: &mut Vec<String>,
+) -> Result<()> {
+    for (i, f) in plan.query.filters.iter().enumerate() {
+        conds.push(
+            filter_sql(ctx, f, sql, &format!("/filters/{i}"))
+                .map_err(|p| FormError::Query(vec![p]))?,
+        );
+    }
+    match &vis.owners {
+        None => {}
+        Some(list) if list.is_empty() => conds.push("1 = 0".into()),
+        Some(list) => {
+            let ps: Vec<String> = list.iter().map(|u| sql.param(Value::Uuid(*u))).collect();
+            conds.push(format!("t.\"owner\" IN ({})", ps.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+/// `EXISTS` a record of `entity` pointing at the base record `t` through `via`, created at or
+/// after `base_time` (and within `within` days of it).
+pub(crate) fn related_exists(
+    app: &App,
+    d: &dyn dialect::Dialect,
+    sql: &mut Sql,
+    entity: &str,
+    via: &str,
+    within: Option<u32>,
+    base_time: &str,
+) -> Result<String> {
+    let target = app.entity(entity)?;
+    let mut inner = format!(
+        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= {base_time}",
+        tt = quote(&target.table),
+        via = quote(via),
+    );
+    if let Some(w) = within {
+        let wp = sql.param(Value::Int(i64::from(w)));
+        inner.push_str(&format!(
+            " AND {}",
+            d.within("c.\"created_at\"", base_time, &wp)
+        ));
+    }
+    Ok(format!("EXISTS ({inner})"))
+}
+
+/// The condition of a record counting as having entered funnel stage `i`: in `ordered` mode it
+/// passed every earlier stage in order; in `reached` mode it entered this stage or a later one.
+pub(crate) fn funnel_cond(stage_field: &str, stages: &[String], ordered: bool, i: usize) -> String {
+    let col = |s: &str| format!("t.{}", quote(&stage_entered_column(stage_field, s)));
+    if ordered {
+        let mut parts: Vec<String> = (0..=i)
+            .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
+            .collect();
+        for k in 0..i {
+            parts.push(format!("{} <= {}", col(&stages[k]), col(&stages[k + 1])));
+        }
+        format!("({})", parts.join(" AND "))
+    } else {
+        let parts: Vec<String> = (i..stages.len())
+            .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
+            .collect();
+        format!("({})", parts.join(" OR "))
+    }
 }
 
 /// ` WHERE a AND b`, or nothing.

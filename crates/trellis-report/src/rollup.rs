@@ -25,7 +25,10 @@
 //! writes of the opportunity move the lead it points at.
 
 use crate::dialect;
-use crate::engine::{anchor_of, dimension, filter_sql, full_offsets, Out, Plan, Unit, Visibility};
+use crate::engine::{
+    anchor_of, dimension, full_offsets, funnel_cond, query_conds, related_exists, Out, Plan, Unit,
+    Visibility,
+};
 use crate::expr::Expr;
 use crate::lower::Ctx;
 use crate::model::{Agg, Kind, Metric, Reports};
@@ -477,20 +480,7 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
                         Some(x) => ctx.lower(x, sql).map_err(internal)?.sql,
                         None => "t.\"created_at\"".into(),
                     };
-                    let target = app.entity(ce)?;
-                    let mut inner = format!(
-                        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= {base_time}",
-                        tt = quote(&target.table),
-                        via = quote(via),
-                    );
-                    if let Some(w) = within {
-                        let wp = sql.param(Value::Int(i64::from(*w)));
-                        inner.push_str(&format!(
-                            " AND {}",
-                            d.within("c.\"created_at\"", &base_time, &wp)
-                        ));
-                    }
-                    when(format!("EXISTS ({inner})"))
+                    when(related_exists(app, d, sql, ce, via, *within, &base_time)?)
                 }
                 (None, Some(w)) => when(ctx.lower(w, sql).map_err(internal)?.sql),
                 (None, None) => "0".into(),
@@ -538,22 +528,7 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
             else {
                 return Err(internal("not a funnel".into()));
             };
-            let col = |s: &str| format!("t.{}", quote(&stage_entered_column(stage_field, s)));
-            let cond = if *ordered {
-                let mut parts: Vec<String> = (0..=*i)
-                    .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
-                    .collect();
-                for k in 0..*i {
-                    parts.push(format!("{} <= {}", col(&stages[k]), col(&stages[k + 1])));
-                }
-                format!("({})", parts.join(" AND "))
-            } else {
-                let parts: Vec<String> = (*i..stages.len())
-                    .map(|k| format!("{} IS NOT NULL", col(&stages[k])))
-                    .collect();
-                format!("({})", parts.join(" OR "))
-            };
-            when(cond)
+            when(funnel_cond(stage_field, stages, *ordered, *i))
         }
     })
 }
@@ -991,20 +966,7 @@ pub(crate) fn serve(
         let hi = sql.param(Value::Text(t.format("%Y-%m-%d").to_string()));
         conds.push(format!("t.\"__bucket\" >= {lo} AND t.\"__bucket\" < {hi}"));
     }
-    for (i, f) in plan.query.filters.iter().enumerate() {
-        conds.push(
-            filter_sql(&mut ctx, f, &mut sql, &format!("/filters/{i}"))
-                .map_err(|p| FormError::Query(vec![p]))?,
-        );
-    }
-    match &vis.owners {
-        None => {}
-        Some(list) if list.is_empty() => conds.push("1 = 0".into()),
-        Some(list) => {
-            let ps: Vec<String> = list.iter().map(|u| sql.param(Value::Uuid(*u))).collect();
-            conds.push(format!("t.\"owner\" IN ({})", ps.join(", ")));
-        }
-    }
+    query_conds(&mut ctx, plan, vis, &mut sql, &mut conds)?;
     if !ctx.joins.is_empty() {
         return Ok(None);
     }

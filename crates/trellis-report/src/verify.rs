@@ -5,8 +5,8 @@
 //! does not know: it reads it as a text literal, and a report would quietly answer with wrong
 //! numbers. So every table and column the model expects is looked up in the catalogue first.
 
-use trellis_form::db::{Backend, Db, Sql, Value};
-use trellis_form::model::{App, ColKind, SYSTEM_COLUMNS};
+use trellis_form::db::Db;
+use trellis_form::model::{App, SYSTEM_COLUMNS};
 use trellis_form::{FormError, Problem, Result};
 
 /// Every expected table and column of `app` that the database lacks, as problems; `Ok` when
@@ -14,22 +14,7 @@ use trellis_form::{FormError, Problem, Result};
 pub async fn verify(db: &Db, app: &App) -> Result<()> {
     let mut problems = vec![];
     for e in &app.entities {
-        let mut sql = match db.backend() {
-            Backend::Sqlite => Sql::new("SELECT \"name\" FROM pragma_table_info("),
-            Backend::Postgres => Sql::new(
-                "SELECT CAST(\"column_name\" AS TEXT) FROM \"information_schema\".\"columns\" WHERE \"table_schema\" = current_schema() AND \"table_name\" = (",
-            ),
-        };
-        sql.bind(Value::Text(e.table.clone())).push(")");
-        let have: Vec<String> = db
-            .fetch_all(&sql, &[ColKind::Text])
-            .await?
-            .into_iter()
-            .filter_map(|r| match &r[0] {
-                Value::Text(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect();
+        let have = trellis_form::apps::live_columns(db, &e.table).await?;
         if have.is_empty() {
             problems.push(Problem::new(
                 format!("/entities/{}", e.key),
