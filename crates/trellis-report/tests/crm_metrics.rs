@@ -1078,6 +1078,10 @@ fn rollup_queries() -> Vec<(Json, bool)> {
         (json!({"metric": "stage_conversion"}), true),
         (json!({"metric": "time_in_stage"}), true),
         (
+            json!({"metric": "stage_conversion", "group_by": ["owner"]}),
+            true,
+        ),
+        (
             json!({"metric": "time_in_stage", "group_by": ["region"]}),
             true,
         ),
@@ -1152,7 +1156,7 @@ fn rollup_queries() -> Vec<(Json, bool)> {
             false,
         ),
         (
-            json!({"metric": "stage_conversion", "group_by": ["owner"]}),
+            json!({"metric": "stage_conversion", "group_by": ["industry"]}),
             false,
         ),
         (
@@ -1342,8 +1346,8 @@ async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
             Err(FormError::Query(ps)) => assert_eq!(ps[0].code, "unknown_rollup", "{b}"),
             other => panic!("{b}: {other:?}"),
         }
-        // A scoped caller (own records) is answered from the base tables: no CRM rollup keeps
-        // owners apart.
+        // A scoped caller (own records) is answered from a rollup that keeps owners apart
+        // (`opportunity_totals`), counting only the caller's records.
         let mine = ask_as(
             db,
             &fx,
@@ -1353,7 +1357,21 @@ async fn rollups_answer_exactly_what_the_base_tables_answer_and_stay_fresh() {
             },
         )
         .await;
-        assert_eq!(mine.meta["rollups"], json!([]), "{b}");
+        assert_eq!(mine.meta["rollups"], json!(["opportunity_totals"]), "{b}");
+        let mut base_q = json!({"metric": "stage_conversion", "use_rollups": false});
+        let base = ask_as(
+            db,
+            &fx,
+            base_q.take(),
+            &Visibility {
+                owners: Some(vec![fx.rep_a]),
+            },
+        )
+        .await;
+        assert_eq!(rows(&mine), rows(&base), "{b}");
+        // A grouping the owner-keeping rollup lacks falls back for the scoped caller.
+        let by_month = ask_as(db, &fx, json!({"metric": "weighted_forecast", "time": {"grain": "month", "from": "2026-01-01", "to": "2027-03-01"}}), &Visibility { owners: Some(vec![fx.rep_a]) }).await;
+        assert_eq!(by_month.meta["rollups"], json!([]), "{b}");
         assert_eq!(
             mine.rows[0]["entered"],
             json!(5),
