@@ -1046,7 +1046,12 @@ fn eval(reports: &Reports, e: &Expr, vals: &Vals) -> Option<f64> {
 }
 
 pub(crate) fn stage_order(app: &App, reports: &Reports, m: &str) -> Vec<String> {
-    let metric = &reports.metrics[m];
+    metric_stages(app, &reports.metrics[m])
+}
+
+/// The stages a per-stage metric answers for: a funnel's, or the open stages of a time in
+/// stage's field (won and lost are where deals end, not where they wait).
+pub(crate) fn metric_stages(app: &App, metric: &Metric) -> Vec<String> {
     match &metric.kind {
         Kind::Funnel { stages, .. } => stages.clone(),
         Kind::TimeInStage { stage_field, .. } => metric

@@ -90,27 +90,10 @@ enum Part {
     Since(usize),
 }
 
-/// Open stages of a time-in-stage metric's field, in order.
-fn open_stages(app: &App, m: &Metric) -> Vec<String> {
-    let Kind::TimeInStage { stage_field, .. } = &m.kind else {
-        return vec![];
-    };
-    m.entity
-        .as_ref()
-        .and_then(|e| app.entity(e).ok())
-        .and_then(|e| e.field(stage_field))
-        .map(|f| {
-            f.stages
-                .iter()
-                .filter(|s| s.kind == trellis_form::def::StageKind::Open)
-                .map(|s| s.key.clone())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The instant the `Since` parts count days from (2000-01-01, UTC).
+fn epoch() -> DateTime<Utc> {
+    DateTime::UNIX_EPOCH + chrono::Duration::days(10_957)
 }
-
-/// The day number the `Since` parts count from.
-const EPOCH: &str = "2000-01-01T00:00:00+00:00";
 
 /// A compiled rollup.
 #[derive(Debug, Clone)]
@@ -189,7 +172,7 @@ fn parts_of(app: &App, m: &Metric) -> std::result::Result<Vec<Part>, String> {
         }
         Kind::TimeInStage { agg: Agg::Avg, .. } => {
             let mut v = vec![Part::N];
-            for i in 0..open_stages(app, m).len() {
+            for i in 0..crate::engine::metric_stages(app, m).len() {
                 v.extend([
                     Part::Entered(i),
                     Part::Done(i),
@@ -490,7 +473,7 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
             let Kind::TimeInStage { stage_field, .. } = &m.kind else {
                 return Err(internal("not time in stage".into()));
             };
-            let st = &open_stages(app, m)[*i];
+            let st = &crate::engine::metric_stages(app, m)[*i];
             let e_col = format!("t.{}", quote(&stage_entered_column(stage_field, st)));
             let d_col = format!("t.{}", quote(&stage_days_column(stage_field, st)));
             let changed = format!("t.{}", quote(&stage_changed_column(stage_field)));
@@ -507,11 +490,7 @@ fn part_sql(app: &App, ctx: &mut Ctx, sql: &mut Sql, m: &Metric, part: &Part) ->
                 ),
                 Part::Current(_) => when(format!("{now_here} AND {e_col} IS NOT NULL")),
                 _ => {
-                    let epoch = sql.param(Value::DateTime(
-                        DateTime::parse_from_rfc3339(EPOCH)
-                            .expect("epoch")
-                            .with_timezone(&Utc),
-                    ));
+                    let epoch = sql.param(Value::DateTime(epoch()));
                     format!(
                         "CASE WHEN ({f}) AND {now_here} AND {e_col} IS NOT NULL THEN {} ELSE 0 END",
                         d.days_between(&epoch, &changed)
@@ -1030,14 +1009,9 @@ pub(crate) fn serve(
         }
         Unit::TimeInStage { metric } => {
             let m = &reports.metrics[metric];
-            let open = open_stages(app, m);
+            let open = crate::engine::metric_stages(app, m);
             // Exact: microseconds since the epoch over the microseconds of a day.
-            let micros = (plan.now
-                - DateTime::parse_from_rfc3339(EPOCH)
-                    .expect("epoch")
-                    .with_timezone(&Utc))
-            .num_microseconds()
-            .unwrap_or_default();
+            let micros = (plan.now - epoch()).num_microseconds().unwrap_or_default();
             let now = sql.param(Value::Decimal(
                 rust_decimal::Decimal::from(micros)
                     / rust_decimal::Decimal::from(86_400_000_000i64),
