@@ -145,6 +145,7 @@ pub async fn writes(db: Db, records: usize, clients: usize) -> anyhow::Result<Ve
     let loaded = state.app("crm").map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let app = loaded.app.clone();
     let owner = state.admin_user;
+    let flows = state.flows.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(crate::serve_until(listener, state, std::future::pending()));
@@ -257,7 +258,19 @@ pub async fn writes(db: Db, records: usize, clients: usize) -> anyhow::Result<Ve
         import: true,
         depth: 0,
     };
-    match crate::sheets::import(&db, &app, e, &sheet, &ctx, false, false).await? {
+    match crate::sheets::import(
+        &db,
+        &app,
+        e,
+        &sheet,
+        &ctx,
+        crate::sheets::Run {
+            flows: Some(&*flows),
+            ..Default::default()
+        },
+    )
+    .await?
+    {
         crate::sheets::Outcome::Ok { .. } => {}
         crate::sheets::Outcome::Refused(p) => anyhow::bail!("file import refused: {:?}", p.first()),
     }

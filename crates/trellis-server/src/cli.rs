@@ -207,6 +207,10 @@ pub struct ImportArgs {
     /// Check every cell and list every problem, but write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run no inline workflows on the imported records (a migration of records that already
+    /// have their owners and tasks); their events still reach the async workflows.
+    #[arg(long)]
+    pub no_workflows: bool,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -901,6 +905,7 @@ async fn import_sheet(args: &ImportArgs) -> anyhow::Result<i32> {
         eprintln!("There is no app `{}`.", args.app);
         return Ok(1);
     };
+    let app = Arc::new(app);
     let e = app.entity(&args.entity)?;
     let admin = crate::auth::ensure_admin(&db, SystemClock.now()).await?;
     let ctx = trellis_form::store::WriteCtx {
@@ -910,9 +915,22 @@ async fn import_sheet(args: &ImportArgs) -> anyhow::Result<i32> {
         import: true,
         depth: 0,
     };
+    // The app's inline workflows run on every imported record, as on a create through the API
+    // (the CRM assigns each lead and gives its owner a first-call task); the async ones pick up
+    // the records' events when `trellis serve` runs.
+    let flows = trellis_flow::Runtime::new(
+        db.clone(),
+        Arc::new(SystemClock),
+        crate::workflows::settings_from_env()?,
+    );
+    flows.install(app.clone(), ctx.default_owner).await?;
     use std::io::IsTerminal;
-    let progress = std::io::stderr().is_terminal();
-    match crate::sheets::import(&db, &app, e, &sheet, &ctx, args.dry_run, progress).await? {
+    let run = crate::sheets::Run {
+        dry_run: args.dry_run,
+        progress: std::io::stderr().is_terminal(),
+        flows: (!args.no_workflows).then_some(&flows),
+    };
+    match crate::sheets::import(&db, &app, e, &sheet, &ctx, run).await? {
         crate::sheets::Outcome::Ok {
             records,
             written: true,

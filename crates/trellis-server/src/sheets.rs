@@ -172,6 +172,19 @@ pub enum Outcome {
     Refused(Vec<CellProblem>),
 }
 
+/// How an import runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Run<'a> {
+    /// Check everything (inline workflows included), then roll back.
+    pub dry_run: bool,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// The workflow runtime with the app installed: each created record runs its inline
+    /// workflows in the import's transaction, as a create through the API does. `None` runs
+    /// none (the records' events still wait in the outbox for the async workflows).
+    pub flows: Option<&'a trellis_flow::Runtime>,
+}
+
 /// Import a sheet into `e`, all or nothing, with the same validation as the API.
 pub async fn import(
     db: &Db,
@@ -179,9 +192,14 @@ pub async fn import(
     e: &Entity,
     sheet: &Sheet,
     ctx: &WriteCtx,
-    dry_run: bool,
-    progress: bool,
+    run: Run<'_>,
 ) -> anyhow::Result<Outcome> {
+    let Run {
+        dry_run,
+        progress,
+        flows,
+    } = run;
+    let flows = flows.filter(|f| crate::writer::has_inline(f, &app.key, &e.key));
     let tz: chrono_tz::Tz = app.def.timezone.parse().unwrap_or(chrono_tz::UTC);
     let l = lookups(db, app, e).await?;
     let mapped = sheet::map(e, &sheet.headers, &sheet.rows, sheet.header_row, tz, &l);
@@ -226,7 +244,30 @@ pub async fn import(
         let (index, chunk): (Vec<usize>, Vec<store::Draft>) = chunk.into_iter().unzip();
         let n = chunk.len() as u64;
         match store::insert_batch(&mut tx, app, e, chunk, ctx).await {
-            Ok(_) => {}
+            Ok(ids) => {
+                // Inline workflows, record by record, as for a create through the API. The first
+                // that fails ends the import (a failed step may leave the transaction unusable
+                // on PostgreSQL); everything is rolled back.
+                if let Some(flows) = flows.filter(|_| problems.is_empty()) {
+                    for (k, id) in ids.iter().enumerate() {
+                        let r = store::get_in(&mut tx, e, *id).await?;
+                        if let Err(err) = flows
+                            .inline_created(&mut tx, &app.key, &e.key, &r, ctx.actor)
+                            .await
+                        {
+                            let p =
+                                trellis_form::Problem::new("", "workflow_failed", err.to_string());
+                            let mut cp = mapped.locate(e, index[k], &p);
+                            cp.header = format!("workflow {}", err.workflow);
+                            problems.push(cp);
+                            break;
+                        }
+                    }
+                    if !problems.is_empty() {
+                        break;
+                    }
+                }
+            }
             Err(FormError::Invalid(ps) | FormError::Conflict(ps)) => {
                 for p in ps {
                     // `/records/<k>/field…` → the k-th draft of this chunk.

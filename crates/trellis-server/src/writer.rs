@@ -48,6 +48,16 @@ pub async fn inline(
     Ok(refused(ran)?.unwrap_or(record))
 }
 
+/// Whether `app` has an enabled inline workflow triggered by `entity`'s records (batch writes
+/// read each record back for them only then).
+pub fn has_inline(flows: &trellis_flow::Runtime, app: &str, entity: &str) -> bool {
+    flows.flows(app).is_some_and(|f| {
+        f.enabled().iter().any(|w| {
+            w.def.mode == trellis_flow::def::Mode::Inline && w.def.trigger.entity() == entity
+        })
+    })
+}
+
 /// The inline workflows of an update or delete made at `at` in `tx`.
 pub async fn inline_written(
     flows: &trellis_flow::Runtime,

@@ -301,6 +301,45 @@ Li Lei,website,contacted
         "{}",
         lines[1]
     );
+    // The import ran the CRM's inline `new_lead` workflow on each lead (the dry run ran it and
+    // rolled it back): one first-call task per lead.
+    let (code, out, _) = trellis(&[
+        "export",
+        "--app",
+        "crm",
+        "--entity",
+        "task",
+        "--database-url",
+        &url,
+    ]);
+    assert_eq!(code, 0);
+    let mut titles: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').find(|c| c.starts_with("First call: ")))
+        .collect();
+    titles.sort();
+    assert_eq!(titles, ["First call: Li Lei", "First call: 王芳"], "{out}");
+    // `--no-workflows` imports without them: no task for the third lead.
+    std::fs::write(&csv, "姓名\n张三\n").unwrap();
+    let import = |extra: &'static [&'static str]| {
+        let mut a = vec!["import", "--app", "crm", "--entity", "lead"];
+        a.push(csv.to_str().unwrap());
+        a.extend(["--database-url", &url]);
+        a.extend(extra);
+        trellis(&a).0
+    };
+    assert_eq!(import(&["--no-workflows"]), 0);
+    let (_, out, _) = trellis(&[
+        "export",
+        "--app",
+        "crm",
+        "--entity",
+        "task",
+        "--database-url",
+        &url,
+    ]);
+    assert_eq!(out.lines().count(), 3, "{out}");
     let (code, _, err) = trellis(&[
         "export",
         "--app",

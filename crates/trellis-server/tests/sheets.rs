@@ -5,7 +5,18 @@ use std::path::Path;
 use std::sync::Arc;
 use trellis_form::store::WriteCtx;
 use trellis_form::testing;
-use trellis_server::sheets::{self, Outcome};
+use trellis_server::sheets::{self, Outcome, Run};
+
+const DRY: Run = Run {
+    dry_run: true,
+    progress: false,
+    flows: None,
+};
+const REAL: Run = Run {
+    dry_run: false,
+    progress: false,
+    flows: None,
+};
 
 async fn setup(db: &trellis_form::db::Db) -> (std::sync::Arc<trellis_form::model::App>, WriteCtx) {
     let (state, _) = trellis_server::cli::prepare(
@@ -55,7 +66,7 @@ async fn csv_import_matches_labels_in_any_language_and_is_all_or_nothing() {
         let lead = app.entity("lead").unwrap();
         let good = write(dir.path(), "good.csv", "\u{feff}姓名,Company,商机来源,区域,电话,状态\n王芳,杭州机器人,展会,华东,+86 571 8888 0000,新建\nLi Lei,Acme,Website inquiry,east,,Contacted\n,,,,,\n");
         let sheet = sheets::read(&good).unwrap();
-        match sheets::import(&t.db, &app, lead, &sheet, &ctx, true, false)
+        match sheets::import(&t.db, &app, lead, &sheet, &ctx, DRY)
             .await
             .unwrap()
         {
@@ -71,7 +82,7 @@ async fn csv_import_matches_labels_in_any_language_and_is_all_or_nothing() {
             "a dry run writes nothing"
         );
         assert!(matches!(
-            sheets::import(&t.db, &app, lead, &sheet, &ctx, false, false)
+            sheets::import(&t.db, &app, lead, &sheet, &ctx, REAL)
                 .await
                 .unwrap(),
             Outcome::Ok {
@@ -102,7 +113,7 @@ async fn csv_import_matches_labels_in_any_language_and_is_all_or_nothing() {
             "name,source,status,email,owner,fax\nok,website,new,,,\n,tv,won,not-an-email,nobody@x.example,\n",
         );
         let sheet = sheets::read(&bad).unwrap();
-        let Outcome::Refused(ps) = sheets::import(&t.db, &app, lead, &sheet, &ctx, false, false)
+        let Outcome::Refused(ps) = sheets::import(&t.db, &app, lead, &sheet, &ctx, REAL)
             .await
             .unwrap()
         else {
@@ -147,8 +158,7 @@ async fn xlsx_round_trip_with_numbers_dates_relations_and_unique_duplicates() {
             app.entity("account").unwrap(),
             &sheets::read(&accounts).unwrap(),
             &ctx,
-            false,
-            false,
+            REAL,
         )
         .await
         .unwrap() else {
@@ -171,8 +181,7 @@ async fn xlsx_round_trip_with_numbers_dates_relations_and_unique_duplicates() {
             app.entity("account").unwrap(),
             &sheets::read(&accounts).unwrap(),
             &ctx,
-            false,
-            false,
+            REAL,
         )
         .await
         .unwrap();
@@ -206,17 +215,9 @@ async fn xlsx_round_trip_with_numbers_dates_relations_and_unique_duplicates() {
         ws.write_string(2, 2, "¥8,000").unwrap();
         wb.save(&path).unwrap();
         let opp = app.entity("opportunity").unwrap();
-        let out = sheets::import(
-            &t.db,
-            &app,
-            opp,
-            &sheets::read(&path).unwrap(),
-            &ctx,
-            false,
-            false,
-        )
-        .await
-        .unwrap();
+        let out = sheets::import(&t.db, &app, opp, &sheets::read(&path).unwrap(), &ctx, REAL)
+            .await
+            .unwrap();
         assert!(
             matches!(
                 out,
@@ -239,17 +240,9 @@ async fn xlsx_round_trip_with_numbers_dates_relations_and_unique_duplicates() {
         // The export reads back: XLSX out, dry-run import in.
         let out = dir.path().join("export.xlsx");
         sheets::write_xlsx(&out, &headers, &rows).unwrap();
-        let again = sheets::import(
-            &t.db,
-            &app,
-            opp,
-            &sheets::read(&out).unwrap(),
-            &ctx,
-            true,
-            false,
-        )
-        .await
-        .unwrap();
+        let again = sheets::import(&t.db, &app, opp, &sheets::read(&out).unwrap(), &ctx, DRY)
+            .await
+            .unwrap();
         assert!(
             matches!(
                 again,
@@ -288,8 +281,7 @@ async fn a_formula_that_fails_on_a_row_is_reported_at_that_row() {
             app.entity("line").unwrap(),
             &sheets::read(&file).unwrap(),
             &ctx,
-            false,
-            false,
+            REAL,
         )
         .await
         .unwrap() else {
@@ -337,7 +329,7 @@ async fn xlsx_rows_and_columns_are_the_ones_a_person_sees() {
     let sheet = sheets::read(&path).unwrap();
     assert_eq!(sheet.header_row, 3);
     let opp = app.entity("opportunity").unwrap();
-    let Outcome::Refused(ps) = sheets::import(&t.db, &app, opp, &sheet, &ctx, true, false)
+    let Outcome::Refused(ps) = sheets::import(&t.db, &app, opp, &sheet, &ctx, DRY)
         .await
         .unwrap()
     else {
@@ -353,7 +345,7 @@ async fn xlsx_rows_and_columns_are_the_ones_a_person_sees() {
     let mut sheet = sheet;
     sheet.rows.truncate(1);
     assert!(matches!(
-        sheets::import(&t.db, &app, opp, &sheet, &ctx, false, false)
+        sheets::import(&t.db, &app, opp, &sheet, &ctx, REAL)
             .await
             .unwrap(),
         Outcome::Ok {
@@ -367,4 +359,158 @@ async fn xlsx_rows_and_columns_are_the_ones_a_person_sees() {
         "113.00"
     );
     t.cleanup().await;
+}
+
+/// Text rows of `sql` (one text column).
+async fn texts(db: &trellis_form::db::Db, sql: &str) -> Vec<String> {
+    db.fetch_all(
+        &trellis_form::db::Sql::new(sql),
+        &[trellis_form::model::ColKind::Text],
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| match &r[0] {
+        trellis_form::db::Value::Text(s) => s.clone(),
+        other => panic!("{other:?}"),
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn imported_records_run_the_inline_workflows_like_api_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    for t in testing::each().await {
+        let (state, _) = trellis_server::cli::prepare(
+            t.db.clone(),
+            Arc::new(trellis_form::SystemClock),
+            None,
+            Some("t"),
+        )
+        .await
+        .unwrap();
+        let loaded = state.app("crm").unwrap();
+        let app = loaded.app.clone();
+        let now = trellis_form::Clock::now(&trellis_form::SystemClock);
+        trellis_server::demo::install(&t.db, &app, state.admin_user, now)
+            .await
+            .unwrap();
+        let ctx = WriteCtx {
+            actor: Some(state.admin_user),
+            now,
+            default_owner: Some(loaded.default_owner),
+            import: true,
+            depth: 0,
+        };
+        let run = |dry_run| Run {
+            dry_run,
+            progress: false,
+            flows: Some(&*state.flows),
+        };
+        let tasks = "SELECT \"title\" FROM \"crm__task\" WHERE \"kind\" = 'first_call' AND \"lead\" IN (SELECT \"id\" FROM \"crm__lead\" WHERE \"name\" LIKE 'Import %') ORDER BY \"title\"";
+        let before = texts(&t.db, tasks).await;
+        let lead = app.entity("lead").unwrap();
+        let file = write(
+            dir.path(),
+            "leads.csv",
+            "姓名,公司,区域\nImport East,杭州机器人,华东\nImport South,Acme,south\nImport Overseas,Globex,overseas\n",
+        );
+        let sheet = sheets::read(&file).unwrap();
+        // A dry run runs the workflows too, and rolls them back with the records.
+        assert!(matches!(
+            sheets::import(&t.db, &app, lead, &sheet, &ctx, run(true))
+                .await
+                .unwrap(),
+            Outcome::Ok {
+                records: 3,
+                written: false
+            }
+        ));
+        assert_eq!(texts(&t.db, tasks).await, before, "{}", t.backend);
+        assert!(matches!(
+            sheets::import(&t.db, &app, lead, &sheet, &ctx, run(false))
+                .await
+                .unwrap(),
+            Outcome::Ok {
+                records: 3,
+                written: true
+            }
+        ));
+        // Each lead went to its region's team (others to inside sales), with its source tagged
+        // and a first-call task for its new owner.
+        let owners = texts(
+            &t.db,
+            "SELECT l.\"name\" || ' ' || l.\"source\" || ' ' || tm.\"key\" FROM \"crm__lead\" l JOIN \"team_members\" m ON m.\"user_id\" = l.\"owner\" JOIN \"teams\" tm ON tm.\"id\" = m.\"team_id\" WHERE l.\"name\" LIKE 'Import %' ORDER BY l.\"name\"",
+        )
+        .await;
+        for want in [
+            "Import East website east_sales",
+            "Import Overseas website inside_sales",
+            "Import South website south_sales",
+        ] {
+            assert!(
+                owners.iter().any(|o| o == want),
+                "{}: {owners:?}",
+                t.backend
+            );
+        }
+        assert_eq!(
+            texts(&t.db, tasks).await,
+            [
+                "First call: Import East (杭州机器人)",
+                "First call: Import Overseas (Globex)",
+                "First call: Import South (Acme)"
+            ],
+            "{}",
+            t.backend
+        );
+        let same_owner = texts(&t.db, "SELECT CAST(COUNT(*) AS TEXT) FROM \"crm__task\" k JOIN \"crm__lead\" l ON l.\"id\" = k.\"lead\" WHERE l.\"name\" LIKE 'Import %' AND k.\"assignee\" = l.\"owner\"").await;
+        assert_eq!(same_owner, ["3"], "{}", t.backend);
+
+        // A workflow that fails on a row refuses the whole import, naming the row and the workflow.
+        let def = serde_json::json!({"key": "t", "entities": [
+            {"key": "item", "fields": [{"key": "name", "type": "text", "max_length": 8}]}
+        ], "workflows": [
+            {"key": "stretch", "mode": "inline", "trigger": {"type": "record_created", "entity": "item", "condition": "record.name == \"grow\""},
+             "nodes": [{"id": "grow", "type": "update_record", "values": {"name": "{{ record.name }} and grow"}}]}
+        ]});
+        trellis_server::appdef::import(
+            &t.db,
+            &def,
+            Default::default(),
+            Some(state.admin_user),
+            now,
+        )
+        .await
+        .unwrap();
+        state.refresh().await.unwrap();
+        let tl = state.app("t").unwrap();
+        let item = tl.app.entity("item").unwrap();
+        let file = write(dir.path(), "items.csv", "name\nok\nfine\ngrow\nok too\n");
+        let sheet = sheets::read(&file).unwrap();
+        let Outcome::Refused(ps) = sheets::import(&t.db, &tl.app, item, &sheet, &ctx, run(false))
+            .await
+            .unwrap()
+        else {
+            panic!("a failing workflow must refuse the import");
+        };
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert_eq!(
+            (
+                ps[0].row,
+                ps[0].column.as_str(),
+                ps[0].header.as_str(),
+                ps[0].code
+            ),
+            (4, "", "workflow stretch", "workflow_failed"),
+            "{}",
+            t.backend
+        );
+        assert!(ps[0].message.contains("`stretch`"), "{}", ps[0].message);
+        assert_eq!(
+            count(&t.db, &tl.app, "item").await,
+            0,
+            "nothing was written"
+        );
+    }
 }

@@ -346,11 +346,7 @@ async fn batch_create(
     let drafts = store::draft_batch(e, &b.records, &c)?;
     let mut tx = state.db.begin().await?;
     let ids = store::insert_batch(&mut tx, &loaded.app, e, drafts, &c).await?;
-    let has_inline = state.flows.flows(&app).is_some_and(|f| {
-        f.enabled().iter().any(|w| {
-            w.def.mode == trellis_flow::def::Mode::Inline && w.def.trigger.entity() == entity
-        })
-    });
+    let has_inline = crate::writer::has_inline(&state.flows, &app, &entity);
     for (i, id) in ids.iter().enumerate().filter(|_| has_inline) {
         let r = store::get_in(&mut tx, e, *id).await?;
         // A historical import describes the past: no automation, inline or async.
