@@ -14,7 +14,7 @@
 use anyhow::Context;
 use chrono::{DateTime, Datelike, Duration, Utc};
 use rand::{Rng, SeedableRng};
-use trellis_form::db::{Db, Sql, Tx, Value};
+use trellis_form::db::{Db, Sql, Value};
 use trellis_form::model::{App, ColKind};
 use uuid::Uuid;
 
@@ -81,7 +81,21 @@ pub struct Summary {
     pub history: usize,
 }
 
-/// Rows of one table, flushed in multi-row statements.
+/// What the generator hands the writer.
+enum Msg {
+    /// Rows for one table.
+    Rows {
+        table: String,
+        cols: Vec<String>,
+        rows: Vec<Vec<Value>>,
+    },
+    /// Commit what was written so far (the write-ahead log stays small).
+    Commit,
+}
+
+type Out = tokio::sync::mpsc::Sender<Msg>;
+
+/// Rows of one table, handed to the writer in multi-row batches.
 struct Table {
     name: String,
     cols: Vec<String>,
@@ -97,20 +111,26 @@ impl Table {
         }
     }
 
-    async fn push(&mut self, tx: &mut Tx, row: Vec<Value>) -> anyhow::Result<()> {
+    fn push(&mut self, out: &Out, row: Vec<Value>) -> anyhow::Result<()> {
         debug_assert_eq!(row.len(), self.cols.len());
         self.rows.push(row);
         if self.rows.len() >= ROWS_PER_FLUSH {
-            self.flush(tx).await?;
+            self.flush(out)?;
         }
         Ok(())
     }
 
-    async fn flush(&mut self, tx: &mut Tx) -> anyhow::Result<()> {
-        let cols: Vec<&str> = self.cols.iter().map(String::as_str).collect();
-        tx.insert_rows(&self.name, &cols, &self.rows).await?;
-        self.rows.clear();
-        Ok(())
+    fn flush(&mut self, out: &Out) -> anyhow::Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let msg = Msg::Rows {
+            table: self.name.clone(),
+            cols: self.cols.clone(),
+            rows: std::mem::take(&mut self.rows),
+        };
+        out.blocking_send(msg)
+            .map_err(|_| anyhow::anyhow!("the writer stopped"))
     }
 }
 
@@ -173,7 +193,7 @@ pub async fn generate(
     };
     // Bulk load: the big tables' plain indexes are built once at the end, not row by row.
     let dropped = drop_plain_indexes(db, &[&lead_t, &opp_t, "history"]).await?;
-    let filled = fill(db, app, &reps, opts, &bar, (lead_t, opp_t, acct_t)).await;
+    let filled = fill(db, app, reps, opts, &bar, (lead_t, opp_t, acct_t)).await;
     let mut tx = db.begin().await?;
     for (name, ddl) in &dropped {
         tx.execute(&Sql::new(ddl.clone()))
@@ -225,26 +245,66 @@ async fn drop_plain_indexes(db: &Db, tables: &[&str]) -> anyhow::Result<Vec<(Str
     Ok(out)
 }
 
-/// Generate the records (see [`generate`]).
+/// Generate the records (see [`generate`]): the generator runs on a thread of its own and
+/// hands batches of rows to this task, which writes them, so making rows and writing them
+/// overlap on two cores.
 async fn fill(
     db: &Db,
     app: &App,
+    reps: Vec<Uuid>,
+    opts: &Options,
+    bar: &indicatif::ProgressBar,
+    tables: (String, String, String),
+) -> anyhow::Result<Summary> {
+    let (out, mut rx) = tokio::sync::mpsc::channel(4);
+    let gen = {
+        let (key, opts, bar) = (app.key.clone(), opts.clone(), bar.clone());
+        tokio::task::spawn_blocking(move || rows(&key, &reps, &opts, &bar, tables, &out))
+    };
+    let written = async {
+        let mut tx = db.begin().await?;
+        if db.backend() == trellis_form::db::Backend::Sqlite {
+            // A big page cache for this (write) connection: with SQLite's 2 MB default, dirty
+            // index pages spill to the log mid-transaction and each page is written many times.
+            tx.execute(&Sql::new("PRAGMA cache_size = -262144")).await?;
+        }
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Rows { table, cols, rows } => {
+                    let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+                    tx.insert_rows(&table, &cols, &rows).await?;
+                }
+                Msg::Commit => {
+                    tx.commit().await?;
+                    tx = db.begin().await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    // A failed write drops the receiver, which stops the generator.
+    drop(rx);
+    let made = gen.await.context("the generator panicked")?;
+    written?;
+    made
+}
+
+/// Make the rows, in order, and send them to `out` (see [`fill`]).
+fn rows(
+    app_key: &str,
     reps: &[Uuid],
     opts: &Options,
     bar: &indicatif::ProgressBar,
     (lead_t, opp_t, acct_t): (String, String, String),
+    out: &Out,
 ) -> anyhow::Result<Summary> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let now = opts.now;
     let start = now - Duration::days(730);
     let (drop_from, drop_to) = last_full_quarter(now);
     let mut sum = Summary::default();
-    let mut tx = db.begin().await?;
-    if db.backend() == trellis_form::db::Backend::Sqlite {
-        // A big page cache for this (write) connection: with SQLite's 2 MB default, dirty index
-        // pages spill to the log mid-transaction and the generator writes each page many times.
-        tx.execute(&Sql::new("PRAGMA cache_size = -262144")).await?;
-    }
     // Accounts: one per twenty opportunities.
     let mut accounts = Table::new(
         &acct_t,
@@ -274,9 +334,9 @@ async fn fill(
             text(pick(&mut rng, &INDUSTRIES)),
             text(pick(&mut rng, &REGIONS)),
         ];
-        accounts.push(&mut tx, row).await?;
+        accounts.push(out, row)?;
     }
-    accounts.flush(&mut tx).await?;
+    accounts.flush(out)?;
     sum.accounts = n_accounts;
     let mut leads = Table::new(
         &lead_t,
@@ -389,7 +449,7 @@ async fn fill(
                 Value::Null(ColKind::Uuid)
             },
         ];
-        leads.push(&mut tx, lead_row).await?;
+        leads.push(out, lead_row)?;
         sum.leads += 1;
         if !converts {
             continue;
@@ -483,11 +543,11 @@ async fn fill(
                 None => Value::Null(ColKind::Decimal),
             });
         }
-        opps.push(&mut tx, row).await?;
+        opps.push(out, row)?;
         let mut prev = serde_json::Value::Null;
         for (s, at) in &entered {
             let row = vec![
-                text(app.key.clone()),
+                text(app_key),
                 text("opportunity"),
                 Value::Uuid(opp_id),
                 text("stage"),
@@ -495,7 +555,7 @@ async fn fill(
                 Value::Json(serde_json::json!(s)),
                 Value::DateTime(*at),
             ];
-            hist.push(&mut tx, row).await?;
+            hist.push(out, row)?;
             prev = serde_json::json!(s);
             sum.history += 1;
         }
@@ -504,16 +564,15 @@ async fn fill(
             bar.set_position(sum.opportunities as u64);
             // Commit in slices, so the write-ahead log stays small.
             for t in [&mut leads, &mut opps, &mut hist] {
-                t.flush(&mut tx).await?;
+                t.flush(out)?;
             }
-            tx.commit().await?;
-            tx = db.begin().await?;
+            out.blocking_send(Msg::Commit)
+                .map_err(|_| anyhow::anyhow!("the writer stopped"))?;
         }
     }
     for t in [&mut leads, &mut opps, &mut hist] {
-        t.flush(&mut tx).await?;
+        t.flush(out)?;
     }
-    tx.commit().await?;
     Ok(sum)
 }
 
