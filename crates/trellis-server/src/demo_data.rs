@@ -8,8 +8,9 @@
 //!
 //! Rows are written straight into the CRM tables in multi-row statements (the stage-entry
 //! columns, the stage history and the lead ↔ opportunity links included), bypassing
-//! validation, which is what makes a million opportunities take about a minute. Everything is
-//! deterministic for a seed, and every name says `(sample)`.
+//! validation; a generator thread makes the rows while the writer writes them. A million
+//! opportunities take about three minutes on two cores (`docs/benchmarks.md`). Everything is
+//! deterministic for a seed and a `now`, and every name says `(sample)`.
 
 use anyhow::Context;
 use chrono::{DateTime, Datelike, Duration, Utc};
