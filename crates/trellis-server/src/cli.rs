@@ -918,17 +918,34 @@ async fn import_sheet(args: &ImportArgs) -> anyhow::Result<i32> {
     // The app's inline workflows run on every imported record, as on a create through the API
     // (the CRM assigns each lead and gives its owner a first-call task); the async ones pick up
     // the records' events when `trellis serve` runs.
-    let flows = trellis_flow::Runtime::new(
-        db.clone(),
-        Arc::new(SystemClock),
-        crate::workflows::settings_from_env()?,
-    );
-    flows.install(app.clone(), ctx.default_owner).await?;
+    let flows = if args.no_workflows {
+        None
+    } else {
+        let flows = trellis_flow::Runtime::new(
+            db.clone(),
+            Arc::new(SystemClock),
+            crate::workflows::settings_from_env()?,
+        );
+        match flows.install(app.clone(), ctx.default_owner).await {
+            Ok(()) => Some(flows),
+            // A stored definition that no longer compiles: `trellis serve` runs no automation
+            // for it either.
+            Err(FormError::Definition(ps)) => {
+                eprintln!(
+                    "warning: the workflows of `{}` do not compile ({}); importing without them.",
+                    args.app,
+                    ps.first().map(|p| p.message.as_str()).unwrap_or_default()
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     use std::io::IsTerminal;
     let run = crate::sheets::Run {
         dry_run: args.dry_run,
         progress: std::io::stderr().is_terminal(),
-        flows: (!args.no_workflows).then_some(&flows),
+        flows: flows.as_ref(),
     };
     match crate::sheets::import(&db, &app, e, &sheet, &ctx, run).await? {
         crate::sheets::Outcome::Ok {
