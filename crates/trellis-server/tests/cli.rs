@@ -303,15 +303,18 @@ Li Lei,website,contacted
     );
     // The import ran the CRM's inline `new_lead` workflow on each lead (the dry run ran it and
     // rolled it back): one first-call task per lead.
-    let (code, out, _) = trellis(&[
-        "export",
-        "--app",
-        "crm",
-        "--entity",
-        "task",
-        "--database-url",
-        &url,
-    ]);
+    let tasks = || {
+        trellis(&[
+            "export",
+            "--app",
+            "crm",
+            "--entity",
+            "task",
+            "--database-url",
+            &url,
+        ])
+    };
+    let (code, out, _) = tasks();
     assert_eq!(code, 0);
     let mut titles: Vec<&str> = out
         .lines()
@@ -330,15 +333,7 @@ Li Lei,website,contacted
         trellis(&a).0
     };
     assert_eq!(import(&["--no-workflows"]), 0);
-    let (_, out, _) = trellis(&[
-        "export",
-        "--app",
-        "crm",
-        "--entity",
-        "task",
-        "--database-url",
-        &url,
-    ]);
+    let (_, out, _) = tasks();
     assert_eq!(out.lines().count(), 3, "{out}");
     let (code, _, err) = trellis(&[
         "export",

@@ -19,6 +19,18 @@ const REAL: Run = Run {
 };
 
 async fn setup(db: &trellis_form::db::Db) -> (std::sync::Arc<trellis_form::model::App>, WriteCtx) {
+    let (_, app, ctx) = setup_state(db).await;
+    (app, ctx)
+}
+
+/// The server's state over `db` (CRM installed), the CRM and an import's write context.
+async fn setup_state(
+    db: &trellis_form::db::Db,
+) -> (
+    trellis_server::state::AppState,
+    std::sync::Arc<trellis_form::model::App>,
+    WriteCtx,
+) {
     let (state, _) = trellis_server::cli::prepare(
         db.clone(),
         Arc::new(trellis_form::SystemClock),
@@ -36,7 +48,7 @@ async fn setup(db: &trellis_form::db::Db) -> (std::sync::Arc<trellis_form::model
         import: true,
         depth: 0,
     };
-    (app, ctx)
+    (state, app, ctx)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -381,27 +393,11 @@ async fn texts(db: &trellis_form::db::Db, sql: &str) -> Vec<String> {
 async fn imported_records_run_the_inline_workflows_like_api_creates() {
     let dir = tempfile::tempdir().unwrap();
     for t in testing::each().await {
-        let (state, _) = trellis_server::cli::prepare(
-            t.db.clone(),
-            Arc::new(trellis_form::SystemClock),
-            None,
-            Some("t"),
-        )
-        .await
-        .unwrap();
-        let loaded = state.app("crm").unwrap();
-        let app = loaded.app.clone();
-        let now = trellis_form::Clock::now(&trellis_form::SystemClock);
+        let (state, app, ctx) = setup_state(&t.db).await;
+        let now = ctx.now;
         trellis_server::demo::install(&t.db, &app, state.admin_user, now)
             .await
             .unwrap();
-        let ctx = WriteCtx {
-            actor: Some(state.admin_user),
-            now,
-            default_owner: Some(loaded.default_owner),
-            import: true,
-            depth: 0,
-        };
         let run = |dry_run| Run {
             dry_run,
             progress: false,
