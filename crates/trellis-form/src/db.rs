@@ -124,7 +124,31 @@ impl Value {
 
 /// The fixed-width UTC text form of an instant on SQLite: sorts lexically in time order.
 pub fn sqlite_datetime(t: &DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    let mut out = String::with_capacity(27);
+    push_sqlite_datetime(&mut out, t);
+    out
+}
+
+/// [`sqlite_datetime`] appended to `out` (written by hand: chrono's formatter parses its
+/// pattern on every call, which showed in bulk imports).
+fn push_sqlite_datetime(out: &mut String, t: &DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S%.6fZ"));
+        return;
+    }
+    let micros = t.nanosecond() % 1_000_000_000 / 1_000;
+    let _ = write!(
+        out,
+        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
 }
 
 /// SQL text with its bound values, built piece by piece.
@@ -358,66 +382,52 @@ impl Tx {
         columns: &[&str],
         rows: &[Vec<Value>],
     ) -> Result<u64> {
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let names = columns
-            .iter()
-            .map(|c| quote(c))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut n = 0;
-        match self {
-            Tx::Sqlite(_) => {
-                let picks = (0..columns.len())
-                    .map(|i| format!("value ->> {i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                for chunk in rows.chunks(2_000) {
-                    let mut json = String::with_capacity(chunk.len() * columns.len() * 24);
-                    json.push('[');
-                    for (r, row) in chunk.iter().enumerate() {
-                        if r > 0 {
-                            json.push(',');
-                        }
-                        json.push('[');
-                        for (i, v) in row.iter().enumerate() {
-                            if i > 0 {
-                                json.push(',');
-                            }
-                            sqlite_json_value(&mut json, v);
-                        }
-                        json.push(']');
-                    }
-                    json.push(']');
-                    let mut sql = Sql::new(format!(
-                        "INSERT INTO {} ({names}) SELECT {picks} FROM json_each(",
-                        quote(table)
-                    ));
-                    sql.bind(Value::Text(json)).push(")");
-                    n += self.execute(&sql).await?;
-                }
-            }
-            Tx::Postgres(_) => {
-                let per = (300 / columns.len().max(1)).max(1);
-                for chunk in rows.chunks(per) {
-                    let mut sql =
-                        Sql::new(format!("INSERT INTO {} ({names}) VALUES ", quote(table)));
-                    for (r, row) in chunk.iter().enumerate() {
-                        sql.push(if r == 0 { "(" } else { ", (" });
-                        for (i, v) in row.iter().enumerate() {
-                            if i > 0 {
-                                sql.push(", ");
-                            }
-                            sql.bind(v.clone());
-                        }
-                        sql.push(")");
-                    }
-                    n += self.execute(&sql).await?;
-                }
-            }
+        let statements = insert_statements(self.backend(), table, columns, rows, |row, cell| {
+            row.iter().for_each(&mut *cell)
+        });
+        self.execute_pipelined(statements).await.map_err(|(_, e)| e)
+    }
+
+    /// Run `statements` in order, building each next one while the database runs the current
+    /// one: on SQLite a statement runs on sqlx's worker thread, so building the next multi-row
+    /// statement (JSON text of thousands of rows) overlaps with SQLite inserting the last one.
+    /// Rows affected; a failure carries the index of the statement that failed.
+    pub async fn execute_pipelined(
+        &mut self,
+        statements: Vec<Deferred<'_>>,
+    ) -> std::result::Result<u64, (usize, crate::error::FormError)> {
+        let mut rest = statements.into_iter();
+        let mut next = rest.next().map(|build| build());
+        let (mut n, mut i) = (0, 0);
+        while let Some(sql) = next.take() {
+            let (result, built) = self
+                .execute_while(&sql, || rest.next().map(|build| build()))
+                .await;
+            n += result.map_err(|e| (i, e))?;
+            next = built;
+            i += 1;
         }
         Ok(n)
+    }
+
+    /// Execute a statement and run `work` while the database runs it.
+    pub async fn execute_while<T>(
+        &mut self,
+        sql: &Sql,
+        work: impl FnOnce() -> T + Send,
+    ) -> (Result<u64>, T) {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut running = std::pin::pin!(self.execute(sql));
+        // One poll hands the statement to the database (sqlx's SQLite worker thread, or the
+        // PostgreSQL socket); `work` runs before we wait for the answer.
+        let first = std::future::poll_fn(|cx| Poll::Ready(running.as_mut().poll(cx))).await;
+        let out = work();
+        let result = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => running.await,
+        };
+        (result, out)
     }
 
     /// Run a query inside the transaction.
@@ -460,13 +470,101 @@ impl Tx {
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
+/// A statement built only when [`Tx::execute_pipelined`] reaches it.
+pub type Deferred<'a> = Box<dyn FnOnce() -> Sql + Send + 'a>;
+
+/// The multi-row INSERT statements that write `rows` into `table` (see [`Tx::insert_rows`]),
+/// each built only when called. `cells(row, cell)` hands each of a row's values, in the order
+/// of `columns`, to `cell`: rows need not be laid out as [`Value`]s in memory first.
+pub fn insert_statements<'a, T, F>(
+    backend: Backend,
+    table: &str,
+    columns: &[&str],
+    rows: &'a [T],
+    cells: F,
+) -> Vec<Deferred<'a>>
+where
+    T: Sync,
+    F: Fn(&T, &mut dyn FnMut(&Value)) + Clone + Send + Sync + 'a,
+{
+    if rows.is_empty() {
+        return vec![];
+    }
+    let names = columns
+        .iter()
+        .map(|c| quote(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out: Vec<Deferred<'a>> = vec![];
+    match backend {
+        Backend::Sqlite => {
+            let picks = (0..columns.len())
+                .map(|i| format!("value ->> {i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let head = format!(
+                "INSERT INTO {} ({names}) SELECT {picks} FROM json_each(",
+                quote(table)
+            );
+            let width = columns.len();
+            for chunk in rows.chunks(2_000) {
+                let (head, cells) = (head.clone(), cells.clone());
+                out.push(Box::new(move || {
+                    let mut json = String::with_capacity(chunk.len() * width * 24);
+                    json.push('[');
+                    for (r, row) in chunk.iter().enumerate() {
+                        if r > 0 {
+                            json.push(',');
+                        }
+                        json.push('[');
+                        let mut first = true;
+                        cells(row, &mut |v| {
+                            if !first {
+                                json.push(',');
+                            }
+                            first = false;
+                            sqlite_json_value(&mut json, v);
+                        });
+                        json.push(']');
+                    }
+                    json.push(']');
+                    let mut sql = Sql::new(head);
+                    sql.bind(Value::Text(json)).push(")");
+                    sql
+                }));
+            }
+        }
+        Backend::Postgres => {
+            let head = format!("INSERT INTO {} ({names}) VALUES ", quote(table));
+            let per = (300 / columns.len().max(1)).max(1);
+            for chunk in rows.chunks(per) {
+                let (head, cells) = (head.clone(), cells.clone());
+                out.push(Box::new(move || {
+                    let mut sql = Sql::new(head);
+                    for (r, row) in chunk.iter().enumerate() {
+                        sql.push(if r == 0 { "(" } else { ", (" });
+                        let mut first = true;
+                        cells(row, &mut |v| {
+                            if !first {
+                                sql.push(", ");
+                            }
+                            first = false;
+                            sql.bind(v.clone());
+                        });
+                        sql.push(")");
+                    }
+                    sql
+                }));
+            }
+        }
+    }
+    out
+}
+
 /// One value as JSON whose `->>` gives SQLite what binding the value gives it (see
 /// [`sqlite_query`]): text for text, uuids, dates, times and JSON; a REAL for decimals.
 fn sqlite_json_value(out: &mut String, v: &Value) {
     use std::fmt::Write;
-    let text = |out: &mut String, s: &str| {
-        out.push_str(&serde_json::Value::from(s).to_string());
-    };
     match v {
         Value::Null(_) => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -477,12 +575,48 @@ fn sqlite_json_value(out: &mut String, v: &Value) {
             Some(f) => out.push_str(&serde_json::Value::from(f).to_string()),
             None => out.push_str("null"),
         },
-        Value::Text(s) => text(out, s),
-        Value::Uuid(u) => text(out, &u.to_string()),
-        Value::Date(d) => text(out, &d.format("%Y-%m-%d").to_string()),
-        Value::DateTime(t) => text(out, &sqlite_datetime(t)),
-        Value::Json(j) => text(out, &j.to_string()),
+        Value::Text(s) => push_json_str(out, s),
+        Value::Uuid(u) => {
+            let _ = write!(out, "\"{}\"", u.hyphenated());
+        }
+        Value::Date(d) => {
+            let _ = write!(out, "\"{}\"", d.format("%Y-%m-%d"));
+        }
+        Value::DateTime(t) => {
+            out.push('"');
+            push_sqlite_datetime(out, t);
+            out.push('"');
+        }
+        Value::Json(j) => push_json_str(out, &j.to_string()),
     }
+}
+
+/// `s` as a JSON string literal, appended to `out`.
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 /// `$n` placeholders as SQLite's numbered `?n`: SQLite looks every `$name` parameter up among
@@ -628,4 +762,66 @@ fn decode_pg(row: &PgRow, kinds: &[ColKind]) -> Result<Vec<Value>> {
         out.push(v);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_read_back_as_the_same_text() {
+        let cases = [
+            "",
+            "plain",
+            "商机来源 → 华东",
+            "quote \" backslash \\ slash /",
+            "lines\nand\r\ttabs",
+            "\u{0}\u{1}\u{8}\u{c}\u{1f} controls",
+            "emoji 🎉 and \u{7f} del",
+            "{\"json\": [\"inside\", 1]}",
+        ];
+        for s in cases {
+            let mut out = String::from("x");
+            push_json_str(&mut out, s);
+            let back: String = serde_json::from_str(&out[1..]).expect("valid JSON");
+            assert_eq!(back, s, "{out}");
+        }
+    }
+
+    #[test]
+    fn datetimes_format_as_chrono_would() {
+        // A spread of instants from year 0 to 9999, every microsecond digit exercised.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let lo = NaiveDate::from_ymd_opt(0, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("date")
+            .and_utc()
+            .timestamp_micros();
+        let hi = NaiveDate::from_ymd_opt(9999, 12, 31)
+            .and_then(|d| d.and_hms_opt(23, 59, 59))
+            .expect("date")
+            .and_utc()
+            .timestamp_micros();
+        let span = (hi - lo) as u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let micros = lo + (x % span) as i64;
+            let t = DateTime::from_timestamp_micros(micros).expect("in range");
+            assert_eq!(
+                sqlite_datetime(&t),
+                t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+            );
+        }
+        // Outside four-digit years the slow path keeps chrono's form.
+        let far = DateTime::from_timestamp(300_000_000_000, 5_000).expect("in range");
+        assert_eq!(
+            sqlite_datetime(&far),
+            far.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+        );
+        // Nanoseconds are cut to microseconds, not rounded.
+        let t = DateTime::from_timestamp(1_700_000_000, 123_456_999).expect("in range");
+        assert_eq!(sqlite_datetime(&t), "2023-11-14T22:13:20.123456Z");
+    }
 }

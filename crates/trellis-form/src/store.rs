@@ -859,7 +859,24 @@ async fn write_rows(
             .collect();
         crate::rollup::apply(tx, app, e, -1, &touched, false).await?;
     }
-    // Entity rows: consecutive rows with the same columns share statements.
+    // Entity rows (consecutive rows with the same columns share statements), their history and
+    // their events, each statement built while the database runs the one before.
+    let history: Vec<(Uuid, &HistoryEntry)> = rows
+        .iter()
+        .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
+        .collect();
+    let events: Vec<NewEvent> = rows
+        .iter()
+        .map(|r| NewEvent {
+            id: r.record.meta.id,
+            changed: json!(r.changed),
+            record: EventRecord::New(&r.record),
+            at: r.record.meta.updated_at,
+            historical: ctx.import && r.record.meta.created_at < ctx.now,
+        })
+        .collect();
+    let backend = tx.backend();
+    let mut statements: Vec<crate::db::Deferred> = vec![];
     let mut i = 0;
     while i < rows.len() {
         let names: Vec<&str> = rows[i].cols.iter().map(|(c, _)| c.as_str()).collect();
@@ -873,13 +890,28 @@ async fn write_rows(
         {
             j += 1;
         }
-        let values: Vec<Vec<Value>> = rows[i..j]
-            .iter()
-            .map(|r| r.cols.iter().map(|(_, v)| v.clone()).collect())
-            .collect();
-        let result = tx.insert_rows(&e.table, &names, &values).await;
-        unique_conflict(e, result)?;
+        statements.extend(crate::db::insert_statements(
+            backend,
+            &e.table,
+            &names,
+            &rows[i..j],
+            |r: &NewRow, cell| r.cols.iter().for_each(|(_, v)| cell(v)),
+        ));
         i = j;
+    }
+    let entity_statements = statements.len();
+    statements.extend(history_statements(
+        backend, &app.key, e, &history, ctx.actor,
+    ));
+    statements.extend(event_statements(
+        backend, &app.key, e, "created", &events, ctx,
+    ));
+    match tx.execute_pipelined(statements).await {
+        Ok(_) => {}
+        Err((i, err)) if i < entity_statements => {
+            unique_conflict(e, Err(err))?;
+        }
+        Err((_, err)) => return Err(err),
     }
     if maintained {
         let touched: Vec<crate::rollup::Touched> = rows
@@ -888,24 +920,7 @@ async fn write_rows(
             .collect();
         crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
-    let history: Vec<(Uuid, &HistoryEntry)> = rows
-        .iter()
-        .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
-        .collect();
-    write_history_rows(tx, &app.key, e, &history, ctx.actor).await?;
-    let events: Vec<(Uuid, Json, Json, DateTime<Utc>, bool)> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.record.meta.id,
-                json!(r.changed),
-                r.record.to_json(),
-                r.record.meta.updated_at,
-                ctx.import && r.record.meta.created_at < ctx.now,
-            )
-        })
-        .collect();
-    write_events(tx, &app.key, e, "created", &events, ctx).await
+    Ok(())
 }
 
 /// Apply a partial update. `expected_version` (from `If-Match` or the body's `version`) must
@@ -1122,6 +1137,37 @@ pub async fn create_batch(
     insert_batch(tx, app, e, drafts, ctx).await
 }
 
+/// [`draft`] of every record, in order. Drafting is pure CPU work (JSON Schema, formulas, option
+/// and format checks), so a large set is split across the machine's cores with scoped threads:
+/// the database is not involved, and the caller's task is blocked no longer than one thread's
+/// share would block it.
+pub fn draft_all(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Vec<Result<Draft>> {
+    const PER_THREAD: usize = 1_000;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(records.len() / PER_THREAD)
+        .max(1);
+    if threads == 1 {
+        return records.iter().map(|r| draft(e, r, ctx)).collect();
+    }
+    let share = records.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut parts = records.chunks(share);
+        // The calling thread drafts the first share itself.
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|part| scope.spawn(move || part.iter().map(|r| draft(e, r, ctx)).collect()))
+            .collect();
+        let mut out: Vec<Result<Draft>> = first.iter().map(|r| draft(e, r, ctx)).collect();
+        for h in others {
+            let part: Vec<Result<Draft>> = h.join().expect("a drafting thread panicked");
+            out.extend(part);
+        }
+        out
+    })
+}
+
 /// Validate a batch without the database (see [`draft`]).
 pub fn draft_batch(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<Draft>> {
     if records.len() > MAX_BATCH {
@@ -1136,8 +1182,8 @@ pub fn draft_batch(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<D
     }
     let mut drafts = Vec::with_capacity(records.len());
     let mut problems = vec![];
-    for (i, r) in records.iter().enumerate() {
-        match draft(e, r, ctx) {
+    for (i, d) in draft_all(e, records, ctx).into_iter().enumerate() {
+        match d {
             Ok(d) => drafts.push(d),
             Err(FormError::Invalid(ps)) => {
                 problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}"))))
@@ -1265,22 +1311,27 @@ async fn write_history_rows(
     rows: &[(Uuid, &HistoryEntry)],
     actor: Option<Uuid>,
 ) -> Result<()> {
-    let values: Vec<Vec<Value>> = rows
-        .iter()
-        .map(|(id, r)| {
-            vec![
-                Value::Text(app.into()),
-                Value::Text(e.key.clone()),
-                Value::Uuid(*id),
-                Value::Text(r.field.clone()),
-                Value::Json(r.old.clone()),
-                Value::Json(r.new.clone()),
-                Value::DateTime(r.at),
-                Value::opt_uuid(actor),
-            ]
-        })
-        .collect();
-    tx.insert_rows(
+    let statements = history_statements(tx.backend(), app, e, rows, actor);
+    tx.execute_pipelined(statements)
+        .await
+        .map_err(|(_, err)| err)?;
+    Ok(())
+}
+
+fn history_statements<'a>(
+    backend: crate::db::Backend,
+    app: &str,
+    e: &Entity,
+    rows: &'a [(Uuid, &HistoryEntry)],
+    actor: Option<Uuid>,
+) -> Vec<crate::db::Deferred<'a>> {
+    let fixed = std::sync::Arc::new([
+        Value::Text(app.into()),
+        Value::Text(e.key.clone()),
+        Value::opt_uuid(actor),
+    ]);
+    crate::db::insert_statements(
+        backend,
         "history",
         &[
             "app",
@@ -1292,10 +1343,18 @@ async fn write_history_rows(
             "at",
             "actor",
         ],
-        &values,
+        rows,
+        move |(id, r), cell| {
+            cell(&fixed[0]);
+            cell(&fixed[1]);
+            cell(&Value::Uuid(*id));
+            cell(&Value::Text(r.field.clone()));
+            cell(&Value::Json(r.old.clone()));
+            cell(&Value::Json(r.new.clone()));
+            cell(&Value::DateTime(r.at));
+            cell(&fixed[2]);
+        },
     )
-    .await?;
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1309,50 +1368,82 @@ async fn write_event(
     record: &Json,
     ctx: &WriteCtx,
 ) -> Result<()> {
-    write_events(
-        tx,
-        app,
-        e,
-        kind,
-        &[(id, json!(changed), record.clone(), ctx.now, false)],
-        ctx,
-    )
-    .await
+    let events = [NewEvent {
+        id,
+        changed: json!(changed),
+        record: EventRecord::Json(record),
+        at: ctx.now,
+        historical: false,
+    }];
+    let statements = event_statements(tx.backend(), app, e, kind, &events, ctx);
+    tx.execute_pipelined(statements)
+        .await
+        .map_err(|(_, err)| err)?;
+    Ok(())
 }
 
-/// Outbox events (record id, changed fields, record) of one kind, in multi-row statements.
-async fn write_events(
-    tx: &mut Tx,
+/// One outbox event to write.
+struct NewEvent<'a> {
+    id: Uuid,
+    changed: Json,
+    record: EventRecord<'a>,
+    /// Each event carries its own write's time (a group commit mixes several).
+    at: DateTime<Utc>,
+    /// A historical import describes the past: its events start no automation.
+    historical: bool,
+}
+
+/// The record an event carries.
+#[derive(Clone, Copy)]
+enum EventRecord<'a> {
+    /// Already in its JSON form.
+    Json(&'a Json),
+    /// A new record, laid out when its statement is built.
+    New(&'a Record),
+}
+
+/// The flat JSON form of a record ([`Record::to_json`]) serialised straight from the record,
+/// without building the JSON value first.
+struct RecordJson<'a>(&'a Record);
+
+impl serde::Serialize for RecordJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (r, m) = (self.0, &self.0.meta);
+        let mut out = s.serialize_map(None)?;
+        out.serialize_entry("id", &m.id)?;
+        out.serialize_entry("created_at", &values::datetime_json(&m.created_at))?;
+        out.serialize_entry("updated_at", &values::datetime_json(&m.updated_at))?;
+        out.serialize_entry("created_by", &m.created_by)?;
+        out.serialize_entry("owner", &m.owner)?;
+        out.serialize_entry("version", &m.version)?;
+        for (k, v) in r.fields.iter().chain(r.stage_times.iter()) {
+            out.serialize_entry(k, v)?;
+        }
+        out.end()
+    }
+}
+
+/// Outbox events of one kind, in multi-row statements.
+fn event_statements<'a>(
+    backend: crate::db::Backend,
     app: &str,
     e: &Entity,
     kind: &str,
-    events: &[(Uuid, Json, Json, DateTime<Utc>, bool)],
+    events: &'a [NewEvent<'a>],
     ctx: &WriteCtx,
-) -> Result<()> {
-    let values: Vec<Vec<Value>> = events
-        .iter()
-        .map(|(id, changed, record, at, historical)| {
-            vec![
-                Value::Text(app.into()),
-                Value::Text(e.key.clone()),
-                Value::Uuid(*id),
-                Value::Text(kind.into()),
-                Value::Json(changed.clone()),
-                Value::Json(record.clone()),
-                Value::opt_uuid(ctx.actor),
-                // Each event carries its own write's time (a group commit mixes several).
-                Value::DateTime(*at),
-                Value::Int(ctx.depth as i64),
-                // A historical import describes the past: its events start no automation.
-                if *historical {
-                    Value::DateTime(ctx.now)
-                } else {
-                    Value::Null(ColKind::DateTime)
-                },
-            ]
-        })
-        .collect();
-    tx.insert_rows(
+) -> Vec<crate::db::Deferred<'a>> {
+    let fixed = std::sync::Arc::new([
+        Value::Text(app.into()),
+        Value::Text(e.key.clone()),
+        Value::Text(kind.into()),
+        Value::opt_uuid(ctx.actor),
+        Value::Int(ctx.depth as i64),
+        Value::DateTime(ctx.now),
+        Value::Null(ColKind::DateTime),
+    ]);
+    crate::db::insert_statements(
+        backend,
         "events",
         &[
             "app",
@@ -1366,10 +1457,29 @@ async fn write_events(
             "depth",
             "processed_at",
         ],
-        &values,
+        events,
+        move |ev, cell| {
+            cell(&fixed[0]);
+            cell(&fixed[1]);
+            cell(&Value::Uuid(ev.id));
+            cell(&fixed[2]);
+            cell(&Value::Json(ev.changed.clone()));
+            match (ev.record, backend) {
+                (EventRecord::Json(j), _) => cell(&Value::Json(j.clone())),
+                // SQLite stores JSON as its text: write it straight from the record.
+                (EventRecord::New(r), crate::db::Backend::Sqlite) => cell(&Value::Text(
+                    serde_json::to_string(&RecordJson(r)).expect("a record serialises"),
+                )),
+                (EventRecord::New(r), crate::db::Backend::Postgres) => {
+                    cell(&Value::Json(r.to_json()))
+                }
+            }
+            cell(&fixed[3]);
+            cell(&Value::DateTime(ev.at));
+            cell(&fixed[4]);
+            cell(&fixed[if ev.historical { 5 } else { 6 }]);
+        },
     )
-    .await?;
-    Ok(())
 }
 
 /// The `field` of the one history row a create writes for the initial values of its tracked
@@ -1483,4 +1593,35 @@ pub async fn purge_history(db: &crate::db::Db, app: &App, now: DateTime<Utc>) ->
     }
     tx.commit().await?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_record_serialises_as_its_json_form() {
+        let now = DateTime::from_timestamp(1_700_000_000, 123_456_000).expect("time");
+        let mut fields = Map::new();
+        fields.insert("name".into(), json!("王 \"quoted\"\n"));
+        fields.insert("amount".into(), json!("1200.50"));
+        fields.insert("tags".into(), json!(["a", "b"]));
+        fields.insert("closed".into(), Json::Null);
+        let mut stage_times = Map::new();
+        stage_times.insert("stage__changed_at".into(), json!("2023-11-14T22:13:20Z"));
+        let r = Record {
+            meta: Meta {
+                id: Uuid::now_v7(),
+                created_at: now,
+                updated_at: now,
+                created_by: None,
+                owner: Some(Uuid::now_v7()),
+                version: 1,
+            },
+            fields,
+            stage_times,
+        };
+        let text = serde_json::to_string(&RecordJson(&r)).expect("serialises");
+        assert_eq!(text, r.to_json().to_string());
+    }
 }

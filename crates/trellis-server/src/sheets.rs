@@ -210,8 +210,11 @@ pub async fn import(
             .any(|q| q.row == p.row && q.column == p.column && !q.column.is_empty())
     };
     let mut drafts = vec![];
-    for (i, rec) in mapped.records.iter().enumerate() {
-        match store::draft(e, rec, ctx) {
+    for (i, d) in store::draft_all(e, &mapped.records, ctx)
+        .into_iter()
+        .enumerate()
+    {
+        match d {
             Ok(d) => drafts.push((i, d)),
             Err(FormError::Invalid(ps)) => {
                 for p in ps {
