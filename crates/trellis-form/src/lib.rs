@@ -25,6 +25,7 @@ pub mod roles;
 pub mod rollup;
 pub(crate) mod schema;
 pub mod sheet;
+mod sqlite_bulk;
 pub mod store;
 pub mod testing;
 pub mod users;

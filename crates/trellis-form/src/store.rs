@@ -859,24 +859,7 @@ async fn write_rows(
             .collect();
         crate::rollup::apply(tx, app, e, -1, &touched, false).await?;
     }
-    // Entity rows (consecutive rows with the same columns share statements), their history and
-    // their events, each statement built while the database runs the one before.
-    let history: Vec<(Uuid, &HistoryEntry)> = rows
-        .iter()
-        .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
-        .collect();
-    let events: Vec<NewEvent> = rows
-        .iter()
-        .map(|r| NewEvent {
-            id: r.record.meta.id,
-            changed: json!(r.changed),
-            record: EventRecord::New(&r.record),
-            at: r.record.meta.updated_at,
-            historical: ctx.import && r.record.meta.created_at < ctx.now,
-        })
-        .collect();
-    let backend = tx.backend();
-    let mut statements: Vec<crate::db::Deferred> = vec![];
+    // Entity rows: consecutive rows with the same columns go in one insert.
     let mut i = 0;
     while i < rows.len() {
         let names: Vec<&str> = rows[i].cols.iter().map(|(c, _)| c.as_str()).collect();
@@ -890,29 +873,30 @@ async fn write_rows(
         {
             j += 1;
         }
-        statements.extend(crate::db::insert_statements(
-            backend,
-            &e.table,
-            &names,
-            &rows[i..j],
-            |r: &NewRow, cell| r.cols.iter().for_each(|(_, v)| cell(v)),
-        ));
+        let result = tx
+            .insert_with(&e.table, &names, &rows[i..j], |r: &NewRow, cell| {
+                r.cols.iter().for_each(|(_, v)| cell(v))
+            })
+            .await;
+        unique_conflict(e, result)?;
         i = j;
     }
-    let entity_statements = statements.len();
-    statements.extend(history_statements(
-        backend, &app.key, e, &history, ctx.actor,
-    ));
-    statements.extend(event_statements(
-        backend, &app.key, e, "created", &events, ctx,
-    ));
-    match tx.execute_pipelined(statements).await {
-        Ok(_) => {}
-        Err((i, err)) if i < entity_statements => {
-            unique_conflict(e, Err(err))?;
-        }
-        Err((_, err)) => return Err(err),
-    }
+    let history: Vec<(Uuid, &HistoryEntry)> = rows
+        .iter()
+        .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
+        .collect();
+    write_history_rows(tx, &app.key, e, &history, ctx.actor).await?;
+    let events: Vec<NewEvent> = rows
+        .iter()
+        .map(|r| NewEvent {
+            id: r.record.meta.id,
+            changed: json!(r.changed),
+            record: EventRecord::New(&r.record),
+            at: r.record.meta.updated_at,
+            historical: ctx.import && r.record.meta.created_at < ctx.now,
+        })
+        .collect();
+    write_events(tx, &app.key, e, "created", &events, ctx).await?;
     if maintained {
         let touched: Vec<crate::rollup::Touched> = rows
             .iter()
@@ -1303,7 +1287,7 @@ async fn write_history(
     write_history_rows(tx, app, e, &rows, actor).await
 }
 
-/// History rows of any records, in multi-row statements.
+/// History rows of any records, in one insert.
 async fn write_history_rows(
     tx: &mut Tx,
     app: &str,
@@ -1311,27 +1295,12 @@ async fn write_history_rows(
     rows: &[(Uuid, &HistoryEntry)],
     actor: Option<Uuid>,
 ) -> Result<()> {
-    let statements = history_statements(tx.backend(), app, e, rows, actor);
-    tx.execute_pipelined(statements)
-        .await
-        .map_err(|(_, err)| err)?;
-    Ok(())
-}
-
-fn history_statements<'a>(
-    backend: crate::db::Backend,
-    app: &str,
-    e: &Entity,
-    rows: &'a [(Uuid, &HistoryEntry)],
-    actor: Option<Uuid>,
-) -> Vec<crate::db::Deferred<'a>> {
     let fixed = std::sync::Arc::new([
         Value::Text(app.into()),
         Value::Text(e.key.clone()),
         Value::opt_uuid(actor),
     ]);
-    crate::db::insert_statements(
-        backend,
+    tx.insert_with(
         "history",
         &[
             "app",
@@ -1344,7 +1313,7 @@ fn history_statements<'a>(
             "actor",
         ],
         rows,
-        move |(id, r), cell| {
+        move |(id, r): &(Uuid, &HistoryEntry), cell| {
             cell(&fixed[0]);
             cell(&fixed[1]);
             cell(&Value::Uuid(*id));
@@ -1355,6 +1324,8 @@ fn history_statements<'a>(
             cell(&fixed[2]);
         },
     )
+    .await?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1375,11 +1346,7 @@ async fn write_event(
         at: ctx.now,
         historical: false,
     }];
-    let statements = event_statements(tx.backend(), app, e, kind, &events, ctx);
-    tx.execute_pipelined(statements)
-        .await
-        .map_err(|(_, err)| err)?;
-    Ok(())
+    write_events(tx, app, e, kind, &events, ctx).await
 }
 
 /// One outbox event to write.
@@ -1424,15 +1391,16 @@ impl serde::Serialize for RecordJson<'_> {
     }
 }
 
-/// Outbox events of one kind, in multi-row statements.
-fn event_statements<'a>(
-    backend: crate::db::Backend,
+/// Outbox events of one kind, in one insert.
+async fn write_events(
+    tx: &mut Tx,
     app: &str,
     e: &Entity,
     kind: &str,
-    events: &'a [NewEvent<'a>],
+    events: &[NewEvent<'_>],
     ctx: &WriteCtx,
-) -> Vec<crate::db::Deferred<'a>> {
+) -> Result<()> {
+    let backend = tx.backend();
     let fixed = std::sync::Arc::new([
         Value::Text(app.into()),
         Value::Text(e.key.clone()),
@@ -1442,8 +1410,7 @@ fn event_statements<'a>(
         Value::DateTime(ctx.now),
         Value::Null(ColKind::DateTime),
     ]);
-    crate::db::insert_statements(
-        backend,
+    tx.insert_with(
         "events",
         &[
             "app",
@@ -1458,7 +1425,7 @@ fn event_statements<'a>(
             "processed_at",
         ],
         events,
-        move |ev, cell| {
+        move |ev: &NewEvent<'_>, cell| {
             cell(&fixed[0]);
             cell(&fixed[1]);
             cell(&Value::Uuid(ev.id));
@@ -1480,6 +1447,8 @@ fn event_statements<'a>(
             cell(&fixed[if ev.historical { 5 } else { 6 }]);
         },
     )
+    .await?;
+    Ok(())
 }
 
 /// The `field` of the one history row a create writes for the initial values of its tracked

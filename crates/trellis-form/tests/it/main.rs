@@ -2,6 +2,7 @@
 //! Every test runs on both backends (PostgreSQL is skipped with a message when unreachable,
 //! unless TRELLIS_REQUIRE_POSTGRES=1).
 
+mod bulk;
 mod common;
 mod definitions;
 mod formulas;
