@@ -208,7 +208,7 @@ fn validate(
     let mut problems = vec![];
     let mut candidate = match old {
         Some(r) => r.fields.clone(),
-        None => Map::new(),
+        None => Map::with_capacity(e.fields.len()),
     };
     // Formula values are computed below, never validated as input.
     for f in e.fields.iter().filter(|f| f.ty == FieldType::Formula) {
@@ -219,10 +219,11 @@ fn validate(
     let mut created_at = None;
     let mut stage_history = vec![];
     for (k, v) in obj {
-        let path = format!("/{}", pointer_segment(k));
+        // Built only for a problem: most records have none.
+        let path = || format!("/{}", pointer_segment(k));
         if e.field(k).is_some_and(|f| f.ty == FieldType::Formula) {
             problems.push(Problem::new(
-                path,
+                path(),
                 "read_only",
                 format!("`{k}` is computed by its formula and cannot be written."),
             ));
@@ -234,13 +235,13 @@ fn validate(
                 Json::String(s) => match Uuid::parse_str(s) {
                     Ok(u) => owner = Some(u),
                     Err(_) => problems.push(Problem::new(
-                        path,
+                        path(),
                         "format",
                         "Owner must be a user id (UUID).",
                     )),
                 },
                 _ => problems.push(Problem::new(
-                    path,
+                    path(),
                     "format",
                     "Owner must be a user id (UUID).",
                 )),
@@ -249,7 +250,7 @@ fn validate(
             match v.as_i64() {
                 Some(n) => expected_version = Some(n),
                 None => problems.push(Problem::new(
-                    path,
+                    path(),
                     "wrong_type",
                     "Version must be a whole number.",
                 )),
@@ -258,7 +259,7 @@ fn validate(
             match values::datetime(v) {
                 Some(t) => created_at = Some(t),
                 None => problems.push(Problem::new(
-                    path,
+                    path(),
                     "format",
                     "created_at must be a date and time such as 2026-03-31T09:30:00Z.",
                 )),
@@ -272,13 +273,13 @@ fn validate(
                 ""
             };
             problems.push(Problem::new(
-                path,
+                path(),
                 "read_only",
                 format!("`{k}` is set by the system and cannot be written{why}."),
             ));
         } else {
             problems.push(Problem::new(
-                path,
+                path(),
                 "unknown_field",
                 format!("`{k}` is not a field of {}.", e.label),
             ));
@@ -322,8 +323,8 @@ fn validate(
         .collect();
     problems.extend(schema_problems);
     let cand = candidate.as_object().expect("object");
-    let mut fields = Map::new();
-    let mut columns = vec![];
+    let mut fields = Map::with_capacity(e.fields.len());
+    let mut columns = Vec::with_capacity(e.fields.len() + 2);
     for f in e.fields.iter().filter(|f| f.ty != FieldType::Formula) {
         let v = cand.get(&f.key).cloned().unwrap_or(Json::Null);
         let path = format!("/{}", f.key);
@@ -680,7 +681,7 @@ pub struct NewRow {
 }
 
 /// Lay out a validated create as columns, history rows and the stored record (no database).
-fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
+fn new_row(e: &Entity, mut p: Prepared, ctx: &WriteCtx) -> NewRow {
     let id = Uuid::now_v7();
     let created_at = p.created_at.unwrap_or(ctx.now);
     let meta = Meta {
@@ -699,7 +700,7 @@ fn new_row(e: &Entity, p: Prepared, ctx: &WriteCtx) -> NewRow {
         ("owner".into(), Value::opt_uuid(p.owner)),
         ("version".into(), Value::Int(1)),
     ];
-    cols.extend(p.columns.iter().cloned());
+    cols.extend(std::mem::take(&mut p.columns));
     // Stage times: from the imported history, else "entered now".
     let mut stage_rows: Vec<(Json, Json, DateTime<Utc>)> = vec![];
     let mut stage_times = Map::new();
@@ -890,7 +891,7 @@ async fn write_rows(
         .iter()
         .map(|r| NewEvent {
             id: r.record.meta.id,
-            changed: json!(r.changed),
+            changed: &r.changed,
             record: EventRecord::New(&r.record),
             at: r.record.meta.updated_at,
             historical: ctx.import && r.record.meta.created_at < ctx.now,
@@ -1295,6 +1296,7 @@ async fn write_history_rows(
     rows: &[(Uuid, &HistoryEntry)],
     actor: Option<Uuid>,
 ) -> Result<()> {
+    let backend = tx.backend();
     let fixed = std::sync::Arc::new([
         Value::Text(app.into()),
         Value::Text(e.key.clone()),
@@ -1318,8 +1320,8 @@ async fn write_history_rows(
             cell(&fixed[1]);
             cell(&Value::Uuid(*id));
             cell(&Value::Text(r.field.clone()));
-            cell(&Value::Json(r.old.clone()));
-            cell(&Value::Json(r.new.clone()));
+            cell(&json_value(backend, &r.old));
+            cell(&json_value(backend, &r.new));
             cell(&Value::DateTime(r.at));
             cell(&fixed[2]);
         },
@@ -1341,7 +1343,7 @@ async fn write_event(
 ) -> Result<()> {
     let events = [NewEvent {
         id,
-        changed: json!(changed),
+        changed,
         record: EventRecord::Json(record),
         at: ctx.now,
         historical: false,
@@ -1349,10 +1351,23 @@ async fn write_event(
     write_events(tx, app, e, kind, &events, ctx).await
 }
 
+/// A JSON column's value: on SQLite its text, serialised straight from `v` (SQLite stores JSON
+/// as text, and binding `Value::Json` would copy `v` first); on PostgreSQL a JSON value.
+fn json_value(backend: crate::db::Backend, v: &(impl serde::Serialize + ?Sized)) -> Value {
+    match backend {
+        crate::db::Backend::Sqlite => {
+            Value::Text(serde_json::to_string(v).expect("JSON serialises"))
+        }
+        crate::db::Backend::Postgres => {
+            Value::Json(serde_json::to_value(v).expect("JSON serialises"))
+        }
+    }
+}
+
 /// One outbox event to write.
 struct NewEvent<'a> {
     id: Uuid,
-    changed: Json,
+    changed: &'a [String],
     record: EventRecord<'a>,
     /// Each event carries its own write's time (a group commit mixes several).
     at: DateTime<Utc>,
@@ -1430,9 +1445,9 @@ async fn write_events(
             cell(&fixed[1]);
             cell(&Value::Uuid(ev.id));
             cell(&fixed[2]);
-            cell(&Value::Json(ev.changed.clone()));
+            cell(&json_value(backend, ev.changed));
             match (ev.record, backend) {
-                (EventRecord::Json(j), _) => cell(&Value::Json(j.clone())),
+                (EventRecord::Json(j), _) => cell(&json_value(backend, j)),
                 // SQLite stores JSON as its text: write it straight from the record.
                 (EventRecord::New(r), crate::db::Backend::Sqlite) => cell(&Value::Text(
                     serde_json::to_string(&RecordJson(r)).expect("a record serialises"),
