@@ -9,7 +9,7 @@
 //! Rows are written straight into the CRM tables in multi-row statements (the stage-entry
 //! columns, the stage history and the lead ↔ opportunity links included), bypassing
 //! validation; a generator thread makes the rows while the writer writes them. A million
-//! opportunities take about three minutes on two cores (`docs/benchmarks.md`). Everything is
+//! opportunities take about a minute on two cores (`docs/benchmarks.md`). Everything is
 //! deterministic for a seed and a `now`, and every name says `(sample)`.
 
 use anyhow::Context;
@@ -52,8 +52,8 @@ const LOSS: [&str; 7] = [
 ];
 /// Relative lead volume per month (January first).
 const SEASON: [f64; 12] = [0.9, 0.6, 1.0, 1.0, 1.0, 1.1, 0.9, 0.9, 1.1, 0.9, 1.2, 1.3];
-/// Rows gathered per table before they are written (`Tx::insert_rows`: one JSON parameter per
-/// 2,000 rows on SQLite, 300-parameter statements on PostgreSQL).
+/// Rows gathered per table before they are written (`Tx::insert_rows`: one prepared statement
+/// stepped per row on SQLite, 300-parameter statements on PostgreSQL).
 const ROWS_PER_FLUSH: usize = 2_000;
 
 /// What to generate.
