@@ -196,6 +196,10 @@ pub(crate) fn insert<T>(
     cells: &Cells<'_, T>,
 ) -> Result<u64, BulkError> {
     let db = handle.as_raw_handle().as_ptr();
+    if rows.len() == 1 {
+        // One row is one statement, atomic without a savepoint.
+        return insert_rows(db, insert, width, rows, cells);
+    }
     exec(db, "SAVEPOINT trellis_bulk")?;
     match insert_rows(db, insert, width, rows, cells) {
         Ok(n) => {
