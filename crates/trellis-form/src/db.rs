@@ -416,8 +416,19 @@ impl Tx {
                     .join(", ");
                 let sql = format!("INSERT INTO {} ({names}) VALUES ({params})", quote(table));
                 let mut handle = t.lock_handle().await?;
-                let n = crate::sqlite_bulk::insert(&mut handle, &sql, columns.len(), rows, &cells)
-                    .map_err(sqlx::Error::from)?;
+                let mut write =
+                    || crate::sqlite_bulk::insert(&mut handle, &sql, columns.len(), rows, &cells);
+                // A large insert runs for milliseconds on this thread: on a multi-threaded
+                // runtime, tell tokio so it moves other tasks off it meanwhile.
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                let n = if rows.len() >= 1_000 && multi_thread {
+                    tokio::task::block_in_place(write)
+                } else {
+                    write()
+                }
+                .map_err(sqlx::Error::from)?;
                 drop(handle);
                 Ok(n)
             }

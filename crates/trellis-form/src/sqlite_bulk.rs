@@ -188,6 +188,8 @@ impl Drop for Stmt {
 /// Insert `rows` into the table of `insert` (`INSERT INTO "t" ("a", …) VALUES (?1, …)` with
 /// `width` parameters): `cells(row, cell)` hands each of a row's values to `cell`, in column
 /// order. All rows or none: a failure rolls back to a savepoint taken before the first row.
+/// Refused outside a transaction, so rows can never be committed behind the caller's back
+/// (after SQLite rolled a failed transaction back on its own, say).
 pub(crate) fn insert<T>(
     handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
     insert: &str,
@@ -196,22 +198,50 @@ pub(crate) fn insert<T>(
     cells: &Cells<'_, T>,
 ) -> Result<u64, BulkError> {
     let db = handle.as_raw_handle().as_ptr();
+    // SAFETY: `db` is the live handle of the locked connection.
+    if unsafe { ffi::sqlite3_get_autocommit(db) } != 0 {
+        return Err(BulkError {
+            code: ffi::SQLITE_MISUSE,
+            message: "a bulk insert needs an open transaction".into(),
+        });
+    }
     if rows.len() == 1 {
         // One row is one statement, atomic without a savepoint.
         return insert_rows(db, insert, width, rows, cells);
     }
-    exec(db, "SAVEPOINT trellis_bulk")?;
-    match insert_rows(db, insert, width, rows, cells) {
-        Ok(n) => {
-            exec(db, "RELEASE trellis_bulk")?;
-            Ok(n)
-        }
-        Err(e) => {
-            // The savepoint undoes the rows written before the failure; the error is the
-            // insert's, whatever the rollback answers.
-            let _ = exec(db, "ROLLBACK TO trellis_bulk");
-            let _ = exec(db, "RELEASE trellis_bulk");
-            Err(e)
+    let savepoint = Savepoint::take(db)?;
+    let n = insert_rows(db, insert, width, rows, cells)?;
+    savepoint.release()?;
+    Ok(n)
+}
+
+/// A savepoint that is rolled back and released when dropped, unless [`Savepoint::release`]
+/// kept its work: on an error and on a panic inside the rows' `cells`, none of the rows stay.
+struct Savepoint {
+    db: *mut ffi::sqlite3,
+    open: bool,
+}
+
+impl Savepoint {
+    fn take(db: *mut ffi::sqlite3) -> Result<Savepoint, BulkError> {
+        exec(db, "SAVEPOINT trellis_bulk")?;
+        Ok(Savepoint { db, open: true })
+    }
+
+    /// Keep the work. If releasing fails, `Drop` still rolls it back.
+    fn release(mut self) -> Result<(), BulkError> {
+        exec(self.db, "RELEASE trellis_bulk")?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Savepoint {
+    fn drop(&mut self) {
+        // Release only what was rolled back: a failed rollback must not merge the rows into
+        // the outer transaction (the caller has an error and will not commit).
+        if self.open && exec(self.db, "ROLLBACK TO trellis_bulk").is_ok() {
+            let _ = exec(self.db, "RELEASE trellis_bulk");
         }
     }
 }
