@@ -179,8 +179,10 @@ async fn bad_records_are_refused_with_every_problem_and_nothing_changes() {
             .call(Method::GET, &format!("{lead}?count=true"), None)
             .await;
         assert_eq!(page["total"], 0, "nothing was written");
+        // Dated in the past (an admin's historical import), so the 500 start no automation:
+        // this part is about paging, and 500 inline runs would only load the machine.
         let records: Vec<_> = (0..500)
-            .map(|i| json!({"name": format!("Lead {i}"), "source": "website", "region": "east"}))
+            .map(|i| json!({"name": format!("Lead {i}"), "source": "website", "region": "east", "created_at": "2025-01-15T09:00:00Z"}))
             .collect();
         let (s, body) = app
             .call(
@@ -300,6 +302,42 @@ async fn concurrent_creates_each_get_their_own_answer() {
             )
             .await;
         assert_eq!(page["total"], json!(valid_names.len()));
+        app.stop().await;
+    }
+}
+
+/// An admin's batch runs the inline workflows of every new record, as single creates do; only a
+/// record dated in the past (a historical import) runs none. Regression: the stored creation
+/// time (whole microseconds) was compared with the request's clock (nanoseconds), so every
+/// admin batch looked historical and the CRM's leads got no first-call task.
+#[tokio::test]
+async fn an_admin_batch_runs_the_inline_workflows_unless_it_is_historical() {
+    for app in TestApp::each().await {
+        let be = app.backend;
+        let tasks = "/api/v1/apps/crm/records/task?count=true";
+        let records: Vec<_> = (0..3)
+            .map(|i| json!({"name": format!("Batch {i}"), "company": "Acme", "source": "website", "region": "east"}))
+            .collect();
+        let (s, body) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/records/lead/batch",
+                Some(json!({"records": records})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{be}: {body}");
+        let (_, page) = app.call(Method::GET, tasks, None).await;
+        assert_eq!(page["total"], 3, "{be}: one first-call task per lead");
+        let (s, body) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/records/lead/batch",
+                Some(json!({"records": [{"name": "Old", "created_at": "2025-01-15T09:00:00Z"}]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{be}: {body}");
+        let (_, page) = app.call(Method::GET, tasks, None).await;
+        assert_eq!(page["total"], 3, "{be}: the past starts no automation");
         app.stop().await;
     }
 }

@@ -349,8 +349,9 @@ async fn batch_create(
     let has_inline = crate::writer::has_inline(&state.flows, &app, &entity);
     for (i, id) in ids.iter().enumerate().filter(|_| has_inline) {
         let r = store::get_in(&mut tx, e, *id).await?;
-        // A historical import describes the past: no automation, inline or async.
-        if c.import && r.meta.created_at < c.now {
+        // A historical import describes the past: no automation, inline or async. The stored
+        // time has whole microseconds; the clock may have nanoseconds.
+        if c.import && r.meta.created_at < chrono::SubsecRound::trunc_subsecs(c.now, 6) {
             continue;
         }
         if let Err(err) = state
