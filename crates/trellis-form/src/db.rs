@@ -129,6 +129,11 @@ pub fn sqlite_datetime(t: &DateTime<Utc>) -> String {
     out
 }
 
+/// The text form of a date on SQLite.
+pub(crate) fn sqlite_date(d: &NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
 /// [`sqlite_datetime`] appended to `out` (written by hand: chrono's formatter parses its
 /// pattern on every call, which showed in bulk imports).
 fn push_sqlite_datetime(out: &mut String, t: &DateTime<Utc>) {
@@ -433,36 +438,31 @@ impl Tx {
                 Ok(n)
             }
             Tx::Postgres(_) => {
-                let statements = insert_statements(Backend::Postgres, table, columns, rows, cells);
-                self.execute_pipelined(statements).await.map_err(|(_, e)| e)
+                let statements = pg_insert_statements(table, columns, rows, cells);
+                self.execute_pipelined(statements).await
             }
         }
     }
 
     /// Run `statements` in order, building each next one while the database runs the current
-    /// one: on SQLite a statement runs on sqlx's worker thread, so building the next multi-row
-    /// statement (JSON text of thousands of rows) overlaps with SQLite inserting the last one.
-    /// Rows affected; a failure carries the index of the statement that failed.
-    pub async fn execute_pipelined(
-        &mut self,
-        statements: Vec<Deferred<'_>>,
-    ) -> std::result::Result<u64, (usize, crate::error::FormError)> {
+    /// one (the statement is on its way to PostgreSQL while the next multi-row statement is
+    /// laid out). Rows affected.
+    async fn execute_pipelined(&mut self, statements: Vec<Deferred<'_>>) -> Result<u64> {
         let mut rest = statements.into_iter();
         let mut next = rest.next().map(|build| build());
-        let (mut n, mut i) = (0, 0);
+        let mut n = 0;
         while let Some(sql) = next.take() {
             let (result, built) = self
                 .execute_while(&sql, || rest.next().map(|build| build()))
                 .await;
-            n += result.map_err(|e| (i, e))?;
+            n += result?;
             next = built;
-            i += 1;
         }
         Ok(n)
     }
 
     /// Execute a statement and run `work` while the database runs it.
-    pub async fn execute_while<T>(
+    async fn execute_while<T>(
         &mut self,
         sql: &Sql,
         work: impl FnOnce() -> T + Send,
@@ -522,14 +522,13 @@ type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArgume
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 /// A statement built only when [`Tx::execute_pipelined`] reaches it.
-pub type Deferred<'a> = Box<dyn FnOnce() -> Sql + Send + 'a>;
+type Deferred<'a> = Box<dyn FnOnce() -> Sql + Send + 'a>;
 
-/// The multi-row `VALUES` statements that write `rows` into `table` (see [`Tx::insert_with`]),
-/// each built only when called: about 300 parameters each, which PostgreSQL was measured to
-/// take best. `cells(row, cell)` hands each of a row's values, in the order of `columns`, to
-/// `cell`.
-pub fn insert_statements<'a, T, F>(
-    backend: Backend,
+/// The multi-row `VALUES` statements that write `rows` into `table` on PostgreSQL (see
+/// [`Tx::insert_with`]), each built only when called: about 300 parameters each, which
+/// PostgreSQL was measured to take best. `cells(row, cell)` hands each of a row's values, in
+/// the order of `columns`, to `cell`.
+fn pg_insert_statements<'a, T, F>(
     table: &str,
     columns: &[&str],
     rows: &'a [T],
@@ -545,11 +544,7 @@ where
         .collect::<Vec<_>>()
         .join(", ");
     let head = format!("INSERT INTO {} ({names}) VALUES ", quote(table));
-    let budget = match backend {
-        Backend::Sqlite => 999,
-        Backend::Postgres => 300,
-    };
-    let per = (budget / columns.len().max(1)).max(1);
+    let per = (300 / columns.len().max(1)).max(1);
     rows.chunks(per)
         .map(|chunk| {
             let (head, cells) = (head.clone(), cells.clone());
@@ -607,7 +602,7 @@ fn sqlite_query<'q>(text: &'q str, params: &'q [Value]) -> SqliteQuery<'q> {
             Value::Decimal(d) => q.bind(d.to_f64()),
             Value::Text(s) => q.bind(s.as_str()),
             Value::Uuid(u) => q.bind(u.to_string()),
-            Value::Date(d) => q.bind(d.format("%Y-%m-%d").to_string()),
+            Value::Date(d) => q.bind(sqlite_date(d)),
             Value::DateTime(t) => q.bind(sqlite_datetime(t)),
             Value::Json(j) => q.bind(j.to_string()),
         };

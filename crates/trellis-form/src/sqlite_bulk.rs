@@ -19,7 +19,7 @@
 //! copies it before the Rust string goes away.
 #![allow(unsafe_code)]
 
-use crate::db::{sqlite_datetime, Value};
+use crate::db::{sqlite_date, sqlite_datetime, Value};
 use libsqlite3_sys as ffi;
 use rust_decimal::prelude::ToPrimitive;
 use std::borrow::Cow;
@@ -169,7 +169,7 @@ impl Stmt {
                 let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
                 self.bind_text(i, u.hyphenated().encode_lower(&mut buf))
             }
-            Value::Date(d) => self.bind_text(i, &d.format("%Y-%m-%d").to_string()),
+            Value::Date(d) => self.bind_text(i, &sqlite_date(d)),
             Value::DateTime(t) => self.bind_text(i, &sqlite_datetime(t)),
             Value::Json(j) => self.bind_text(i, &j.to_string()),
         }

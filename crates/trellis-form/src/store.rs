@@ -1446,16 +1446,10 @@ async fn write_events(
             cell(&Value::Uuid(ev.id));
             cell(&fixed[2]);
             cell(&json_value(backend, ev.changed));
-            match (ev.record, backend) {
-                (EventRecord::Json(j), _) => cell(&json_value(backend, j)),
-                // SQLite stores JSON as its text: write it straight from the record.
-                (EventRecord::New(r), crate::db::Backend::Sqlite) => cell(&Value::Text(
-                    serde_json::to_string(&RecordJson(r)).expect("a record serialises"),
-                )),
-                (EventRecord::New(r), crate::db::Backend::Postgres) => {
-                    cell(&Value::Json(r.to_json()))
-                }
-            }
+            cell(&match ev.record {
+                EventRecord::Json(j) => json_value(backend, j),
+                EventRecord::New(r) => json_value(backend, &RecordJson(r)),
+            });
             cell(&fixed[3]);
             cell(&Value::DateTime(ev.at));
             cell(&fixed[4]);
