@@ -10,7 +10,8 @@
 //! (an acknowledged write survives a killed process; a power loss can lose the last few
 //! transactions, never corrupt the file; `FULL` closes that gap at some write cost), foreign keys
 //! on, a busy timeout, and every write transaction opened with `BEGIN IMMEDIATE` on a
-//! single-connection write pool, so two writers never fail with "database is locked".
+//! single write connection held by one transaction at a time, so two writers never fail with
+//! "database is locked".
 
 use crate::error::Result;
 use crate::model::ColKind;
@@ -19,11 +20,12 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous, SqliteTransactionManager,
 };
-use sqlx::{Postgres, Row, Sqlite, Transaction, ValueRef};
+use sqlx::{Connection, Postgres, Row, Sqlite, Transaction, TransactionManager, ValueRef};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -232,8 +234,8 @@ pub enum Db {
     Sqlite {
         /// Read pool.
         read: SqlitePool,
-        /// Write pool (one connection).
-        write: SqlitePool,
+        /// The one write connection (`None` once closed).
+        write: SqliteWriter,
     },
     /// PostgreSQL.
     Postgres(PgPool),
@@ -265,12 +267,17 @@ impl Db {
             })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone())
-            .await?;
+        // The write connection is held, not pooled: a pool pings a connection on every release
+        // (and, by default, on every acquire), two more round trips to sqlx's worker thread per
+        // transaction that cost up to a millisecond each on a busy machine (docs/benchmarks.md).
+        // For the same reason the readers are not pinged before use: a SQLite connection is a
+        // file handle that cannot go stale.
+        let write = Arc::new(tokio::sync::Mutex::new(Some(
+            SqliteConnection::connect_with(&opts).await?,
+        )));
         let read = SqlitePoolOptions::new()
             .max_connections(sqlite.readers.max(1))
+            .test_before_acquire(false)
             .connect_with(opts.read_only(true))
             .await?;
         Ok(Db::Sqlite { read, write })
@@ -279,7 +286,11 @@ impl Db {
     /// Bring the system tables up to date (append-only migrations in `migrations/<backend>`).
     pub async fn migrate(&self) -> Result<()> {
         match self {
-            Db::Sqlite { write, .. } => SQLITE_MIGRATOR.run(write).await?,
+            Db::Sqlite { write, .. } => {
+                let mut conn = write.lock().await;
+                let conn = conn.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+                SQLITE_MIGRATOR.run(conn).await?
+            }
             Db::Postgres(p) => POSTGRES_MIGRATOR.run(p).await?,
         }
         Ok(())
@@ -304,7 +315,7 @@ impl Db {
     /// Begin a write transaction (`BEGIN IMMEDIATE` on SQLite).
     pub async fn begin(&self) -> Result<Tx> {
         Ok(match self {
-            Db::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Sqlite { write, .. } => Tx::Sqlite(SqliteTx::begin(write).await?),
             Db::Postgres(p) => Tx::Postgres(p.begin().await?),
         })
     }
@@ -337,9 +348,70 @@ impl Db {
         match self {
             Db::Sqlite { read, write } => {
                 read.close().await;
-                write.close().await;
+                if let Some(conn) = write.lock().await.take() {
+                    let _ = conn.close().await;
+                }
             }
             Db::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+/// SQLite's one write connection, which one transaction at a time holds.
+pub type SqliteWriter = Arc<tokio::sync::Mutex<Option<SqliteConnection>>>;
+
+/// A SQLite write transaction (`BEGIN IMMEDIATE`) on the write connection, which it holds until
+/// it ends; dropped without [`Tx::commit`], it rolls back.
+#[derive(Debug)]
+pub struct SqliteTx {
+    conn: tokio::sync::OwnedMutexGuard<Option<SqliteConnection>>,
+    open: bool,
+}
+
+impl SqliteTx {
+    async fn begin(write: &SqliteWriter) -> Result<SqliteTx> {
+        let conn = write.clone().lock_owned().await;
+        if conn.is_none() {
+            return Err(sqlx::Error::PoolClosed.into());
+        }
+        // Open before `BEGIN` is sent: if this future is dropped while `BEGIN` is on its way,
+        // the drop queues the rollback behind it (a rollback outside a transaction does nothing).
+        let mut tx = SqliteTx { conn, open: true };
+        SqliteTransactionManager::begin(&mut tx, Some("BEGIN IMMEDIATE".into())).await?;
+        Ok(tx)
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        SqliteTransactionManager::commit(&mut self).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for SqliteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_ref()
+            .expect("an open transaction holds the connection")
+    }
+}
+
+impl std::ops::DerefMut for SqliteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_mut()
+            .expect("an open transaction holds the connection")
+    }
+}
+
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        if self.open {
+            // Queued on the connection before anything the next transaction sends.
+            if let Some(c) = self.conn.as_mut() {
+                SqliteTransactionManager::start_rollback(c);
+            }
         }
     }
 }
@@ -348,7 +420,7 @@ impl Db {
 #[derive(Debug)]
 pub enum Tx {
     /// SQLite.
-    Sqlite(Transaction<'static, Sqlite>),
+    Sqlite(SqliteTx),
     /// PostgreSQL.
     Postgres(Transaction<'static, Postgres>),
 }

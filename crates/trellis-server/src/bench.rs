@@ -285,6 +285,14 @@ pub async fn writes(db: Db, records: usize, clients: usize) -> anyhow::Result<Ve
 
 /// Open a fresh database for the benchmark: the given URL, or a temporary SQLite file.
 pub async fn open(url: Option<&str>) -> anyhow::Result<(Db, Option<tempfile::TempDir>)> {
+    open_with(url, false).await
+}
+
+/// [`open`], or with `reuse` a database that already holds apps (`trellis bench reports --reuse`).
+pub async fn open_with(
+    url: Option<&str>,
+    reuse: bool,
+) -> anyhow::Result<(Db, Option<tempfile::TempDir>)> {
     let (url, dir) = match url {
         Some(u) => (u.to_owned(), None),
         None => {
@@ -300,7 +308,7 @@ pub async fn open(url: Option<&str>) -> anyhow::Result<(Db, Option<tempfile::Tem
         .context("cannot open the benchmark database")?;
     db.migrate().await?;
     anyhow::ensure!(
-        trellis_form::apps::load_all(&db).await?.is_empty(),
+        reuse || trellis_form::apps::load_all(&db).await?.is_empty(),
         "the benchmark needs an empty database"
     );
     Ok((db, dir))

@@ -66,12 +66,13 @@ pub struct Line {
     pub rollup_ms: Option<f64>,
 }
 
-/// Generate data, then time every CRM metric and the dashboard against the baselines.
+/// Generate `n` opportunities' data (or, with `None`, use what the database holds), then time
+/// every CRM metric and the dashboard against the baselines.
 pub async fn run(
     db: Db,
     app: &App,
     owner: Uuid,
-    n: usize,
+    n: Option<usize>,
     seed: u64,
     runs: usize,
 ) -> anyhow::Result<Vec<Line>> {
@@ -79,21 +80,23 @@ pub async fn run(
         .with_ymd_and_hms(2026, 11, 27, 12, 0, 0)
         .single()
         .context("date")?;
-    let t = Instant::now();
-    let opts = crate::demo_data::Options {
-        opportunities: n,
-        seed,
-        now,
-        progress: false,
-    };
-    let sum = crate::demo_data::generate(&db, app, owner, &opts).await?;
-    eprintln!(
-        "generated {} opportunities, {} leads, {} history rows in {:.1} s",
-        sum.opportunities,
-        sum.leads,
-        sum.history,
-        t.elapsed().as_secs_f64()
-    );
+    if let Some(n) = n {
+        let t = Instant::now();
+        let opts = crate::demo_data::Options {
+            opportunities: n,
+            seed,
+            now,
+            progress: false,
+        };
+        let sum = crate::demo_data::generate(&db, app, owner, &opts).await?;
+        eprintln!(
+            "generated {} opportunities, {} leads, {} history rows in {:.1} s",
+            sum.opportunities,
+            sum.leads,
+            sum.history,
+            t.elapsed().as_secs_f64()
+        );
+    }
     // The generator rebuilt the rollups; attached, the planner may answer from them.
     let reports = Reports::compile(app)?;
     trellis_report::rollup::attach(app, &reports, db.backend())?;

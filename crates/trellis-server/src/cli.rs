@@ -187,6 +187,10 @@ enum BenchCommand {
         /// Runs per query (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Time the data already in `--database-url` (made by `trellis demo-data`) instead of
+        /// generating it: the database then need not be empty.
+        #[arg(long)]
+        reuse: bool,
         /// Print the figures as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -399,26 +403,41 @@ pub async fn main() -> anyhow::Result<i32> {
             opportunities,
             seed,
             runs,
+            reuse,
             json,
         }) => {
-            let (db, _dir) = crate::bench::open(database_url.as_deref()).await?;
+            if reuse && database_url.is_none() {
+                anyhow::bail!("--reuse needs the --database-url that `trellis demo-data` filled");
+            }
+            let (db, _dir) = crate::bench::open_with(database_url.as_deref(), reuse).await?;
             let admin = crate::auth::ensure_admin(&db, SystemClock.now()).await?;
-            crate::appdef::import(
-                &db,
-                &crate::crm::definition(),
-                ImportOptions::default(),
-                Some(admin),
-                SystemClock.now(),
-            )
-            .await
-            .map_err(describe)?;
-            let app = apps::load(&db, "crm").await?.context("crm")?;
+            if !reuse {
+                crate::appdef::import(
+                    &db,
+                    &crate::crm::definition(),
+                    ImportOptions::default(),
+                    Some(admin),
+                    SystemClock.now(),
+                )
+                .await
+                .map_err(describe)?;
+            }
+            let app = apps::load(&db, "crm").await?.context(
+                "the database has no crm app (--reuse needs one that `trellis demo-data` filled)",
+            )?;
             eprintln!(
                 "Report benchmark on {} ({opportunities} opportunities, median of {runs} runs)",
                 db.backend_name()
             );
-            let lines =
-                crate::bench_reports::run(db, &app, admin, opportunities, seed, runs).await?;
+            let lines = crate::bench_reports::run(
+                db,
+                &app,
+                admin,
+                (!reuse).then_some(opportunities),
+                seed,
+                runs,
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&lines)?);
             }

@@ -10,4 +10,5 @@ mod listing;
 mod migrations;
 mod records;
 mod regressions;
+mod transactions;
 mod users;
