@@ -425,8 +425,13 @@ pub async fn main() -> anyhow::Result<i32> {
             let app = apps::load(&db, "crm").await?.context(
                 "the database has no crm app (--reuse needs one that `trellis demo-data` filled)",
             )?;
+            let data = if reuse {
+                "the data already there".to_owned()
+            } else {
+                format!("{opportunities} opportunities")
+            };
             eprintln!(
-                "Report benchmark on {} ({opportunities} opportunities, median of {runs} runs)",
+                "Report benchmark on {} ({data}, median of {runs} runs)",
                 db.backend_name()
             );
             let lines = crate::bench_reports::run(

@@ -84,5 +84,6 @@ async fn a_dropped_or_cancelled_transaction_rolls_back_and_frees_the_connection(
             .await
             .unwrap();
         assert_eq!(rows[0][0], Value::Int(0), "{}", t.backend);
+        t.cleanup().await;
     }
 }
