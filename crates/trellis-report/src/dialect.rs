@@ -100,14 +100,18 @@ impl Dialect for Sqlite {
                 }
             }
         };
+        // `local` is `YYYY-MM-DD` text (a date column, a rollup's day bucket) or `datetime()`'s
+        // `YYYY-MM-DD HH:MM:SS`, so day, month, quarter and year are cut from the text: parsing
+        // it again with `date()` cost a day-bucketed rollup 85 of 103 ms over 35k rows
+        // (docs/benchmarks.md). A quarter's first month is looked up from the month number.
         match grain {
-            Grain::Day => format!("date({local})"),
+            Grain::Day => format!("substr({local}, 1, 10)"),
             Grain::Week(start) => format!("date({local}, '-6 days', 'weekday {start}')"),
-            Grain::Month => format!("date({local}, 'start of month')"),
+            Grain::Month => format!("substr({local}, 1, 7) || '-01'"),
             Grain::Quarter => format!(
-                "date({local}, 'start of month', '-' || ((CAST(strftime('%m', {local}) AS INTEGER) - 1) % 3) || ' months')"
+                "substr({local}, 1, 5) || substr('010101040404070707101010', CAST(substr({local}, 6, 2) AS INTEGER) * 2 - 1, 2) || '-01'"
             ),
-            Grain::Year => format!("date({local}, 'start of year')"),
+            Grain::Year => format!("substr({local}, 1, 4) || '-01-01'"),
         }
     }
     fn json_text(&self, col: &str) -> String {

@@ -172,6 +172,8 @@ pub async fn run(
     let shared = std::sync::Arc::new(trellis_form::apps::load(&db, "crm").await?.context("crm")?);
     trellis_report::rollup::attach(&shared, &reports, db.backend())?;
     let mut times = (vec![], vec![]);
+    // Each panel's own time (from its start to its answer, sharing the cores with the others).
+    let mut panels: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
     // Round 0 warms the caches and is not counted.
     for round in 0..=runs {
         for rollups in [false, true] {
@@ -181,17 +183,29 @@ pub async fn run(
                 let (db, mut q) = (db.clone(), item.query.clone());
                 q.use_rollups = Some(rollups);
                 let (app2, reports2) = (shared.clone(), reports.clone());
+                let key = item.key.clone();
                 set.spawn(async move {
+                    let t = Instant::now();
                     let plan = engine::plan(&app2, &reports2, &q, now, db.backend())?;
-                    engine::run(&db, &app2, &reports2, &plan, &Visibility::default()).await
+                    engine::run(&db, &app2, &reports2, &plan, &Visibility::default()).await?;
+                    anyhow::Ok((key, t.elapsed().as_secs_f64() * 1000.0))
                 });
             }
+            let mut took = vec![];
             while let Some(r) = set.join_next().await {
-                r??;
+                took.push(r??);
             }
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             if round == 0 {
                 continue;
+            }
+            for (key, ms) in took {
+                let e = panels.entry(key).or_default();
+                if rollups {
+                    e.1.push(ms)
+                } else {
+                    e.0.push(ms)
+                }
             }
             if rollups {
                 times.1.push(ms);
@@ -199,6 +213,13 @@ pub async fn run(
                 times.0.push(ms);
             }
         }
+    }
+    for (key, (base, fast)) in panels {
+        eprintln!(
+            "  panel {key:<28} base tables {:>9.1} ms   rollups {:>7.1} ms",
+            p50(base),
+            p50(fast)
+        );
     }
     let (dash, fast) = (p50(times.0), p50(times.1));
     eprintln!(

@@ -260,6 +260,10 @@ pub struct DbArgs {
         default_value = "normal"
     )]
     pub sqlite_synchronous: Synchronous,
+    /// MiB of the SQLite file each read connection maps into memory (`PRAGMA mmap_size`); 0
+    /// turns memory-mapped reads off. SQLite caps it at 2048.
+    #[arg(long, env = "TRELLIS_SQLITE_MMAP_MB", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(0..=2048))]
+    pub sqlite_mmap_mb: u32,
 }
 
 /// SQLite durability level.
@@ -495,6 +499,7 @@ fn init_tracing(format: LogFormat) {
 pub async fn open_db(args: &DbArgs) -> anyhow::Result<Db> {
     let settings = SqliteSettings {
         synchronous_full: args.sqlite_synchronous == Synchronous::Full,
+        reader_mmap_mib: args.sqlite_mmap_mb,
         ..Default::default()
     };
     let db = Db::connect(&args.database_url, &settings)

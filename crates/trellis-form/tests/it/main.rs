@@ -10,5 +10,6 @@ mod listing;
 mod migrations;
 mod records;
 mod regressions;
+mod sqlite_settings;
 mod transactions;
 mod users;
