@@ -224,6 +224,10 @@ pub struct SqliteSettings {
 }
 
 impl SqliteSettings {
+    /// The default and the most of [`Self::reader_mmap_mib`] that SQLite uses (it caps the
+    /// mapping at `SQLITE_MAX_MMAP_SIZE`, 0x7fff0000 bytes).
+    pub const MAX_READER_MMAP_MIB: u32 = 2048;
+
     /// [`Self::reader_mmap_mib`] in bytes.
     pub fn reader_mmap_bytes(&self) -> u64 {
         u64::from(self.reader_mmap_mib) << 20
@@ -235,7 +239,7 @@ impl Default for SqliteSettings {
         SqliteSettings {
             synchronous_full: false,
             readers: 4,
-            reader_mmap_mib: 2048,
+            reader_mmap_mib: Self::MAX_READER_MMAP_MIB,
         }
     }
 }

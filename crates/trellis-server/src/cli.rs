@@ -262,7 +262,12 @@ pub struct DbArgs {
     pub sqlite_synchronous: Synchronous,
     /// MiB of the SQLite file each read connection maps into memory (`PRAGMA mmap_size`); 0
     /// turns memory-mapped reads off. SQLite caps it at 2048.
-    #[arg(long, env = "TRELLIS_SQLITE_MMAP_MB", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(0..=2048))]
+    #[arg(
+        long,
+        env = "TRELLIS_SQLITE_MMAP_MB",
+        default_value_t = SqliteSettings::MAX_READER_MMAP_MIB,
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(SqliteSettings::MAX_READER_MMAP_MIB))
+    )]
     pub sqlite_mmap_mb: u32,
 }
 
