@@ -212,6 +212,66 @@ async fn bad_records_are_refused_with_every_problem_and_nothing_changes() {
             }
         }
         assert_eq!(seen, 500);
+        // Batches of more than two chunks are drafted and written side by side: problems in a
+        // late chunk still refuse the whole batch, and earlier chunks leave nothing behind.
+        let mut big: Vec<_> = (0..2_500)
+            .map(|i| json!({"name": format!("Big {i}"), "source": "website", "created_at": "2025-01-15T09:00:00Z"}))
+            .collect();
+        big[1_100]["owner"] = json!("01900000-0000-7000-8000-000000000000");
+        big[2_400]["source"] = json!("radio");
+        let (s, body) = app
+            .call(
+                Method::POST,
+                &format!("{lead}/batch"),
+                Some(json!({"records": big})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            problem_paths(&body),
+            [
+                ("/records/1100/owner", "not_found"),
+                ("/records/2400/source", "unknown_option")
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        );
+        let (_, page) = app
+            .call(Method::GET, &format!("{lead}?count=true&limit=1"), None)
+            .await;
+        assert_eq!(
+            page["total"], 500,
+            "nothing of the refused batch was written"
+        );
+        big[1_100].as_object_mut().unwrap().remove("owner");
+        big[2_400]["source"] = json!("partner");
+        let (s, body) = app
+            .call(
+                Method::POST,
+                &format!("{lead}/batch"),
+                Some(json!({"records": big})),
+            )
+            .await;
+        assert_eq!(
+            (s, body["created"].clone()),
+            (StatusCode::CREATED, json!(2_500))
+        );
+        let ids = body["ids"].as_array().unwrap();
+        let (s, r) = app
+            .call(
+                Method::GET,
+                &format!("{lead}/{}", ids[2_400].as_str().unwrap()),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            (r["name"].clone(), r["source"].clone()),
+            (json!("Big 2400"), json!("partner"))
+        );
+        let (_, page) = app
+            .call(Method::GET, &format!("{lead}?count=true&limit=1"), None)
+            .await;
+        assert_eq!(page["total"], 3_000);
         app.stop().await;
     }
 }

@@ -438,23 +438,48 @@ fn validate(
     Ok((p, problems))
 }
 
+/// What the database checks of a write look at: a [`Prepared`] write, or a create already laid
+/// out as its row ([`Laid`]).
+struct Checks<'a> {
+    fields: &'a Map<String, Json>,
+    columns: &'a [(String, Value)],
+    owner: Option<Uuid>,
+    /// The app's default owner, known to exist.
+    default_owner: Option<Uuid>,
+}
+
+impl Prepared {
+    fn checks(&self) -> Checks<'_> {
+        Checks {
+            fields: &self.fields,
+            columns: &self.columns,
+            owner: self.owner,
+            default_owner: self.default_owner,
+        }
+    }
+}
+
 /// The checks that need the database: references exist, unique values are free, the owner is a
 /// user. Fails with every problem, including those `validate` found.
 async fn verify(
     tx: &mut Tx,
     app: &App,
     e: &Entity,
-    p: &Prepared,
+    p: Checks<'_>,
     old: Option<&Record>,
     mut problems: Vec<Problem>,
 ) -> Result<()> {
-    let (fields, columns, owner) = (&p.fields, &p.columns, p.owner);
+    let (fields, columns, owner) = (p.fields, p.columns, p.owner);
     // References must exist; unique values must be free.
     let id = old.map(|r| r.meta.id);
     for f in &e.fields {
         let Some(v) = fields.get(&f.key).filter(|v| !v.is_null()) else {
             continue;
         };
+        // Only references, users and unique values need the database.
+        if !matches!(f.ty, FieldType::Relation | FieldType::User) && !f.def.unique {
+            continue;
+        }
         let changed = old.is_none_or(|r| r.fields.get(&f.key) != Some(v));
         if !changed {
             continue;
@@ -540,7 +565,7 @@ async fn prepare(
     ctx: &WriteCtx,
 ) -> Result<Prepared> {
     let (p, problems) = validate(e, input, old, ctx)?;
-    verify(tx, app, e, &p, old, problems).await?;
+    verify(tx, app, e, p.checks(), old, problems).await?;
     Ok(p)
 }
 
@@ -665,7 +690,7 @@ pub async fn insert(
     d: Draft,
     ctx: &WriteCtx,
 ) -> Result<Record> {
-    verify(tx, app, e, &d.p, None, d.problems).await?;
+    verify(tx, app, e, d.p.checks(), None, d.problems).await?;
     let row = new_row(e, d.p, ctx);
     let record = row.record.clone();
     write_rows(tx, app, e, vec![row], ctx).await?;
@@ -678,6 +703,32 @@ pub struct NewRow {
     history: Vec<HistoryEntry>,
     changed: Vec<String>,
     record: Record,
+    /// The JSON columns of its history rows and event, when serialised ahead of the write.
+    json: Option<RowJson>,
+}
+
+/// A new row's JSON column values, serialised away from the write connection (see
+/// [`create_batch_pipelined`]): `(old_value, new_value)` of each history row, the event's
+/// `changed` and `record`.
+struct RowJson {
+    history: Vec<(Value, Value)>,
+    changed: Value,
+    record: Value,
+}
+
+impl NewRow {
+    /// Serialise the JSON columns now, for `backend`, so the write only binds them.
+    fn serialise(&mut self, backend: crate::db::Backend) {
+        self.json = Some(RowJson {
+            history: self
+                .history
+                .iter()
+                .map(|h| (json_value(backend, &h.old), json_value(backend, &h.new)))
+                .collect(),
+            changed: json_value(backend, &self.changed),
+            record: json_value(backend, &RecordJson(&self.record)),
+        });
+    }
 }
 
 /// Lay out a validated create as columns, history rows and the stored record (no database).
@@ -807,6 +858,7 @@ fn new_row(e: &Entity, mut p: Prepared, ctx: &WriteCtx) -> NewRow {
         history: rows,
         changed,
         record,
+        json: None,
     }
 }
 
@@ -821,7 +873,7 @@ pub async fn prepare_row(
     d: Draft,
     ctx: &WriteCtx,
 ) -> Result<NewRow> {
-    verify(tx, app, e, &d.p, None, d.problems).await?;
+    verify(tx, app, e, d.p.checks(), None, d.problems).await?;
     Ok(new_row(e, d.p, ctx))
 }
 
@@ -882,9 +934,14 @@ async fn write_rows(
         unique_conflict(e, result)?;
         i = j;
     }
-    let history: Vec<(Uuid, &HistoryEntry)> = rows
+    let history: Vec<HistoryRef> = rows
         .iter()
-        .flat_map(|r| r.history.iter().map(move |h| (r.record.meta.id, h)))
+        .flat_map(|r| {
+            r.history.iter().enumerate().map(move |(k, h)| {
+                let json = r.json.as_ref().map(|j| &j.history[k]);
+                (r.record.meta.id, h, json)
+            })
+        })
         .collect();
     write_history_rows(tx, &app.key, e, &history, ctx.actor).await?;
     let events: Vec<NewEvent> = rows
@@ -892,7 +949,10 @@ async fn write_rows(
         .map(|r| NewEvent {
             id: r.record.meta.id,
             changed: &r.changed,
-            record: EventRecord::New(&r.record),
+            record: match &r.json {
+                Some(j) => EventRecord::Serialised(&j.changed, &j.record),
+                None => EventRecord::New(&r.record),
+            },
             at: r.record.meta.updated_at,
             historical: ctx.import && r.record.meta.created_at < ctx.now,
         })
@@ -1153,18 +1213,21 @@ pub fn draft_all(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Vec<Result<Dra
     })
 }
 
-/// Validate a batch without the database (see [`draft`]).
-pub fn draft_batch(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<Draft>> {
-    if records.len() > MAX_BATCH {
+/// A batch of more than [`MAX_BATCH`] records is refused whole.
+fn too_many(n: usize) -> Result<()> {
+    if n > MAX_BATCH {
         return Err(FormError::Invalid(vec![Problem::new(
             "/records",
             "too_many",
-            format!(
-                "A batch holds at most {MAX_BATCH} records; this one has {}.",
-                records.len()
-            ),
+            format!("A batch holds at most {MAX_BATCH} records; this one has {n}."),
         )]));
     }
+    Ok(())
+}
+
+/// Validate a batch without the database (see [`draft`]).
+pub fn draft_batch(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<Draft>> {
+    too_many(records.len())?;
     let mut drafts = Vec::with_capacity(records.len());
     let mut problems = vec![];
     for (i, d) in draft_all(e, records, ctx).into_iter().enumerate() {
@@ -1190,21 +1253,107 @@ pub async fn insert_batch(
     drafts: Vec<Draft>,
     ctx: &WriteCtx,
 ) -> Result<Vec<Uuid>> {
-    let mut problems = vec![];
+    let mut checks = BatchChecks::new(e);
     let mut rows = Vec::with_capacity(drafts.len());
-    // Unique values already used earlier in this batch (the database has not seen them yet).
-    let mut seen: std::collections::HashMap<&str, std::collections::HashSet<String>> =
-        Default::default();
     for (i, d) in drafts.into_iter().enumerate() {
-        let mut extra = vec![];
+        if let Some(row) = checks.check(tx, app, i, lay_out(e, d, ctx)).await? {
+            rows.push(row);
+        }
+        if checks.full() {
+            break;
+        }
+    }
+    if !checks.problems.is_empty() {
+        return Err(FormError::Invalid(checks.problems));
+    }
+    let ids = rows.iter().map(|r| r.record.meta.id).collect();
+    write_rows(tx, app, e, rows, ctx).await?;
+    Ok(ids)
+}
+
+/// A drafted create laid out as its row (id, columns, history, event) before the database
+/// checks, so that the work can be done away from the write connection. A draft with problems
+/// is not laid out (its values may be incomplete); it still goes through the checks, so that
+/// every problem is reported.
+pub struct Laid {
+    layout: Layout,
+    problems: Vec<Problem>,
+}
+
+// Nearly every record is a `Row`: boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Layout {
+    /// The row and the app's default owner.
+    Row(NewRow, Option<Uuid>),
+    Invalid(Prepared),
+}
+
+impl Laid {
+    fn checks(&self) -> Checks<'_> {
+        match &self.layout {
+            Layout::Row(row, default_owner) => Checks {
+                fields: &row.record.fields,
+                columns: &row.cols,
+                owner: row.record.meta.owner,
+                default_owner: *default_owner,
+            },
+            Layout::Invalid(p) => p.checks(),
+        }
+    }
+}
+
+/// Lay out a draft as its row (no database; see [`Laid`]).
+fn lay_out(e: &Entity, d: Draft, ctx: &WriteCtx) -> Laid {
+    let layout = if d.problems.is_empty() {
+        let default_owner = d.p.default_owner;
+        Layout::Row(new_row(e, d.p, ctx), default_owner)
+    } else {
+        Layout::Invalid(d.p)
+    };
+    Laid {
+        layout,
+        problems: d.problems,
+    }
+}
+
+/// The write side of a batch: unique values repeated inside the batch (the database has not
+/// seen them yet), then the database checks of each record; every problem is kept.
+struct BatchChecks<'e> {
+    e: &'e Entity,
+    seen: std::collections::HashMap<&'e str, std::collections::HashSet<String>>,
+    problems: Vec<Problem>,
+}
+
+impl<'e> BatchChecks<'e> {
+    fn new(e: &'e Entity) -> Self {
+        BatchChecks {
+            e,
+            seen: Default::default(),
+            problems: vec![],
+        }
+    }
+
+    /// Check the `i`-th record of the batch: its row if it passed, else `None` with its problems
+    /// kept under `/records/<i>`.
+    async fn check(
+        &mut self,
+        tx: &mut Tx,
+        app: &App,
+        i: usize,
+        mut l: Laid,
+    ) -> Result<Option<NewRow>> {
+        let e = self.e;
+        let mut ps = std::mem::take(&mut l.problems);
+        let checks = l.checks();
         for f in e.fields.iter().filter(|f| f.def.unique) {
-            if let Some(v) = d.p.fields.get(&f.key).filter(|v| !v.is_null()) {
-                if !seen
+            if let Some(v) = checks.fields.get(&f.key).filter(|v| !v.is_null()) {
+                if !self
+                    .seen
                     .entry(f.key.as_str())
                     .or_default()
                     .insert(v.to_string())
                 {
-                    extra.push(Problem::new(
+                    ps.push(Problem::new(
                         format!("/{}", f.key),
                         "unique",
                         format!(
@@ -1215,24 +1364,124 @@ pub async fn insert_batch(
                 }
             }
         }
-        let mut ps = d.problems;
-        ps.extend(extra);
-        match verify(tx, app, e, &d.p, None, ps).await {
-            Ok(()) => rows.push(new_row(e, d.p, ctx)),
+        match verify(tx, app, e, checks, None, ps).await {
+            Ok(()) => match l.layout {
+                Layout::Row(row, _) => Ok(Some(row)),
+                Layout::Invalid(_) => Err(FormError::Internal(
+                    "a draft with problems passed its checks".into(),
+                )),
+            },
             Err(FormError::Invalid(ps)) => {
-                problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}"))))
+                let prefix = format!("/records/{i}");
+                self.problems
+                    .extend(ps.into_iter().map(|p| p.prefixed(&prefix)));
+                Ok(None)
             }
-            Err(other) => return Err(other),
-        }
-        if problems.len() > 1000 {
-            break;
+            Err(other) => Err(other),
         }
     }
-    if !problems.is_empty() {
-        return Err(FormError::Invalid(problems));
+
+    /// Enough problems to report: stop checking.
+    fn full(&self) -> bool {
+        self.problems.len() > 1000
     }
-    let ids = rows.iter().map(|r| r.record.meta.id).collect();
-    write_rows(tx, app, e, rows, ctx).await?;
+}
+
+/// Records a drafting thread hands to the writer at a time in [`create_batch_pipelined`].
+pub const PIPELINE_CHUNK: usize = 1_000;
+
+/// [`create_batch`] with drafting and writing overlapped: a thread of its own drafts and lays out
+/// the records a chunk of [`PIPELINE_CHUNK`] at a time, while the caller checks and writes the
+/// chunks it has already received, so the two halves of the work run on two cores. All or
+/// nothing, with the same problems as [`create_batch`]: when any record is invalid, nothing more
+/// is written and every problem is returned, draft problems (found without the database) before
+/// the others.
+///
+/// Chunks written before a problem was found are in `tx`: on `Err` the caller must roll the
+/// transaction back (drop it), as it would after any failed write. Batches of fewer than two
+/// chunks take the plain path of [`create_batch`].
+pub async fn create_batch_pipelined(
+    tx: &mut Tx,
+    app: std::sync::Arc<App>,
+    entity: &str,
+    records: Vec<Json>,
+    ctx: &WriteCtx,
+) -> Result<Vec<Uuid>> {
+    let e = app.entity(entity)?;
+    too_many(records.len())?;
+    if records.len() < 2 * PIPELINE_CHUNK {
+        return create_batch(tx, &app, e, &records, ctx).await;
+    }
+    let total = records.len();
+    // Two chunks in flight: the drafting thread stays at most that far ahead of the writer.
+    let (send, mut recv) = tokio::sync::mpsc::channel::<Vec<Result<Laid>>>(2);
+    let (drafting_app, key, drafting_ctx) = (app.clone(), e.key.clone(), ctx.clone());
+    let backend = tx.backend();
+    std::thread::Builder::new()
+        .name("trellis-draft".into())
+        .spawn(move || {
+            let Ok(e) = drafting_app.entity(&key) else {
+                return;
+            };
+            for chunk in records.chunks(PIPELINE_CHUNK) {
+                let laid = chunk
+                    .iter()
+                    .map(|r| {
+                        let mut l = lay_out(e, draft(e, r, &drafting_ctx)?, &drafting_ctx);
+                        if let Layout::Row(row, _) = &mut l.layout {
+                            row.serialise(backend);
+                        }
+                        Ok(l)
+                    })
+                    .collect();
+                // The writer stopped (a database error): nothing more to do.
+                if send.blocking_send(laid).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|err| FormError::Internal(format!("cannot start a drafting thread: {err}")))?;
+    let mut checks = BatchChecks::new(e);
+    let mut draft_problems = vec![];
+    let mut ids = Vec::with_capacity(total);
+    let mut i = 0;
+    while let Some(chunk) = recv.recv().await {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for laid in chunk {
+            match laid {
+                Ok(l) => {
+                    // After a draft problem only draft problems are collected, as create_batch
+                    // reports them before any check that needs the database.
+                    if draft_problems.is_empty() && !checks.full() {
+                        if let Some(row) = checks.check(tx, app.as_ref(), i, l).await? {
+                            rows.push(row);
+                        }
+                    }
+                }
+                Err(FormError::Invalid(ps)) => {
+                    let prefix = format!("/records/{i}");
+                    draft_problems.extend(ps.into_iter().map(|p| p.prefixed(&prefix)));
+                }
+                Err(other) => return Err(other),
+            }
+            i += 1;
+        }
+        if draft_problems.is_empty() && checks.problems.is_empty() {
+            ids.extend(rows.iter().map(|r| r.record.meta.id));
+            write_rows(tx, &app, e, rows, ctx).await?;
+        }
+    }
+    if i != total {
+        return Err(FormError::Internal(format!(
+            "the drafting thread stopped after {i} of {total} records"
+        )));
+    }
+    if !draft_problems.is_empty() {
+        return Err(FormError::Invalid(draft_problems));
+    }
+    if !checks.problems.is_empty() {
+        return Err(FormError::Invalid(checks.problems));
+    }
     Ok(ids)
 }
 
@@ -1284,16 +1533,20 @@ async fn write_history(
     rows: &[HistoryEntry],
     actor: Option<Uuid>,
 ) -> Result<()> {
-    let rows: Vec<(Uuid, &HistoryEntry)> = rows.iter().map(|h| (id, h)).collect();
+    let rows: Vec<HistoryRef> = rows.iter().map(|h| (id, h, None)).collect();
     write_history_rows(tx, app, e, &rows, actor).await
 }
+
+/// A history row to write: the record, the entry, and its `(old, new)` values if serialised
+/// ahead ([`RowJson`]).
+type HistoryRef<'a> = (Uuid, &'a HistoryEntry, Option<&'a (Value, Value)>);
 
 /// History rows of any records, in one insert.
 async fn write_history_rows(
     tx: &mut Tx,
     app: &str,
     e: &Entity,
-    rows: &[(Uuid, &HistoryEntry)],
+    rows: &[HistoryRef<'_>],
     actor: Option<Uuid>,
 ) -> Result<()> {
     let backend = tx.backend();
@@ -1315,13 +1568,21 @@ async fn write_history_rows(
             "actor",
         ],
         rows,
-        move |(id, r): &(Uuid, &HistoryEntry), cell| {
+        move |(id, r, json): &HistoryRef<'_>, cell| {
             cell(&fixed[0]);
             cell(&fixed[1]);
             cell(&Value::Uuid(*id));
             cell(&Value::Text(r.field.clone()));
-            cell(&json_value(backend, &r.old));
-            cell(&json_value(backend, &r.new));
+            match json {
+                Some((old, new)) => {
+                    cell(old);
+                    cell(new);
+                }
+                None => {
+                    cell(&json_value(backend, &r.old));
+                    cell(&json_value(backend, &r.new));
+                }
+            }
             cell(&Value::DateTime(r.at));
             cell(&fixed[2]);
         },
@@ -1382,6 +1643,8 @@ enum EventRecord<'a> {
     Json(&'a Json),
     /// A new record, laid out when its statement is built.
     New(&'a Record),
+    /// `changed` and the record, already serialised ([`RowJson`]).
+    Serialised(&'a Value, &'a Value),
 }
 
 /// The flat JSON form of a record ([`Record::to_json`]) serialised straight from the record,
@@ -1445,11 +1708,20 @@ async fn write_events(
             cell(&fixed[1]);
             cell(&Value::Uuid(ev.id));
             cell(&fixed[2]);
-            cell(&json_value(backend, ev.changed));
-            cell(&match ev.record {
-                EventRecord::Json(j) => json_value(backend, j),
-                EventRecord::New(r) => json_value(backend, &RecordJson(r)),
-            });
+            match ev.record {
+                EventRecord::Serialised(changed, record) => {
+                    cell(changed);
+                    cell(record);
+                }
+                EventRecord::Json(j) => {
+                    cell(&json_value(backend, ev.changed));
+                    cell(&json_value(backend, j));
+                }
+                EventRecord::New(r) => {
+                    cell(&json_value(backend, ev.changed));
+                    cell(&json_value(backend, &RecordJson(r)));
+                }
+            }
             cell(&fixed[3]);
             cell(&Value::DateTime(ev.at));
             cell(&fixed[4]);

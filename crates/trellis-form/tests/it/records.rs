@@ -708,3 +708,195 @@ async fn concurrent_writers_never_fail_with_database_is_locked() {
     second.close().await;
     t.cleanup().await;
 }
+
+/// `(changed, record)` of every `created` event of `entity`, and the `new_value` of every
+/// history row, in write order, with the values that differ between two runs of the same input
+/// (ids, times, and the two fields each run makes unique) taken out.
+async fn written(db: &trellis_form::db::Db, entity: &str) -> (Vec<(Value, Value)>, Vec<Value>) {
+    use trellis_form::db::{Sql, Value as V};
+    use trellis_form::model::ColKind;
+    let json = |v: &V| match v {
+        V::Json(j) => j.clone(),
+        other => panic!("expected JSON, got {other:?}"),
+    };
+    let strip = |mut r: Value| {
+        for k in ["id", "created_at", "updated_at", "title", "email"] {
+            r.as_object_mut().unwrap().remove(k);
+        }
+        r
+    };
+    let ev = db
+        .fetch_all(
+            &Sql::new(format!(
+                "SELECT \"changed\", \"record\" FROM \"events\" WHERE \"entity\" = '{entity}' \
+                 AND \"kind\" = 'created' ORDER BY \"id\""
+            )),
+            &[ColKind::Json, ColKind::Json],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (json(&r[0]), strip(json(&r[1]))))
+        .collect();
+    let hist = db
+        .fetch_all(
+            &Sql::new(format!(
+                "SELECT \"new_value\" FROM \"history\" WHERE \"entity\" = '{entity}' ORDER BY \"id\""
+            )),
+            &[ColKind::Json],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let mut v = json(&r[0]);
+            // `[[field, value], …]`: drop the per-run fields.
+            if let Some(a) = v.as_array_mut() {
+                a.retain(|p| p[0] != "title" && p[0] != "email");
+            }
+            v
+        })
+        .collect();
+    (ev, hist)
+}
+
+#[tokio::test]
+async fn pipelined_batches_write_what_plain_batches_write_and_refuse_whole() {
+    use std::sync::Arc;
+    const N: usize = 2 * store::PIPELINE_CHUNK + 500;
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        let app = Arc::new(app);
+        let thing = app.entity("thing").unwrap();
+        let acc = create(&t.db, &app, "account", json!({"name": "Acme"}), admin)
+            .await
+            .unwrap();
+        let taken = create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "first", "email": "taken@x.example"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let rec = |run: &str, i: usize| {
+            json!({
+                "title": format!("{run}{i}"),
+                "email": format!("{run}{i}@x.example"),
+                "count": i % 100,
+                "color": if i % 2 == 0 { "red" } else { "blue" },
+                "tags": ["a", "c"],
+                "who": admin.to_string(),
+                "account": if i % 3 == 0 { Value::String(acc.meta.id.to_string()) } else { Value::Null },
+            })
+        };
+        // The same records through both paths store the same rows, history and events.
+        let plain: Vec<Value> = (0..N).map(|i| rec("p", i)).collect();
+        let mut tx = t.db.begin().await.unwrap();
+        let plain_ids = store::create_batch(&mut tx, &app, thing, &plain, &ctx(admin))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let before = written(&t.db, "thing").await;
+        let piped: Vec<Value> = (0..N).map(|i| rec("q", i)).collect();
+        let mut tx = t.db.begin().await.unwrap();
+        let piped_ids =
+            store::create_batch_pipelined(&mut tx, app.clone(), "thing", piped, &ctx(admin))
+                .await
+                .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(piped_ids.len(), N, "{}", t.backend);
+        assert!(
+            piped_ids.windows(2).all(|w| w[0] < w[1]),
+            "ids in input order"
+        );
+        assert_eq!(count(&t.db, "zoo__thing", "").await, 1 + 2 * N as i64);
+        let after = written(&t.db, "thing").await;
+        assert_eq!(after.0.len(), 1 + 2 * N);
+        assert_eq!(after.1.len(), 1 + 2 * N);
+        assert_eq!(after.0[1..=N], after.0[N + 1..], "events, {}", t.backend);
+        assert_eq!(after.1[1..=N], after.1[N + 1..], "history, {}", t.backend);
+        assert_eq!(before.0[..], after.0[..=N]);
+        let one = store::get(&t.db, thing, piped_ids[1500])
+            .await
+            .unwrap()
+            .to_json();
+        let same = store::get(&t.db, thing, plain_ids[1500])
+            .await
+            .unwrap()
+            .to_json();
+        assert_eq!(one["title"], json!("q1500"));
+        assert_eq!(one["account"], json!(acc.meta.id.to_string()));
+        for k in [
+            "count", "color", "tags", "who", "account", "owner", "version",
+        ] {
+            assert_eq!(one[k], same[k], "{k}");
+        }
+
+        // Every kind of problem, in the first and in later chunks: the same answer as the plain
+        // path, and nothing written.
+        let rows = count(&t.db, "zoo__thing", "").await;
+        let events = count(&t.db, "events", "").await;
+        let history = count(&t.db, "history", "").await;
+        let missing = uuid::Uuid::now_v7().to_string();
+        let mut checked: Vec<Value> = (0..N).map(|i| rec("r", i)).collect();
+        checked[10]["account"] = json!(missing);
+        checked[1200]["email"] = json!("taken@x.example");
+        checked[2300]["email"] = json!("r5@x.example");
+        let checked_want = [
+            ("/records/10/account".to_owned(), "not_found"),
+            ("/records/1200/email".to_owned(), "unique"),
+            ("/records/2300/email".to_owned(), "unique"),
+        ];
+        // Problems found without the database come with the others, record by record.
+        let mut drafted = checked.clone();
+        drafted[1999]["count"] = json!("many");
+        drafted[2001]["color"] = json!("green");
+        drafted[2001]["account"] = json!(missing);
+        let drafted_want = [
+            ("/records/10/account".to_owned(), "not_found"),
+            ("/records/1200/email".to_owned(), "unique"),
+            ("/records/1999/count".to_owned(), "wrong_type"),
+            ("/records/2001/account".to_owned(), "not_found"),
+            ("/records/2001/color".to_owned(), "unknown_option"),
+            ("/records/2300/email".to_owned(), "unique"),
+        ];
+        // A record that is not an object fails the batch alone.
+        let mut shapeless = drafted.clone();
+        shapeless[2100] = json!(5);
+        let shapeless_want = [("/records/2100".to_owned(), "not_an_object")];
+        for (batch, want) in [
+            (drafted, &drafted_want[..]),
+            (checked, &checked_want[..]),
+            (shapeless, &shapeless_want[..]),
+        ] {
+            let mut tx = t.db.begin().await.unwrap();
+            let e = store::create_batch(&mut tx, &app, thing, &batch, &ctx(admin))
+                .await
+                .unwrap_err();
+            drop(tx);
+            assert_eq!(problems(e), want, "plain, {}", t.backend);
+            let mut tx = t.db.begin().await.unwrap();
+            let e =
+                store::create_batch_pipelined(&mut tx, app.clone(), "thing", batch, &ctx(admin))
+                    .await
+                    .unwrap_err();
+            drop(tx);
+            assert_eq!(problems(e), want, "pipelined, {}", t.backend);
+            assert_eq!(count(&t.db, "zoo__thing", "").await, rows, "{}", t.backend);
+            assert_eq!(count(&t.db, "events", "").await, events);
+            assert_eq!(count(&t.db, "history", "").await, history);
+        }
+        assert_eq!(taken.meta.version, 1);
+        // Too many records: refused before anything is drafted.
+        let many = vec![json!({"title": "n"}); store::MAX_BATCH + 1];
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::create_batch_pipelined(&mut tx, app.clone(), "thing", many, &ctx(admin))
+            .await
+            .unwrap_err();
+        drop(tx);
+        assert_eq!(problems(e), [("/records".to_owned(), "too_many")]);
+        t.cleanup().await;
+    }
+}

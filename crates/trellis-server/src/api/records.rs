@@ -343,9 +343,11 @@ async fn batch_create(
         return Err(trellis_form::FormError::Invalid(problems).into());
     }
     let c = ctx(&state, &loaded, &actor);
-    let drafts = store::draft_batch(e, &b.records, &c)?;
     let mut tx = state.db.begin().await?;
-    let ids = store::insert_batch(&mut tx, &loaded.app, e, drafts, &c).await?;
+    // Drafting overlaps writing; on a problem `tx` is dropped, so nothing is kept.
+    let records = std::mem::take(&mut b.records);
+    let ids =
+        store::create_batch_pipelined(&mut tx, loaded.app.clone(), &entity, records, &c).await?;
     let has_inline = crate::writer::has_inline(&state.flows, &app, &entity);
     for (i, id) in ids.iter().enumerate().filter(|_| has_inline) {
         let r = store::get_in(&mut tx, e, *id).await?;
