@@ -203,6 +203,10 @@ pub(crate) fn entity_schema(fields: &[Field]) -> Value {
 
 /// Validate a record object against the entity's schema; every error becomes a [`Problem`].
 pub(crate) fn validate(entity: &Entity, record: &Value) -> Vec<Problem> {
+    // Most records are valid: the boolean check stops at the first failure and builds no errors.
+    if entity.validator.is_valid(record) {
+        return vec![];
+    }
     let mut out: Vec<Problem> = vec![];
     for err in entity.validator.iter_errors(record) {
         let path = err.instance_path.as_str().to_owned();

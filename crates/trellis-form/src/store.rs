@@ -459,6 +459,19 @@ impl Prepared {
     }
 }
 
+impl Checks<'_> {
+    /// Whether a new record has anything for [`verify`] to look up: a reference, a user or a
+    /// unique value, or an owner other than the app's default owner. Keep in step with `verify`.
+    fn need_database(&self, e: &Entity) -> bool {
+        let owner = self.owner.is_some() && self.owner != self.default_owner;
+        owner
+            || e.fields.iter().any(|f| {
+                (matches!(f.ty, FieldType::Relation | FieldType::User) || f.def.unique)
+                    && self.fields.get(&f.key).is_some_and(|v| !v.is_null())
+            })
+    }
+}
+
 /// The checks that need the database: references exist, unique values are free, the owner is a
 /// user. Fails with every problem, including those `validate` found.
 async fn verify(
@@ -476,7 +489,7 @@ async fn verify(
         let Some(v) = fields.get(&f.key).filter(|v| !v.is_null()) else {
             continue;
         };
-        // Only references, users and unique values need the database.
+        // Only references, users and unique values need the database (see `need_database`).
         if !matches!(f.ty, FieldType::Relation | FieldType::User) && !f.def.unique {
             continue;
         }
@@ -692,9 +705,8 @@ pub async fn insert(
 ) -> Result<Record> {
     verify(tx, app, e, d.p.checks(), None, d.problems).await?;
     let row = new_row(e, d.p, ctx);
-    let record = row.record.clone();
-    write_rows(tx, app, e, vec![row], ctx).await?;
-    Ok(record)
+    write_rows(tx, app, e, std::slice::from_ref(&row), ctx).await?;
+    Ok(row.record)
 }
 
 /// A record ready to be written: its columns, history rows and event (see [`prepare_row`]).
@@ -893,14 +905,14 @@ pub async fn write_new_rows(
     rows: Vec<NewRow>,
     ctx: &WriteCtx,
 ) -> Result<()> {
-    write_rows(tx, app, e, rows, ctx).await
+    write_rows(tx, app, e, &rows, ctx).await
 }
 
 async fn write_rows(
     tx: &mut Tx,
     app: &App,
     e: &Entity,
-    rows: Vec<NewRow>,
+    rows: &[NewRow],
     ctx: &WriteCtx,
 ) -> Result<()> {
     // Rollups: records the new rows point at lose their old contribution first.
@@ -1267,7 +1279,7 @@ pub async fn insert_batch(
         return Err(FormError::Invalid(checks.problems));
     }
     let ids = rows.iter().map(|r| r.record.meta.id).collect();
-    write_rows(tx, app, e, rows, ctx).await?;
+    write_rows(tx, app, e, &rows, ctx).await?;
     Ok(ids)
 }
 
@@ -1343,6 +1355,11 @@ impl<'e> BatchChecks<'e> {
         mut l: Laid,
     ) -> Result<Option<NewRow>> {
         let e = self.e;
+        if l.problems.is_empty() && !l.checks().need_database(e) {
+            if let Layout::Row(row, _) = l.layout {
+                return Ok(Some(row));
+            }
+        }
         let mut ps = std::mem::take(&mut l.problems);
         let checks = l.checks();
         for f in e.fields.iter().filter(|f| f.def.unique) {
@@ -1387,8 +1404,11 @@ impl<'e> BatchChecks<'e> {
     }
 }
 
-/// Records a drafting thread hands to the writer at a time in [`create_batch_pipelined`].
-pub const PIPELINE_CHUNK: usize = 1_000;
+/// Records a drafting thread hands to the writer at a time in [`create_batch_pipelined`]. Of
+/// 100, 250, 500 and 1,000, 250 wrote the most records per second in `trellis bench writes`
+/// (see docs/benchmarks.md): small enough for a chunk to be still in cache when the writer
+/// takes it, large enough to keep the hand-offs few.
+pub const PIPELINE_CHUNK: usize = 250;
 
 /// [`create_batch`] with drafting and writing overlapped: a thread of its own drafts and lays out
 /// the records a chunk of [`PIPELINE_CHUNK`] at a time, while the caller checks and writes the
@@ -1417,13 +1437,20 @@ pub async fn create_batch_pipelined(
     let (send, mut recv) = tokio::sync::mpsc::channel::<Vec<Result<Laid>>>(2);
     let (drafting_app, key, drafting_ctx) = (app.clone(), e.key.clone(), ctx.clone());
     let backend = tx.backend();
+    // Written rows go back to the drafting thread to be freed: memory is cheapest to free on
+    // the thread that allocated it, and the writer is the busier of the two.
+    let (trash, written) = std::sync::mpsc::channel::<Vec<NewRow>>();
     std::thread::Builder::new()
         .name("trellis-draft".into())
         .spawn(move || {
             let Ok(e) = drafting_app.entity(&key) else {
                 return;
             };
-            for chunk in records.chunks(PIPELINE_CHUNK) {
+            // A small first chunk, so the writer starts early.
+            let first = PIPELINE_CHUNK / 4;
+            let chunks =
+                std::iter::once(&records[..first]).chain(records[first..].chunks(PIPELINE_CHUNK));
+            for chunk in chunks {
                 let laid = chunk
                     .iter()
                     .map(|r| {
@@ -1438,6 +1465,14 @@ pub async fn create_batch_pipelined(
                 if send.blocking_send(laid).is_err() {
                     return;
                 }
+                while let Ok(rows) = written.try_recv() {
+                    drop(rows);
+                }
+            }
+            drop(send);
+            // Until the writer is done.
+            for rows in written {
+                drop(rows);
             }
         })
         .map_err(|err| FormError::Internal(format!("cannot start a drafting thread: {err}")))?;
@@ -1468,7 +1503,9 @@ pub async fn create_batch_pipelined(
         }
         if draft_problems.is_empty() && checks.problems.is_empty() {
             ids.extend(rows.iter().map(|r| r.record.meta.id));
-            write_rows(tx, &app, e, rows, ctx).await?;
+            write_rows(tx, &app, e, &rows, ctx).await?;
+            // The drafting thread is gone only if it panicked; then the rows are freed here.
+            let _ = trash.send(rows);
         }
     }
     if i != total {
