@@ -1413,13 +1413,13 @@ pub const PIPELINE_CHUNK: usize = 250;
 /// [`create_batch`] with drafting and writing overlapped: a thread of its own drafts and lays out
 /// the records a chunk of [`PIPELINE_CHUNK`] at a time, while the caller checks and writes the
 /// chunks it has already received, so the two halves of the work run on two cores. All or
-/// nothing, with the same problems as [`create_batch`]: when any record is invalid, nothing more
-/// is written and every problem is returned, draft problems (found without the database) before
-/// the others.
+/// nothing, with the same problems as [`create_batch`]: once a record is invalid nothing more is
+/// written, and every problem of every record is returned (only the records that are not JSON
+/// objects, if there are any).
 ///
 /// Chunks written before a problem was found are in `tx`: on `Err` the caller must roll the
-/// transaction back (drop it), as it would after any failed write. Batches of fewer than two
-/// chunks take the plain path of [`create_batch`].
+/// transaction back (drop it), as it would after any failed write. On PostgreSQL, and for
+/// batches of fewer than two chunks, this is [`create_batch`].
 pub async fn create_batch_pipelined(
     tx: &mut Tx,
     app: std::sync::Arc<App>,
@@ -1429,7 +1429,9 @@ pub async fn create_batch_pipelined(
 ) -> Result<Vec<Uuid>> {
     let e = app.entity(entity)?;
     too_many(records.len())?;
-    if records.len() < 2 * PIPELINE_CHUNK {
+    // On PostgreSQL the server does the heavy part of the write in its own processes, and
+    // chunks cost round trips: the plain path measured faster there (docs/benchmarks.md).
+    if records.len() < 2 * PIPELINE_CHUNK || tx.backend() == crate::db::Backend::Postgres {
         return create_batch(tx, &app, e, &records, ctx).await;
     }
     let total = records.len();

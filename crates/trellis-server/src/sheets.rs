@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use trellis_form::db::{quote, Db, Sql, Value};
 use trellis_form::model::{App, ColKind, Entity};
 use trellis_form::query::{Filter, ListQuery};
@@ -188,7 +189,7 @@ pub struct Run<'a> {
 /// Import a sheet into `e`, all or nothing, with the same validation as the API.
 pub async fn import(
     db: &Db,
-    app: &App,
+    app: &Arc<App>,
     e: &Entity,
     sheet: &Sheet,
     ctx: &WriteCtx,
@@ -202,34 +203,17 @@ pub async fn import(
     let flows = flows.filter(|f| crate::writer::has_inline(f, &app.key, &e.key));
     let tz: chrono_tz::Tz = app.def.timezone.parse().unwrap_or(chrono_tz::UTC);
     let l = lookups(db, app, e).await?;
-    let mapped = sheet::map(e, &sheet.headers, &sheet.rows, sheet.header_row, tz, &l);
+    let mut mapped = sheet::map(e, &sheet.headers, &sheet.rows, sheet.header_row, tz, &l);
     let mut problems = mapped.problems.clone();
     let seen = |problems: &[CellProblem], p: &CellProblem| {
         problems
             .iter()
             .any(|q| q.row == p.row && q.column == p.column && !q.column.is_empty())
     };
-    let mut drafts = vec![];
-    for (i, d) in store::draft_all(e, &mapped.records, ctx)
-        .into_iter()
-        .enumerate()
-    {
-        match d {
-            Ok(d) => drafts.push((i, d)),
-            Err(FormError::Invalid(ps)) => {
-                for p in ps {
-                    let cp = mapped.locate(e, i, &p);
-                    // A cell that could not be read is reported once, not again as "required".
-                    if !seen(&problems, &cp) {
-                        problems.push(cp);
-                    }
-                }
-            }
-            Err(other) => return Err(other.into()),
-        }
-    }
+    let mut records = std::mem::take(&mut mapped.records);
+    let count = records.len();
     let bar = if progress {
-        let b = indicatif::ProgressBar::new(drafts.len() as u64);
+        let b = indicatif::ProgressBar::new(count as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} {eta}")
                 .expect("template"),
@@ -239,14 +223,16 @@ pub async fn import(
         indicatif::ProgressBar::hidden()
     };
     let mut tx = db.begin().await?;
-    let count = drafts.len();
-    // Multi-row writes in chunks of a batch's size; each chunk's problems map back to its rows.
-    let mut drafts = drafts.into_iter().peekable();
-    while drafts.peek().is_some() {
-        let chunk: Vec<(usize, store::Draft)> = drafts.by_ref().take(store::MAX_BATCH).collect();
-        let (index, chunk): (Vec<usize>, Vec<store::Draft>) = chunk.into_iter().unzip();
-        let n = chunk.len() as u64;
-        match store::insert_batch(&mut tx, app, e, chunk, ctx).await {
+    // Chunks of a batch's size, each drafted and written side by side
+    // (`store::create_batch_pipelined`); each chunk's problems map back to its rows. After a
+    // refused chunk the others are still checked, so that every bad cell is listed; the
+    // transaction is then rolled back.
+    let mut start = 0;
+    while !records.is_empty() {
+        let rest = records.split_off(records.len().min(store::MAX_BATCH));
+        let chunk = std::mem::replace(&mut records, rest);
+        let n = chunk.len();
+        match store::create_batch_pipelined(&mut tx, app.clone(), &e.key, chunk, ctx).await {
             Ok(ids) => {
                 // Inline workflows, record by record, as for a create through the API. The first
                 // that fails ends the import (a failed step may leave the transaction unusable
@@ -260,7 +246,7 @@ pub async fn import(
                         {
                             let p =
                                 trellis_form::Problem::new("", "workflow_failed", err.to_string());
-                            let mut cp = mapped.locate(e, index[k], &p);
+                            let mut cp = mapped.locate(e, start + k, &p);
                             cp.header = format!("workflow {}", err.workflow);
                             problems.push(cp);
                             break;
@@ -273,24 +259,25 @@ pub async fn import(
             }
             Err(FormError::Invalid(ps) | FormError::Conflict(ps)) => {
                 for p in ps {
-                    // `/records/<k>/field…` → the k-th draft of this chunk.
+                    // `/records/<k>/field…` → the k-th record of this chunk.
                     let rest = p.path.trim_start_matches("/records/");
                     let (k, tail) = rest
                         .split_once('/')
                         .map(|(k, t)| (k, format!("/{t}")))
                         .unwrap_or((rest, String::new()));
-                    let i = k
-                        .parse::<usize>()
-                        .ok()
-                        .and_then(|k| index.get(k).copied())
-                        .unwrap_or(0);
+                    let i = start + k.parse::<usize>().unwrap_or(0);
                     let p = trellis_form::Problem { path: tail, ..p };
-                    problems.push(mapped.locate(e, i, &p));
+                    let cp = mapped.locate(e, i, &p);
+                    // A cell that could not be read is reported once, not again as "required".
+                    if !seen(&problems, &cp) {
+                        problems.push(cp);
+                    }
                 }
             }
             Err(other) => return Err(other.into()),
         }
-        bar.inc(n);
+        start += n;
+        bar.inc(n as u64);
     }
     bar.finish_and_clear();
     if !problems.is_empty() {

@@ -282,10 +282,12 @@ async fn a_formula_that_fails_on_a_row_is_reported_at_that_row() {
         trellis_form::apps::import(&t.db, &def, Default::default(), ctx.actor, ctx.now)
             .await
             .unwrap();
-        let app = trellis_form::apps::load(&t.db, "shop")
-            .await
-            .unwrap()
-            .unwrap();
+        let app = Arc::new(
+            trellis_form::apps::load(&t.db, "shop")
+                .await
+                .unwrap()
+                .unwrap(),
+        );
         let file = write(dir.path(), "lines.csv", "商品,数量\nA,4\nB,0\nC,many\n");
         let Outcome::Refused(ps) = sheets::import(
             &t.db,
@@ -508,5 +510,87 @@ async fn imported_records_run_the_inline_workflows_like_api_creates() {
             0,
             "nothing was written"
         );
+    }
+}
+
+/// A sheet of more than one batch goes in chunks, each drafted and written side by side: bad
+/// cells in any chunk are found at their own rows, and nothing is kept.
+#[tokio::test]
+async fn a_large_sheet_reports_bad_cells_at_their_rows_in_every_chunk() {
+    const ROWS: usize = trellis_form::store::MAX_BATCH + 300;
+    let dir = tempfile::tempdir().unwrap();
+    let sheet_text = |bad: bool| {
+        let mut text = String::from("name,source,region,email\n");
+        for i in 0..ROWS {
+            // Sheet row i + 2 (the header is row 1).
+            let name = if bad && i == 4_999 {
+                String::new()
+            } else {
+                format!("Lead {i}")
+            };
+            let source = if bad && i == 7 { "tv" } else { "website" };
+            let email = if bad && i == 10_150 {
+                "not-an-email".to_owned()
+            } else {
+                format!("lead{i}@example.com")
+            };
+            text.push_str(&format!("{name},{source},east,{email}\n"));
+        }
+        text
+    };
+    for t in testing::each().await {
+        let (app, ctx) = setup(&t.db).await;
+        let lead = app.entity("lead").unwrap();
+        let bad = write(dir.path(), "bad.csv", &sheet_text(true));
+        let sheet = sheets::read(&bad).unwrap();
+        let Outcome::Refused(ps) = sheets::import(&t.db, &app, lead, &sheet, &ctx, REAL)
+            .await
+            .unwrap()
+        else {
+            panic!("a sheet with bad cells was imported ({})", t.backend)
+        };
+        let got: Vec<(usize, &str, &str)> = ps
+            .iter()
+            .map(|p| (p.row, p.column.as_str(), p.code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (9, "B", "bad_cell"),
+                (5_001, "A", "required"),
+                (10_152, "D", "format")
+            ],
+            "{}",
+            t.backend
+        );
+        assert_eq!(count(&t.db, &app, "lead").await, 0, "{}", t.backend);
+        let good = write(dir.path(), "good.csv", &sheet_text(false));
+        let sheet = sheets::read(&good).unwrap();
+        assert!(matches!(
+            sheets::import(&t.db, &app, lead, &sheet, &ctx, REAL)
+                .await
+                .unwrap(),
+            Outcome::Ok {
+                records: ROWS,
+                written: true
+            }
+        ));
+        assert_eq!(count(&t.db, &app, "lead").await, ROWS as i64);
+        let (headers, rows) = sheets::table(&t.db, lead, vec![]).await.unwrap();
+        let col = |h: &str| headers.iter().position(|x| x == h).unwrap();
+        let mut last: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r[col("name")].as_str(), r[col("email")].as_str()))
+            .filter(|(n, _)| *n == "Lead 10150" || *n == "Lead 0")
+            .collect();
+        last.sort();
+        assert_eq!(
+            last,
+            [
+                ("Lead 0", "lead0@example.com"),
+                ("Lead 10150", "lead10150@example.com")
+            ]
+        );
+        t.cleanup().await;
     }
 }
