@@ -258,6 +258,9 @@ pub enum Db {
     Postgres(PgPool),
 }
 
+/// The SQLite write connection's page cache, as `PRAGMA cache_size` takes it (negative: KiB).
+const WRITER_CACHE_KIB: i64 = -64 * 1024;
+
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
@@ -289,8 +292,14 @@ impl Db {
         // transaction that cost up to a millisecond each on a busy machine (docs/benchmarks.md).
         // For the same reason the readers are not pinged before use: a SQLite connection is a
         // file handle that cannot go stale.
+        // The writer keeps up to 64 MiB of pages (SQLite's default is 2 MiB): a 10,000-record
+        // batch dirties more than 2 MiB, and a small cache spills pages to the WAL before the
+        // commit (docs/benchmarks.md, docs/operations.md).
+        let writer_opts = opts
+            .clone()
+            .pragma("cache_size", WRITER_CACHE_KIB.to_string());
         let write = Arc::new(tokio::sync::Mutex::new(Some(
-            SqliteConnection::connect_with(&opts).await?,
+            SqliteConnection::connect_with(&writer_opts).await?,
         )));
         let read = SqlitePoolOptions::new()
             .max_connections(sqlite.readers.max(1))

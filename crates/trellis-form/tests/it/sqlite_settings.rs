@@ -45,3 +45,23 @@ async fn readers_map_as_much_of_the_file_as_configured() {
         db.close().await;
     }
 }
+
+/// The write connection keeps 64 MiB of pages, so a 10,000-record batch is not spilled to the
+/// WAL before its commit; readers keep SQLite's default (they map the file instead).
+#[tokio::test]
+async fn the_writer_keeps_a_larger_page_cache_than_the_readers() {
+    let t = testing::sqlite().await;
+    let mut tx = t.db.begin().await.unwrap();
+    let writer = tx
+        .fetch_optional(&Sql::new("PRAGMA cache_size"), &[ColKind::Int])
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(writer, Some(vec![Value::Int(-64 * 1024)]));
+    let reader =
+        t.db.fetch_all(&Sql::new("PRAGMA cache_size"), &[ColKind::Int])
+            .await
+            .unwrap();
+    assert_eq!(reader, vec![vec![Value::Int(-2000)]]);
+    t.cleanup().await;
+}
