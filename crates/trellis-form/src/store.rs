@@ -1287,7 +1287,7 @@ pub async fn insert_batch(
 /// checks, so that the work can be done away from the write connection. A draft with problems
 /// is not laid out (its values may be incomplete); it still goes through the checks, so that
 /// every problem is reported.
-pub struct Laid {
+struct Laid {
     layout: Layout,
     problems: Vec<Problem>,
 }
