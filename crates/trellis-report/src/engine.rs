@@ -1822,8 +1822,9 @@ async fn rows_for(
 ) -> Result<(Rows, Option<(NaiveDate, NaiveDate)>)> {
     let mut rows = Rows::new();
     let mut stage_list: Option<Vec<String>> = None;
+    let mut statements = vec![];
     for u in units(reports, plan) {
-        let (sql, kinds, out) =
+        statements.push(
             match crate::rollup::serve(app, reports, plan, &u, range, grouped, vis)? {
                 Some((sql, kinds, out, name)) => {
                     if !used.contains(&name) {
@@ -1832,8 +1833,18 @@ async fn rows_for(
                     (sql, kinds, out)
                 }
                 None => unit_sql(app, reports, plan, &u, range, grouped, vis, None)?,
-            };
-        let result = db.fetch_all(&sql, &kinds).await?;
+            },
+        );
+    }
+    // The units are independent queries (one per entity and kind): they run at once, each on a
+    // read connection of its own, and are merged in order below.
+    let results = futures_util::future::try_join_all(
+        statements
+            .iter()
+            .map(|(sql, kinds, _)| db.fetch_all(sql, kinds)),
+    )
+    .await?;
+    for ((_, kinds, out), result) in statements.into_iter().zip(results) {
         let nkeys = match &out {
             Out::Values(v) => kinds.len() - v.len(),
             Out::Stages(s) => kinds.len() - s.len(),
