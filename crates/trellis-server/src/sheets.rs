@@ -210,8 +210,8 @@ pub async fn import(
             .iter()
             .any(|q| q.row == p.row && q.column == p.column && !q.column.is_empty())
     };
-    let mut records = std::mem::take(&mut mapped.records);
-    let count = records.len();
+    let count = mapped.records.len();
+    let mut records = std::mem::take(&mut mapped.records).into_iter();
     let bar = if progress {
         let b = indicatif::ProgressBar::new(count as u64);
         b.set_style(
@@ -228,9 +228,11 @@ pub async fn import(
     // refused chunk the others are still checked, so that every bad cell is listed; the
     // transaction is then rolled back.
     let mut start = 0;
-    while !records.is_empty() {
-        let rest = records.split_off(records.len().min(store::MAX_BATCH));
-        let chunk = std::mem::replace(&mut records, rest);
+    loop {
+        let chunk: Vec<Json> = records.by_ref().take(store::MAX_BATCH).collect();
+        if chunk.is_empty() {
+            break;
+        }
         let n = chunk.len();
         match store::create_batch_pipelined(&mut tx, app.clone(), &e.key, chunk, ctx).await {
             Ok(ids) => {
