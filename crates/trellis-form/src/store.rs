@@ -459,16 +459,21 @@ impl Prepared {
     }
 }
 
+/// Whether [`verify`] looks a value of `f` up in the database: a reference, a user, a unique
+/// value.
+fn looked_up(f: &crate::model::Field) -> bool {
+    matches!(f.ty, FieldType::Relation | FieldType::User) || f.def.unique
+}
+
 impl Checks<'_> {
-    /// Whether a new record has anything for [`verify`] to look up: a reference, a user or a
-    /// unique value, or an owner other than the app's default owner. Keep in step with `verify`.
+    /// Whether a new record has anything for [`verify`] to look up: a value of a [`looked_up`]
+    /// field, or an owner other than the app's default owner.
     fn need_database(&self, e: &Entity) -> bool {
         let owner = self.owner.is_some() && self.owner != self.default_owner;
         owner
-            || e.fields.iter().any(|f| {
-                (matches!(f.ty, FieldType::Relation | FieldType::User) || f.def.unique)
-                    && self.fields.get(&f.key).is_some_and(|v| !v.is_null())
-            })
+            || e.fields
+                .iter()
+                .any(|f| looked_up(f) && self.fields.get(&f.key).is_some_and(|v| !v.is_null()))
     }
 }
 
@@ -489,8 +494,7 @@ async fn verify(
         let Some(v) = fields.get(&f.key).filter(|v| !v.is_null()) else {
             continue;
         };
-        // Only references, users and unique values need the database (see `need_database`).
-        if !matches!(f.ty, FieldType::Relation | FieldType::User) && !f.def.unique {
+        if !looked_up(f) {
             continue;
         }
         let changed = old.is_none_or(|r| r.fields.get(&f.key) != Some(v));
@@ -1225,6 +1229,12 @@ pub fn draft_all(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Vec<Result<Dra
     })
 }
 
+/// The problems of a batch's `i`-th record, under `/records/<i>`.
+fn at_record(i: usize, ps: Vec<Problem>) -> impl Iterator<Item = Problem> {
+    let prefix = format!("/records/{i}");
+    ps.into_iter().map(move |p| p.prefixed(&prefix))
+}
+
 /// A batch of more than [`MAX_BATCH`] records is refused whole.
 fn too_many(n: usize) -> Result<()> {
     if n > MAX_BATCH {
@@ -1245,9 +1255,7 @@ pub fn draft_batch(e: &Entity, records: &[Json], ctx: &WriteCtx) -> Result<Vec<D
     for (i, d) in draft_all(e, records, ctx).into_iter().enumerate() {
         match d {
             Ok(d) => drafts.push(d),
-            Err(FormError::Invalid(ps)) => {
-                problems.extend(ps.into_iter().map(|p| p.prefixed(&format!("/records/{i}"))))
-            }
+            Err(FormError::Invalid(ps)) => problems.extend(at_record(i, ps)),
             Err(other) => return Err(other),
         }
     }
@@ -1389,9 +1397,7 @@ impl<'e> BatchChecks<'e> {
                 )),
             },
             Err(FormError::Invalid(ps)) => {
-                let prefix = format!("/records/{i}");
-                self.problems
-                    .extend(ps.into_iter().map(|p| p.prefixed(&prefix)));
+                self.problems.extend(at_record(i, ps));
                 Ok(None)
             }
             Err(other) => Err(other),
@@ -1495,10 +1501,7 @@ pub async fn create_batch_pipelined(
                         }
                     }
                 }
-                Err(FormError::Invalid(ps)) => {
-                    let prefix = format!("/records/{i}");
-                    draft_problems.extend(ps.into_iter().map(|p| p.prefixed(&prefix)));
-                }
+                Err(FormError::Invalid(ps)) => draft_problems.extend(at_record(i, ps)),
                 Err(other) => return Err(other),
             }
             i += 1;

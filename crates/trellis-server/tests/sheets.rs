@@ -57,6 +57,13 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// Each refused cell as (sheet row, column letter, code).
+fn cells(ps: &[trellis_form::sheet::CellProblem]) -> Vec<(usize, &str, &'static str)> {
+    ps.iter()
+        .map(|p| (p.row, p.column.as_str(), p.code))
+        .collect()
+}
+
 async fn count(db: &trellis_form::db::Db, app: &trellis_form::model::App, entity: &str) -> i64 {
     let q = trellis_form::query::ListQuery {
         count: true,
@@ -131,10 +138,7 @@ async fn csv_import_matches_labels_in_any_language_and_is_all_or_nothing() {
         else {
             panic!()
         };
-        let got: Vec<(usize, &str, &str)> = ps
-            .iter()
-            .map(|p| (p.row, p.column.as_str(), p.code))
-            .collect();
+        let got = cells(&ps);
         assert_eq!(
             got,
             [
@@ -349,12 +353,7 @@ async fn xlsx_rows_and_columns_are_the_ones_a_person_sees() {
     else {
         panic!()
     };
-    assert_eq!(
-        ps.iter()
-            .map(|p| (p.row, p.column.as_str(), p.code))
-            .collect::<Vec<_>>(),
-        [(5, "D", "bad_cell")]
-    );
+    assert_eq!(cells(&ps), [(5, "D", "bad_cell")]);
     // Without the bad row the float is read as the 113 Excel shows.
     let mut sheet = sheet;
     sheet.rows.truncate(1);
@@ -549,10 +548,7 @@ async fn a_large_sheet_reports_bad_cells_at_their_rows_in_every_chunk() {
         else {
             panic!("a sheet with bad cells was imported ({})", t.backend)
         };
-        let got: Vec<(usize, &str, &str)> = ps
-            .iter()
-            .map(|p| (p.row, p.column.as_str(), p.code))
-            .collect();
+        let got = cells(&ps);
         assert_eq!(
             got,
             [
