@@ -1425,11 +1425,20 @@ fn unit_sql(
                 .as_ref()
                 .map(|a| a.sql.clone())
                 .unwrap_or_else(|| "t.\"created_at\"".into());
+            // Over the whole history (no range), SQLite counts from the related records' side:
+            // one probe per related record instead of one per base record (docs/benchmarks.md);
+            // a range keeps the EXISTS, whose probes are as few as the range's base records.
+            let by_join =
+                drill.is_none() && related.is_some() && range.is_none() && d.conversion_by_join();
             let hit = match (related, when) {
                 (Some((ce, via, within)), _) => {
                     // A base record converts when any related record was created at or after it
                     // (and within the window): EXISTS counts each base record at most once.
-                    let hit = related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
+                    let hit = if by_join {
+                        String::new()
+                    } else {
+                        related_exists(app, d, &mut sql, ce, via, *within, &base_time)?
+                    };
                     if let (Some(w), true) = (within, *exclude_immature) {
                         let now = sql.param(Value::DateTime(plan.now));
                         let wp2 = sql.param(Value::Int(i64::from(*w)));
@@ -1440,6 +1449,61 @@ fn unit_sql(
                 (None, Some(w)) => ctx.lower(w, &mut sql).map_err(internal)?.sql,
                 (None, None) => d.bool_lit(false).to_owned(),
             };
+            if let (true, Some((ce, via, within))) = (by_join, related) {
+                // Each related record finds its base record (CROSS JOIN keeps the related
+                // table the outer loop: SQLite's planner, without statistics, otherwise scans
+                // the base table and probes per base record), and the base records are counted
+                // distinctly, beside all base records counted apart (UNION ALL), merged per
+                // group: the same answer as counting EXISTS per base record.
+                let mut hit_conds = vec![related_cond(d, &mut sql, via, *within, &base_time)];
+                hit_conds.extend(conds.iter().cloned());
+                let target = quote(&app.entity(ce)?.table);
+                let keyed: Vec<String> = select
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| format!("{s} AS \"k{i}\""))
+                    .collect();
+                let cols = |counts: &str| {
+                    let mut c = keyed.clone();
+                    c.push(counts.to_owned());
+                    c.join(", ")
+                };
+                let (from, wh) = (ctx.from_clause(), where_sql(&conds));
+                let group = if group_n == 0 {
+                    String::new()
+                } else {
+                    format!(" GROUP BY {}", positions(group_n))
+                };
+                let hits = format!(
+                    "SELECT {} FROM {target} c CROSS JOIN {from}{}{group}",
+                    cols("COUNT(DISTINCT t.\"id\") AS \"n\", 0 AS \"d\""),
+                    where_sql(&hit_conds)
+                );
+                let all = format!(
+                    "SELECT {} FROM {from}{wh}{group}",
+                    cols("0 AS \"n\", COUNT(*) AS \"d\"")
+                );
+                let keys: Vec<String> = (0..group_n).map(|i| format!("x.\"k{i}\"")).collect();
+                let mut outer = keys.clone();
+                outer.push(d.number("SUM(x.\"n\")"));
+                outer.push(d.number("SUM(x.\"d\")"));
+                let outer_group = if keys.is_empty() {
+                    String::new()
+                } else {
+                    format!(" GROUP BY {}", keys.join(", "))
+                };
+                sql.text = format!(
+                    "SELECT {} FROM ({hits} UNION ALL {all}) x{outer_group}",
+                    outer.join(", ")
+                );
+                kinds.push(ColKind::Decimal);
+                kinds.push(ColKind::Decimal);
+                return Ok((
+                    sql,
+                    kinds,
+                    Out::Values(vec![format!("{metric}#num"), format!("{metric}#den")]),
+                ));
+            }
             if let Some(dr) = drill {
                 match dr.side {
                     Some("numerator") => conds.push(hit),
@@ -1678,19 +1742,34 @@ pub(crate) fn related_exists(
     base_time: &str,
 ) -> Result<String> {
     let target = app.entity(entity)?;
-    let mut inner = format!(
-        "SELECT 1 FROM {tt} c WHERE c.{via} = t.\"id\" AND c.\"created_at\" >= {base_time}",
-        tt = quote(&target.table),
-        via = quote(via),
+    Ok(format!(
+        "EXISTS (SELECT 1 FROM {} c WHERE {})",
+        quote(&target.table),
+        related_cond(d, sql, via, within, base_time)
+    ))
+}
+
+/// The condition of a related record `c` counting for the base record `t`: it points at `t`
+/// through `via` and was created at or after `base_time` (and within `within` days of it).
+fn related_cond(
+    d: &dyn dialect::Dialect,
+    sql: &mut Sql,
+    via: &str,
+    within: Option<u32>,
+    base_time: &str,
+) -> String {
+    let mut cond = format!(
+        "c.{} = t.\"id\" AND c.\"created_at\" >= {base_time}",
+        quote(via)
     );
     if let Some(w) = within {
         let wp = sql.param(Value::Int(i64::from(w)));
-        inner.push_str(&format!(
+        cond.push_str(&format!(
             " AND {}",
             d.within("c.\"created_at\"", base_time, &wp)
         ));
     }
-    Ok(format!("EXISTS ({inner})"))
+    cond
 }
 
 /// The condition of a record counting as having entered funnel stage `i`: in `ordered` mode it

@@ -31,7 +31,9 @@ fn crm_def() -> Json {
         "won_amount": {"type": "aggregate", "entity": "opportunity", "agg": "sum", "expr": "amount", "filter": "stage.kind == 'won'", "time": "stage__changed_at"},
         "avg_won_derived": {"type": "derived", "expr": "won_amount / won_count"},
         "qualified_rate": {"type": "conversion", "entity": "lead", "converted": {"when": "status == 'qualified'"}},
-        "median_time_in_stage": {"type": "time_in_stage", "entity": "opportunity", "agg": "median"}
+        "median_time_in_stage": {"type": "time_in_stage", "entity": "opportunity", "agg": "median"},
+        "conv_3d": {"type": "conversion", "entity": "lead", "converted": {"entity": "opportunity", "via": "lead", "within_days": 3}},
+        "conv_30d_mature": {"type": "conversion", "entity": "lead", "converted": {"entity": "opportunity", "via": "lead", "within_days": 30, "exclude_immature": true}}
     }});
     def["reports"].as_array_mut().unwrap().push(extra);
     def
@@ -828,10 +830,16 @@ async fn main_kpis_explain_with_their_indexes() {
                 let text = plan_text.join("\n");
                 if item.key == "kpis"
                     && db.backend() == trellis_form::db::Backend::Sqlite
-                    && sql.text.contains("EXISTS")
+                    && sql.text.contains("COUNT(DISTINCT t.\"id\")")
                 {
-                    assert!(text.contains("SEARCH c USING INDEX"), "{text}");
-                    assert!(!text.contains("SCAN c"), "{text}");
+                    // Lead conversion from the opportunities' side: each opportunity finds its
+                    // lead by the primary key, and no lead probes the opportunities.
+                    assert!(text.contains("SCAN c"), "{text}");
+                    assert!(
+                        text.contains("SEARCH t USING INDEX sqlite_autoindex"),
+                        "{text}"
+                    );
+                    assert!(!text.contains("EXISTS"), "{text}");
                 }
             }
         }
@@ -855,6 +863,96 @@ async fn main_kpis_explain_with_their_indexes() {
                 "the stage filter can use the stage index: {text}"
             );
         }
+        t.cleanup().await;
+    }
+}
+
+/// Conversions to related records, on both backends (SQLite counts them from the related
+/// records' side, PostgreSQL with `EXISTS`): each base record at most once, only related
+/// records created at or after it and within the window, immature ones left out.
+#[tokio::test]
+async fn conversions_count_each_base_record_once_within_its_window() {
+    for t in testing::each().await {
+        let db = &t.db;
+        let fx = fixture(db).await;
+        let b = t.backend;
+        // The base tables, not the rollup that serves `lead_conversion`.
+        let all = json!({"metrics": ["leads", "lead_conversion", "conv_3d", "conv_30d_mature"], "use_rollups": false});
+        // L1 converted twice (O1 five days after it, O2 27 days), L2 once (O3 ten and a half
+        // hours after it); L3, L4 and L5 not. Within 3 days: L2 only. Within 30 days and
+        // mature (created 30 days or more before now): L4 (1 November) is left out.
+        let a = ask(db, &fx, all.clone()).await;
+        assert_eq!(
+            json!(a.totals),
+            json!({"leads": 5, "lead_conversion": 0.4, "conv_3d": 0.2, "conv_30d_mature": 0.5}),
+            "{b}"
+        );
+        // Grouped by a user's name (a join beside the related records') and by quarter.
+        let a = ask(db, &fx, json!({"metrics": ["leads", "lead_conversion", "conv_3d"], "group_by": ["owner.name"], "use_rollups": false})).await;
+        assert_eq!(
+            rows(&a),
+            json!([{"owner.name": "Rep A", "leads": 5, "lead_conversion": 0.4, "conv_3d": 0.2}]),
+            "{b}"
+        );
+        let a = ask(db, &fx, json!({"metrics": ["conv_3d", "conv_30d_mature"], "time": {"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"}, "use_rollups": false})).await;
+        assert_eq!(
+            rows(&a),
+            json!([
+                {"period": "2026-01-01", "conv_3d": 0.333333, "conv_30d_mature": 0.666667},
+                {"period": "2026-04-01", "conv_3d": 0.0, "conv_30d_mature": 0.0},
+                {"period": "2026-07-01", "conv_3d": null, "conv_30d_mature": null},
+                {"period": "2026-10-01", "conv_3d": 0.0, "conv_30d_mature": null}
+            ]),
+            "{b}"
+        );
+        // An opportunity created before its lead does not convert it; one created after does.
+        let ctx = WriteCtx {
+            actor: None,
+            now: now(),
+            default_owner: Some(fx.rep_a),
+            import: true,
+            depth: 0,
+        };
+        let opp = fx.app.entity("opportunity").unwrap();
+        let mut tx = db.begin().await.unwrap();
+        store::create_batch(&mut tx, &fx.app, opp, &[json!({"name": "O9", "needs_summary": "n", "amount": 10, "lead": fx.ids["L4"], "expected_close_date": "2027-02-01", "stage": "mql", "created_at": "2026-10-15T00:00:00Z"})], &ctx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let a = ask(db, &fx, all.clone()).await;
+        assert_eq!(a.totals["lead_conversion"], json!(0.4), "{b}");
+        let mut tx = db.begin().await.unwrap();
+        store::create_batch(&mut tx, &fx.app, opp, &[json!({"name": "O10", "needs_summary": "n", "amount": 10, "lead": fx.ids["L4"], "expected_close_date": "2027-02-01", "stage": "mql", "created_at": "2026-11-03T00:00:00Z"})], &ctx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let a = ask(db, &fx, all).await;
+        assert_eq!(
+            json!(a.totals),
+            json!({"leads": 5, "lead_conversion": 0.6, "conv_3d": 0.4, "conv_30d_mature": 0.5}),
+            "{b}"
+        );
+        // The drill-down (an EXISTS per lead on both backends) lists the same leads.
+        assert_eq!(
+            drill_ids(
+                db,
+                &fx,
+                json!({"metric": "lead_conversion", "row": {}, "side": "numerator"})
+            )
+            .await,
+            vec!["L1", "L2", "L4"],
+            "{b}"
+        );
+        assert_eq!(
+            drill_ids(
+                db,
+                &fx,
+                json!({"metric": "conv_3d", "row": {}, "side": "numerator"})
+            )
+            .await,
+            vec!["L2", "L4"],
+            "{b}"
+        );
         t.cleanup().await;
     }
 }

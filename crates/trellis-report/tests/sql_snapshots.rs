@@ -32,11 +32,19 @@ fn generated_sql_per_metric_type_and_dialect() {
         "sales_cycle_days",
         "amount_p90",
         "lead_conversion_30d",
+        // Over the whole history SQLite counts a conversion from the related records' side.
+        "lead_conversion_30d/all_time",
         "stage_conversion_ordered",
         "time_in_stage",
     ] {
+        let (metric, all_time) = match metric.split_once('/') {
+            Some((m, _)) => (m, true),
+            None => (metric, false),
+        };
         let time = if metric == "weighted_forecast" {
             json!({"grain": "month", "from": "2026-12-01", "to": "2027-03-01"})
+        } else if all_time {
+            json!({"grain": "quarter"})
         } else {
             json!({"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"})
         };
@@ -51,8 +59,10 @@ fn generated_sql_per_metric_type_and_dialect() {
             let plan = engine::plan(&app, &reports, &q, now, backend).unwrap();
             for sql in engine::statements(&app, &reports, &plan, &vis).unwrap() {
                 out.push_str(&format!(
-                    "-- {metric} ({backend:?})\n{}\n-- params: {:?}\n\n",
-                    sql.text, sql.params
+                    "-- {metric}{} ({backend:?})\n{}\n-- params: {:?}\n\n",
+                    if all_time { ", all time" } else { "" },
+                    sql.text,
+                    sql.params
                 ));
             }
         }
