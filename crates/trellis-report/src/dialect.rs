@@ -40,11 +40,6 @@ pub trait Dialect: Sync {
     fn count_exists(&self, exists: &str) -> String {
         self.count_if(exists)
     }
-    /// Whether a conversion to related records is counted from the related records' side (a
-    /// join, counting base records distinctly) rather than by an `EXISTS` per base record.
-    fn conversion_by_join(&self) -> bool {
-        false
-    }
 }
 
 /// SQLite.
@@ -146,12 +141,6 @@ impl Dialect for Sqlite {
         // EXISTS …) over 2.8 million leads (docs/benchmarks.md), while for plain conditions
         // COUNT(CASE …) is the faster form.
         format!("COALESCE(SUM({exists}), 0)")
-    }
-    fn conversion_by_join(&self) -> bool {
-        // SQLite runs a correlated EXISTS as one index probe per base record (2.8 million for
-        // the CRM's leads at 1M opportunities); from the related side it is one probe per
-        // related record instead (docs/benchmarks.md).
-        true
     }
 }
 

@@ -867,9 +867,10 @@ async fn main_kpis_explain_with_their_indexes() {
     }
 }
 
-/// Conversions to related records, on both backends (SQLite counts them from the related
-/// records' side, PostgreSQL with `EXISTS`): each base record at most once, only related
-/// records created at or after it and within the window, immature ones left out.
+/// Conversions to related records, on both backends and in both forms (over the whole history
+/// counted from the related records' side, over a range with an `EXISTS` per base record):
+/// each base record at most once, only related records created at or after it and within the
+/// window, immature ones left out.
 #[tokio::test]
 async fn conversions_count_each_base_record_once_within_its_window() {
     for t in testing::each().await {

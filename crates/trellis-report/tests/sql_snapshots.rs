@@ -32,7 +32,7 @@ fn generated_sql_per_metric_type_and_dialect() {
         "sales_cycle_days",
         "amount_p90",
         "lead_conversion_30d",
-        // Over the whole history SQLite counts a conversion from the related records' side.
+        // Over the whole history a conversion is counted from the related records' side.
         "lead_conversion_30d/all_time",
         "stage_conversion_ordered",
         "time_in_stage",
