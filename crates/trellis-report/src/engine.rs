@@ -1470,11 +1470,7 @@ fn unit_sql(
                     c.join(", ")
                 };
                 let (from, wh) = (ctx.from_clause(), where_sql(&conds));
-                let group = if group_n == 0 {
-                    String::new()
-                } else {
-                    format!(" GROUP BY {}", positions(group_n))
-                };
+                let group = group_by(&positions(group_n));
                 let hits = format!(
                     "SELECT {} FROM {target} c CROSS JOIN {from}{}{group}",
                     cols("COUNT(DISTINCT t.\"id\") AS \"n\", 0 AS \"d\""),
@@ -1488,11 +1484,7 @@ fn unit_sql(
                 let mut outer = keys.clone();
                 outer.push(d.number("SUM(x.\"n\")"));
                 outer.push(d.number("SUM(x.\"d\")"));
-                let outer_group = if keys.is_empty() {
-                    String::new()
-                } else {
-                    format!(" GROUP BY {}", keys.join(", "))
-                };
+                let outer_group = group_by(&keys.join(", "));
                 sql.text = format!(
                     "SELECT {} FROM ({hits} UNION ALL {all}) x{outer_group}",
                     outer.join(", ")
@@ -1619,11 +1611,7 @@ fn unit_sql(
                     // A group shows when one of its records ever waited in a stage.
                     format!(" HAVING {} > 0", entered.join(" + "))
                 };
-                let group = if group_n == 0 {
-                    String::new()
-                } else {
-                    format!(" GROUP BY {}", positions(group_n))
-                };
+                let group = group_by(&positions(group_n));
                 sql.text = format!(
                     "SELECT {} FROM {}{}{group}{having}",
                     select.join(", "),
@@ -1692,11 +1680,7 @@ fn unit_sql(
     if let Some(dr) = drill {
         return Ok(drill_ids(sql, &ctx, &from, &conds, dr.limit, false));
     }
-    let group = if group_n == 0 {
-        String::new()
-    } else {
-        format!(" GROUP BY {}", positions(group_n))
-    };
+    let group = group_by(&positions(group_n));
     sql.text = format!(
         "SELECT {} FROM {}{from}{}{group}",
         select.join(", "),
@@ -1802,6 +1786,15 @@ fn where_sql(conds: &[String]) -> String {
     }
 }
 
+/// ` GROUP BY items`, or nothing when `items` is empty.
+fn group_by(items: &str) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {items}")
+    }
+}
+
 /// `1, 2, …, n` (GROUP BY positions).
 fn positions(n: usize) -> String {
     (1..=n)
@@ -1858,11 +1851,7 @@ fn percentile_sql(inner: &str, keys: &[String], p: f64) -> String {
     } else {
         format!("{keys_sel}, ")
     };
-    let group = if keys.is_empty() {
-        String::new()
-    } else {
-        format!(" GROUP BY {keys_sel}")
-    };
+    let group = group_by(&keys_sel);
     format!(
         "SELECT {sel}SUM(CASE WHEN \"rn\" = {lo} THEN \"v\" * (1 - {frac}) WHEN \"rn\" = {lo} + 1 THEN \"v\" * {frac} ELSE 0 END) FROM (SELECT {sel}\"v\", ROW_NUMBER() OVER ({part}ORDER BY \"v\") - 1 AS \"rn\", COUNT(*) OVER ({part}) AS \"n\" FROM ({inner}) x WHERE \"v\" IS NOT NULL) w{group}"
     )
