@@ -177,9 +177,35 @@ async fn reports_count_what_the_caller_may_see() {
             .to_str()
             .unwrap()
             .starts_with("text/csv"));
+        assert_eq!(r.headers()["trellis-row-count"], "2");
+        assert_eq!(r.headers()["trellis-truncated"], "false");
         assert_eq!(
             r.text().await.unwrap(),
             "region,opportunities\neast,2\nnorth,1\n"
+        );
+        // A file cut by `limit` says so in its headers, the JSON answer in `meta`.
+        let r = app
+            .req(Method::POST, "/api/v1/apps/crm/reports/query?format=csv")
+            .json(&json!({"metric": "opportunities", "group_by": ["region"], "limit": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["trellis-row-count"], "2");
+        assert_eq!(r.headers()["trellis-truncated"], "true");
+        assert_eq!(r.text().await.unwrap(), "region,opportunities\neast,2\n");
+        let (s, cut) = app
+            .call(
+                Method::POST,
+                "/api/v1/apps/crm/reports/query",
+                Some(json!({"metric": "opportunities", "group_by": ["region"], "limit": 1})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{be}: {cut}");
+        assert_eq!(
+            (&cut["meta"]["row_count"], &cut["meta"]["truncated"]),
+            (&json!(2), &json!(true)),
+            "{be}: {cut}"
         );
         let r = app
             .req(Method::POST, "/api/v1/apps/crm/reports/query?format=xlsx")

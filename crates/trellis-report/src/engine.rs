@@ -911,6 +911,8 @@ pub async fn run(
         }
         Ordering::Equal
     });
+    // The answer says when `limit` cut rows, and how many there were.
+    let row_count = out.len();
     let rows_out: Vec<Map<String, Json>> =
         out.into_iter().take(plan.limit).map(|(_, r)| r).collect();
     let mut totals = Map::new();
@@ -937,6 +939,8 @@ pub async fn run(
         "grain": plan.query.time.as_ref().and_then(|t| t.grain.clone()),
         "now": trellis_form::values::datetime_json(&plan.now),
         "rollups": used,
+        "row_count": row_count,
+        "truncated": row_count > plan.limit,
         "compared_with": match (plan.compare, cur_range) {
             (Some(s), Some((f, t))) => {
                 let pf = s.back(f);

@@ -430,6 +430,24 @@ async fn crm_metrics_match_the_hand_computed_fixture() {
         let sorted = ask(db, &fx, json!({"metric": "opportunities", "group_by": ["region"], "sort": ["-opportunities"], "limit": 1})).await;
         assert_eq!(sorted.rows.len(), 1, "{b}");
         assert_eq!(sorted.rows[0]["opportunities"], json!(2), "{b}");
+        // The answer says that `limit` cut rows: north, east and the empty region.
+        assert_eq!(
+            (&sorted.meta["row_count"], &sorted.meta["truncated"]),
+            (&json!(3), &json!(true)),
+            "{b}"
+        );
+        let all = ask(
+            db,
+            &fx,
+            json!({"metric": "opportunities", "group_by": ["region"], "limit": 3}),
+        )
+        .await;
+        assert_eq!(all.rows.len(), 3, "{b}");
+        assert_eq!(
+            (&all.meta["row_count"], &all.meta["truncated"]),
+            (&json!(3), &json!(false)),
+            "{b}"
+        );
 
         // A rep sees only their own records in every number.
         let mine = ask_as(

@@ -36,11 +36,15 @@ fn generated_sql_per_metric_type_and_dialect() {
         "lead_conversion_30d/all_time",
         "stage_conversion_ordered",
         "time_in_stage",
+        // A zone with daylight saving time: SQLite looks the offset up in a balanced tree of
+        // the range's transitions (two in 2026).
+        "won_count/berlin",
     ] {
-        let (metric, all_time) = match metric.split_once('/') {
-            Some((m, _)) => (m, true),
-            None => (metric, false),
+        let (metric, variant) = match metric.split_once('/') {
+            Some((m, v)) => (m, v),
+            None => (metric, ""),
         };
+        let all_time = variant == "all_time";
         let time = if metric == "weighted_forecast" {
             json!({"grain": "month", "from": "2026-12-01", "to": "2027-03-01"})
         } else if all_time {
@@ -48,19 +52,26 @@ fn generated_sql_per_metric_type_and_dialect() {
         } else {
             json!({"grain": "quarter", "from": "2026-01-01", "to": "2027-01-01"})
         };
-        let q: Query = serde_json::from_value(json!({
+        let mut q = json!({
             "metric": metric,
             "group_by": ["region"],
             "filters": [{"field": "region", "op": "ne", "value": "overseas"}],
             "time": time,
-        }))
-        .unwrap();
+        });
+        if variant == "berlin" {
+            q["timezone"] = json!("Europe/Berlin");
+        }
+        let q: Query = serde_json::from_value(q).unwrap();
         for backend in [Backend::Sqlite, Backend::Postgres] {
             let plan = engine::plan(&app, &reports, &q, now, backend).unwrap();
             for sql in engine::statements(&app, &reports, &plan, &vis).unwrap() {
                 out.push_str(&format!(
                     "-- {metric}{} ({backend:?})\n{}\n-- params: {:?}\n\n",
-                    if all_time { ", all time" } else { "" },
+                    match variant {
+                        "all_time" => ", all time",
+                        "berlin" => ", Europe/Berlin",
+                        _ => "",
+                    },
                     sql.text,
                     sql.params
                 ));

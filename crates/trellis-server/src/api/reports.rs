@@ -228,8 +228,14 @@ async fn query_report(
 ) -> ApiResult<Response> {
     let (seen, loaded) = prelude(&state, &actor, &app).await?;
     let q = parse_query(body)?;
-    let answer = answer(&state, &loaded, &q, &seen).await?;
     let format = p.format.as_deref().unwrap_or("json");
+    if !matches!(format, "json" | "csv" | "xlsx") {
+        return Err(ApiError::new(
+            "invalid_query",
+            format!("`{format}` is not a format; use json, csv or xlsx."),
+        ));
+    }
+    let answer = answer(&state, &loaded, &q, &seen).await?;
     let table = || {
         let headers: Vec<String> = answer.columns.iter().map(|c| c.name.clone()).collect();
         let rows: Vec<Vec<String>> = answer
@@ -259,7 +265,21 @@ async fn query_report(
         }
         resp
     };
-    match format {
+    // A file has no `meta`: these headers say when `limit` cut rows (the JSON answer says it
+    // in `meta` as well).
+    let counted = |mut resp: Response| {
+        let h = resp.headers_mut();
+        if let Some(n) = answer.meta["row_count"].as_u64() {
+            h.insert("trellis-row-count", HeaderValue::from(n));
+        }
+        let cut = answer.meta["truncated"].as_bool().unwrap_or(false);
+        h.insert(
+            "trellis-truncated",
+            HeaderValue::from_static(if cut { "true" } else { "false" }),
+        );
+        resp
+    };
+    let resp = match format {
         "json" => Ok(Json(json!(answer)).into_response()),
         "csv" => {
             let (h, r) = table();
@@ -278,11 +298,9 @@ async fn query_report(
                 buf,
             ))
         }
-        other => Err(ApiError::new(
-            "invalid_query",
-            format!("`{other}` is not a format; use json, csv or xlsx."),
-        )),
-    }
+        other => Err(ApiError::internal(format!("format `{other}` was checked"))),
+    };
+    resp.map(counted)
 }
 
 fn parse_query(body: Value) -> ApiResult<Query> {
