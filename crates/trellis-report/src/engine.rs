@@ -1254,7 +1254,10 @@ fn unit_sql(
                     )
                 })
                 .unwrap_or((DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH));
-            let offs = if range.is_some() {
+            let offs = if a.kind == ColKind::Date {
+                // Dates are local already: nothing to shift.
+                time::no_offsets(plan.tz)
+            } else if range.is_some() {
                 time::offsets(plan.tz, f, t)
             } else {
                 full_offsets(plan.tz)

@@ -536,7 +536,12 @@ fn contribution(
     }
     if let Some(time) = &r.time {
         let a = ctx.lower(time, &mut sql).map_err(FormError::Internal)?;
-        let b = d.bucket(&mut sql, &a.sql, a.kind, r.grain, &full_offsets(r.tz));
+        let offs = if a.kind == ColKind::Date {
+            crate::time::no_offsets(r.tz)
+        } else {
+            full_offsets(r.tz)
+        };
+        let b = d.bucket(&mut sql, &a.sql, a.kind, r.grain, &offs);
         inner.push(format!("{b} AS \"__bucket\""));
         keys.push("x.\"__bucket\"".into());
     }
@@ -933,7 +938,8 @@ pub(crate) fn serve(
                 "t.\"__bucket\"",
                 ColKind::Date,
                 g,
-                &full_offsets(r.tz),
+                // The bucket column holds local dates: no offsets to work out (3 ms a query).
+                &crate::time::no_offsets(r.tz),
             );
             kinds.push(ColKind::Text);
             select.push(b);
