@@ -216,7 +216,9 @@ struct FormatParams {
 #[utoipa::path(post, path = "/api/v1/apps/{app}/reports/query", tag = "reports",
     params(("app" = String, Path, description = "App key"), FormatParams),
     request_body(content = Object, description = "`{metrics, group_by, filters, time, timezone, week_start, compare, compare_to_date, flag, sort, limit}` (see docs/reference/reports.md)"),
-    responses((status = 200, description = "`{columns, rows, totals, meta}`", body = Object),
+    responses((status = 200, description = "`{columns, rows, totals, meta}`; `meta.row_count` and `meta.truncated` say whether `limit` cut rows", body = Object,
+               headers(("trellis-row-count" = u64, description = "Rows before `limit`"),
+                       ("trellis-truncated" = bool, description = "Whether `limit` cut rows"))),
               (status = 400, description = "The query is invalid: every problem with its JSON pointer", body = ProblemDoc, content_type = "application/problem+json"),
               (status = 404, description = "No such app", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn query_report(
