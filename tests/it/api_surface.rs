@@ -276,6 +276,28 @@ async fn configured_cors_and_per_token_rate_limits() {
         pre.headers()["access-control-allow-origin"],
         "https://crm.example.com"
     );
+    // A page on that origin may read the headers it needs, a report's row count among them
+    // (asked without a token, so the burst below is untouched).
+    let r = app
+        .client
+        .get(app.url("/api/v1/apps"))
+        .header("origin", "https://crm.example.com")
+        .send()
+        .await
+        .unwrap();
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for h in [
+        "etag",
+        "location",
+        "retry-after",
+        "trellis-row-count",
+        "trellis-truncated",
+    ] {
+        assert!(exposed.contains(h), "{h} in {exposed}");
+    }
     // A burst of 3, then 429 with Retry-After, for this token only.
     for _ in 0..3 {
         assert_eq!(

@@ -326,6 +326,23 @@ async fn bad_report_requests_are_problem_json() {
         (s, p["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_query"))
     );
+    // The format is checked before the query is planned or run: with an unknown metric too,
+    // the answer is about the format.
+    let (s, p) = app
+        .call(
+            Method::POST,
+            "/api/v1/apps/crm/reports/query?format=pdf",
+            Some(json!({"metric": "no_such_metric"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("`pdf` is not a format"),
+        "{p}"
+    );
     let (s, _) = app
         .call(Method::GET, "/api/v1/apps/crm/dashboards/nope", None)
         .await;

@@ -237,6 +237,26 @@ mod tests {
     use chrono_tz::Tz;
     use trellis_form::db::sqlite_datetime;
 
+    /// The tree for no, one and three transitions, written out.
+    #[test]
+    fn the_offset_tree_for_few_transitions() {
+        let offs = |ts: &[(&str, i32)]| Offsets {
+            zone: "X".into(),
+            initial: 3600,
+            transitions: ts.iter().map(|(a, o)| ((*a).to_owned(), *o)).collect(),
+        };
+        assert_eq!(offset_modifier("x", &offs(&[])), "'3600 seconds'");
+        assert_eq!(
+            offset_modifier("x", &offs(&[("a", 7200)])),
+            "CASE WHEN x < 'a' THEN '3600 seconds' ELSE '7200 seconds' END"
+        );
+        assert_eq!(
+            offset_modifier("x", &offs(&[("a", 7200), ("b", 3600), ("c", 0)])),
+            "CASE WHEN x < 'b' THEN CASE WHEN x < 'a' THEN '3600 seconds' ELSE '7200 seconds' END \
+             ELSE CASE WHEN x < 'c' THEN '3600 seconds' ELSE '0 seconds' END END"
+        );
+    }
+
     /// SQLite's local time through the offset tree, against the zone database, one second
     /// before and at every transition of 2000–2040 and every ten days in between, for zones
     /// with northern, southern, abolished and no daylight saving time.

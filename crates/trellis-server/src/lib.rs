@@ -172,7 +172,14 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             header::CONTENT_TYPE,
             header::IF_MATCH,
         ])
-        .expose_headers([header::ETAG, header::LOCATION, header::RETRY_AFTER])
+        .expose_headers([
+            header::ETAG,
+            header::LOCATION,
+            header::RETRY_AFTER,
+            // A report's row count and truncation (files have no `meta`).
+            header::HeaderName::from_static("trellis-row-count"),
+            header::HeaderName::from_static("trellis-truncated"),
+        ])
 }
 
 async fn healthz(
