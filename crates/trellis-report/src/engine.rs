@@ -762,11 +762,63 @@ pub async fn run(
             range = Some((f, tomorrow));
         }
     }
-    let mut used: Vec<String> = vec![];
-    let (rows, cur_range) = rows_for(db, app, reports, plan, range, true, vis, &mut used).await?;
+    // The rows, the totals (a statement without grouping) and the compared period are
+    // independent queries: they run at once, as a query's units do (a grouped query with
+    // `compare` made three passes over the table one after the other).
+    let cur_range = range;
+    let one_row = plan.dims.is_empty() && plan.grain.is_none();
+    let prev_range = match (plan.compare, cur_range) {
+        (Some(shift), Some((f, t))) => {
+            let pf = shift.back(f);
+            let pt = if plan.query.compare_to_date {
+                pf + (t - f)
+            } else {
+                shift.back(t)
+            };
+            Some((pf, pt))
+        }
+        _ => None,
+    };
+    let (mut used, mut used_totals, mut used_prev) = (vec![], vec![], vec![]);
+    let (rows, totals, prev) = futures_util::future::try_join3(
+        rows_for(db, app, reports, plan, cur_range, true, vis, &mut used),
+        async {
+            if plan.per_stage.is_some() || one_row {
+                return Ok(None);
+            }
+            let rows = rows_for(
+                db,
+                app,
+                reports,
+                plan,
+                cur_range,
+                false,
+                vis,
+                &mut used_totals,
+            );
+            Ok(Some(rows.await?.0))
+        },
+        async {
+            match prev_range {
+                Some(r) => Ok(Some(
+                    rows_for(db, app, reports, plan, Some(r), true, vis, &mut used_prev)
+                        .await?
+                        .0,
+                )),
+                None => Ok(None),
+            }
+        },
+    )
+    .await?;
+    let rows = rows.0;
+    for name in used_totals.into_iter().chain(used_prev) {
+        if !used.contains(&name) {
+            used.push(name);
+        }
+    }
     let totals_rows = if plan.per_stage.is_some() {
         None
-    } else if plan.dims.is_empty() && plan.grain.is_none() {
+    } else if one_row {
         // One row without grouping is the total already.
         let mut t = Rows::new();
         if let Some(k) = rows.order.first().cloned() {
@@ -775,26 +827,8 @@ pub async fn run(
         }
         Some(t)
     } else {
-        Some(
-            rows_for(db, app, reports, plan, cur_range, false, vis, &mut used)
-                .await?
-                .0,
-        )
+        totals
     };
-    let mut prev = None;
-    if let (Some(shift), Some((f, t))) = (plan.compare, cur_range) {
-        let pf = shift.back(f);
-        let pt = if plan.query.compare_to_date {
-            pf + (t - f)
-        } else {
-            shift.back(t)
-        };
-        prev = Some(
-            rows_for(db, app, reports, plan, Some((pf, pt)), true, vis, &mut used)
-                .await?
-                .0,
-        );
-    }
     // Final rows.
     let cols = plan_columns(reports, plan);
     let mut out: Vec<(Key, Map<String, Json>)> = vec![];
