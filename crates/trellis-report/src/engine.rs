@@ -975,14 +975,9 @@ pub async fn run(
         "rollups": used,
         "row_count": row_count,
         "truncated": row_count > plan.limit,
-        "compared_with": match (plan.compare, cur_range) {
-            (Some(s), Some((f, t))) => {
-                let pf = s.back(f);
-                let pt = if plan.query.compare_to_date { pf + (t - f) } else { s.back(t) };
-                json!({"from": pf.to_string(), "to": pt.to_string()})
-            }
-            _ => Json::Null,
-        },
+        "compared_with": prev_range
+            .map(|(f, t)| json!({"from": f.to_string(), "to": t.to_string()}))
+            .unwrap_or(Json::Null),
     });
     Ok(Answer {
         columns: cols,
@@ -1280,22 +1275,7 @@ fn unit_sql(
     }
     if grouped {
         if let (Some(g), Some(a)) = (plan.grain, &anchor) {
-            let (f, t) = range
-                .map(|(f, t)| {
-                    (
-                        time::local_midnight(plan.tz, f),
-                        time::local_midnight(plan.tz, t),
-                    )
-                })
-                .unwrap_or((DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH));
-            let offs = if a.kind == ColKind::Date {
-                // Dates are local already: nothing to shift.
-                time::no_offsets(plan.tz)
-            } else if range.is_some() {
-                time::offsets(plan.tz, f, t)
-            } else {
-                full_offsets(plan.tz)
-            };
+            let offs = bucket_offsets(a.kind, plan.tz, range);
             let b = d.bucket(&mut sql, &a.sql, a.kind, g, &offs);
             kinds.push(ColKind::Text);
             select.push(b.clone());
@@ -1910,11 +1890,22 @@ fn bounds(kind: ColKind, tz: Tz, f: NaiveDate, t: NaiveDate) -> (Value, Value) {
     }
 }
 
-/// Offsets over every year a CRM holds data for, when a grouped query has no range.
-pub(crate) fn full_offsets(tz: Tz) -> Offsets {
-    let from = time::local_midnight(tz, NaiveDate::from_ymd_opt(2000, 1, 1).expect("date"));
-    let to = time::local_midnight(tz, NaiveDate::from_ymd_opt(2040, 1, 1).expect("date"));
-    time::offsets(tz, from, to)
+/// The UTC offsets a bucket of a `kind` value needs in `tz`: none for dates (they are local
+/// already, and working the offsets out costs up to a millisecond), those of the local range
+/// `[from, to)`, or without a range those of every year a CRM holds data for (2000–2040).
+pub(crate) fn bucket_offsets(
+    kind: ColKind,
+    tz: Tz,
+    range: Option<(NaiveDate, NaiveDate)>,
+) -> Offsets {
+    if kind == ColKind::Date {
+        return time::no_offsets(tz);
+    }
+    let (f, t) = range.unwrap_or((
+        NaiveDate::from_ymd_opt(2000, 1, 1).expect("date"),
+        NaiveDate::from_ymd_opt(2040, 1, 1).expect("date"),
+    ));
+    time::offsets(tz, time::local_midnight(tz, f), time::local_midnight(tz, t))
 }
 
 /// Run every unit for one range and merge the rows (grouped, gap-filled) or the single total;

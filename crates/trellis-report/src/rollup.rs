@@ -26,8 +26,8 @@
 
 use crate::dialect;
 use crate::engine::{
-    anchor_of, dimension, full_offsets, funnel_cond, query_conds, related_exists, Out, Plan, Unit,
-    Visibility,
+    anchor_of, bucket_offsets, dimension, funnel_cond, query_conds, related_exists, Out, Plan,
+    Unit, Visibility,
 };
 use crate::expr::Expr;
 use crate::lower::Ctx;
@@ -536,11 +536,7 @@ fn contribution(
     }
     if let Some(time) = &r.time {
         let a = ctx.lower(time, &mut sql).map_err(FormError::Internal)?;
-        let offs = if a.kind == ColKind::Date {
-            crate::time::no_offsets(r.tz)
-        } else {
-            full_offsets(r.tz)
-        };
+        let offs = bucket_offsets(a.kind, r.tz, None);
         let b = d.bucket(&mut sql, &a.sql, a.kind, r.grain, &offs);
         inner.push(format!("{b} AS \"__bucket\""));
         keys.push("x.\"__bucket\"".into());
@@ -938,8 +934,8 @@ pub(crate) fn serve(
                 "t.\"__bucket\"",
                 ColKind::Date,
                 g,
-                // The bucket column holds local dates: no offsets to work out (3 ms a query).
-                &crate::time::no_offsets(r.tz),
+                // The bucket column holds local dates: no offsets to work out.
+                &bucket_offsets(ColKind::Date, r.tz, None),
             );
             kinds.push(ColKind::Text);
             select.push(b);
