@@ -81,6 +81,33 @@ pub(crate) fn offset_modifier(col: &str, tz: &Offsets) -> String {
     node(col, &offsets, &tz.transitions, 0, offsets.len() - 1)
 }
 
+/// The bucket of instant `col` (stored UTC text) found among a range's buckets by comparing it
+/// with their starts, in a balanced tree: `starts` holds each bucket's label (its local start
+/// date) and the UTC instant it starts at. Only for a column the query already restricts to
+/// `[first start, end)`: the first bucket takes whatever lies before the second. It replaces
+/// shifting every row with `datetime()` and cutting the text, so a quarterly grouping of 545k
+/// rows took 0.36 s instead of 1.0 s (docs/benchmarks.md); daylight saving time needs nothing
+/// more, since each start is the instant of that local midnight.
+pub(crate) fn bucket_tree(col: &str, starts: &[(String, String)]) -> String {
+    fn node(col: &str, starts: &[(String, String)], lo: usize, hi: usize) -> String {
+        if lo == hi {
+            return format!("'{}'", starts[lo].0);
+        }
+        // Before bucket `mid + 1` starts, the bucket is one of lo..=mid, else of the rest.
+        let mid = lo + (hi - lo) / 2;
+        format!(
+            "CASE WHEN {col} < '{}' THEN {} ELSE {} END",
+            starts[mid + 1].1,
+            node(col, starts, lo, mid),
+            node(col, starts, mid + 1, hi)
+        )
+    }
+    match starts.len() {
+        0 => "NULL".to_owned(),
+        n => node(col, starts, 0, n - 1),
+    }
+}
+
 impl Dialect for Sqlite {
     fn backend(&self) -> Backend {
         Backend::Sqlite
@@ -255,6 +282,111 @@ mod tests {
             "CASE WHEN x < 'b' THEN CASE WHEN x < 'a' THEN '3600 seconds' ELSE '7200 seconds' END \
              ELSE CASE WHEN x < 'c' THEN '3600 seconds' ELSE '0 seconds' END END"
         );
+    }
+
+    /// The bucket tree written out for one, two and three buckets.
+    #[test]
+    fn the_bucket_tree_for_few_buckets() {
+        let starts = |n: usize| -> Vec<(String, String)> {
+            ["a", "b", "c"][..n]
+                .iter()
+                .map(|l| (format!("{l}-day"), format!("{l}-utc")))
+                .collect()
+        };
+        assert_eq!(bucket_tree("x", &[]), "NULL");
+        assert_eq!(bucket_tree("x", &starts(1)), "'a-day'");
+        assert_eq!(
+            bucket_tree("x", &starts(2)),
+            "CASE WHEN x < 'b-utc' THEN 'a-day' ELSE 'b-day' END"
+        );
+        assert_eq!(
+            bucket_tree("x", &starts(3)),
+            "CASE WHEN x < 'c-utc' THEN CASE WHEN x < 'b-utc' THEN 'a-day' ELSE 'b-day' END \
+             ELSE 'c-day' END"
+        );
+    }
+
+    /// Within a range, the bucket tree puts every instant in the bucket that shifting it into
+    /// local time with `datetime()` gives: a second before and at each bucket's start and each
+    /// transition of 2025–2026, and every seven hours, for every grain, in zones with
+    /// northern, southern and no daylight saving time.
+    #[tokio::test]
+    async fn the_bucket_tree_agrees_with_local_time() {
+        use crate::time::Grain;
+        let t = trellis_form::testing::sqlite().await;
+        let (f, to) = (
+            chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
+            chrono::NaiveDate::from_ymd_opt(2026, 12, 30).unwrap(),
+        );
+        for zone in [
+            "Europe/Berlin",
+            "America/New_York",
+            "Australia/Sydney",
+            "America/Sao_Paulo",
+            "Asia/Shanghai",
+        ] {
+            let tz: Tz = zone.parse().unwrap();
+            let (lo, hi) = (
+                crate::time::local_midnight(tz, f),
+                crate::time::local_midnight(tz, to),
+            );
+            let offs = crate::engine::bucket_offsets(ColKind::DateTime, tz, Some((f, to)));
+            for grain in [
+                Grain::Day,
+                Grain::Week(1),
+                Grain::Week(0),
+                Grain::Month,
+                Grain::Quarter,
+                Grain::Year,
+            ] {
+                let mut instants: Vec<DateTime<Utc>> = vec![];
+                let mut edges: Vec<DateTime<Utc>> = offs
+                    .transitions
+                    .iter()
+                    .map(|(at, _)| DateTime::parse_from_rfc3339(at).unwrap().to_utc())
+                    .collect();
+                edges.extend(
+                    crate::time::buckets(grain, f, to)
+                        .into_iter()
+                        .map(|d| crate::time::local_midnight(tz, d)),
+                );
+                for e in edges {
+                    instants.extend([e - Duration::seconds(1), e]);
+                }
+                let mut x = lo;
+                while x < hi {
+                    instants.push(x);
+                    x += Duration::hours(7);
+                }
+                instants.retain(|i| *i >= lo && *i < hi);
+                let texts: Vec<String> = instants.iter().map(sqlite_datetime).collect();
+                let mut sql = Sql::default();
+                let p = sql.param(Value::Text(serde_json::to_string(&texts).unwrap()));
+                let col = "j.\"value\"";
+                let tree = crate::engine::bucket(
+                    &Sqlite,
+                    &mut sql,
+                    col,
+                    ColKind::DateTime,
+                    grain,
+                    tz,
+                    Some((f, to)),
+                );
+                assert!(!tree.contains("datetime("), "{zone} {grain:?}: {tree}");
+                let shifted = Sqlite.bucket(&mut sql, col, ColKind::DateTime, grain, &offs);
+                sql.text =
+                    format!("SELECT {tree}, {shifted} FROM json_each({p}) j ORDER BY j.\"key\"");
+                let got =
+                    t.db.fetch_all(&sql, &[ColKind::Text, ColKind::Text])
+                        .await
+                        .unwrap();
+                assert_eq!(got.len(), instants.len(), "{zone} {grain:?}");
+                for (i, row) in instants.iter().zip(got) {
+                    assert_eq!(row[0], row[1], "{zone} {grain:?} at {i}");
+                }
+            }
+        }
+        t.cleanup().await;
     }
 
     /// SQLite's local time through the offset tree, against the zone database, one second

@@ -1275,8 +1275,7 @@ fn unit_sql(
     }
     if grouped {
         if let (Some(g), Some(a)) = (plan.grain, &anchor) {
-            let offs = bucket_offsets(a.kind, plan.tz, range);
-            let b = d.bucket(&mut sql, &a.sql, a.kind, g, &offs);
+            let b = bucket(d, &mut sql, &a.sql, a.kind, g, plan.tz, range);
             kinds.push(ColKind::Text);
             select.push(b.clone());
             bucket_sql = Some(b);
@@ -1888,6 +1887,41 @@ fn bounds(kind: ColKind, tz: Tz, f: NaiveDate, t: NaiveDate) -> (Value, Value) {
             Value::DateTime(time::local_midnight(tz, t)),
         )
     }
+}
+
+/// Most buckets a range's instants are sorted into by comparisons on SQLite (a tree of this
+/// many is 10 deep).
+const MAX_TREE_BUCKETS: usize = 1024;
+
+/// The local start date (`YYYY-MM-DD` text) of the bucket of `col`, a `kind` value the query
+/// restricts to `range` when it has one. On SQLite a date-time with a range is compared with
+/// the UTC starts of the range's buckets ([`dialect::bucket_tree`]); otherwise the dialect
+/// shifts it into local time and cuts the text.
+pub(crate) fn bucket(
+    d: &dyn dialect::Dialect,
+    sql: &mut Sql,
+    col: &str,
+    kind: ColKind,
+    grain: Grain,
+    tz: Tz,
+    range: Option<(NaiveDate, NaiveDate)>,
+) -> String {
+    if let (Backend::Sqlite, ColKind::DateTime, Some((f, t))) = (d.backend(), kind, range) {
+        let starts = time::buckets(grain, f, t);
+        if starts.len() <= MAX_TREE_BUCKETS {
+            let starts: Vec<(String, String)> = starts
+                .iter()
+                .map(|s| {
+                    (
+                        s.format("%Y-%m-%d").to_string(),
+                        trellis_form::db::sqlite_datetime(&time::local_midnight(tz, *s)),
+                    )
+                })
+                .collect();
+            return dialect::bucket_tree(col, &starts);
+        }
+    }
+    d.bucket(sql, col, kind, grain, &bucket_offsets(kind, tz, range))
 }
 
 /// The UTC offsets a bucket of a `kind` value needs in `tz`: none for dates (they are local

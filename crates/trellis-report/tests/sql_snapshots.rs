@@ -36,8 +36,8 @@ fn generated_sql_per_metric_type_and_dialect() {
         "lead_conversion_30d/all_time",
         "stage_conversion_ordered",
         "time_in_stage",
-        // A zone with daylight saving time: SQLite looks the offset up in a balanced tree of
-        // the range's transitions (two in 2026).
+        // A zone with daylight saving time: with a range, SQLite compares the instant with the
+        // UTC starts of the range's buckets (22:00 or 23:00 the day before, by the season).
         "won_count/berlin",
     ] {
         let (metric, variant) = match metric.split_once('/') {
