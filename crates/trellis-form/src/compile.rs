@@ -198,6 +198,7 @@ impl Checker {
                 tracked.push(key.clone());
             }
         }
+        let indexes = self.indexes(e, ep, &fields);
         if self.problems.len() > before {
             return None;
         }
@@ -226,8 +227,67 @@ impl Checker {
             retention_days: e.history.retention_days,
             timezone: self.timezone.unwrap_or(chrono_tz::UTC),
             meta: (e.label.clone(), e.history.clone()),
+            indexes,
             validator,
         })
+    }
+
+    /// An entity's indexes over several columns: each names two to eight columns the entity
+    /// has, none twice, and no two indexes are the same.
+    fn indexes(
+        &mut self,
+        e: &crate::def::EntityDef,
+        ep: &str,
+        fields: &[Field],
+    ) -> Vec<Vec<String>> {
+        let columns: Vec<String> = SYSTEM_COLUMNS
+            .iter()
+            .map(|c| (*c).to_owned())
+            .chain(fields.iter().flat_map(Field::columns).map(|c| c.name))
+            .collect();
+        let mut out: Vec<Vec<String>> = vec![];
+        for (i, ix) in e.indexes.iter().enumerate() {
+            let ip = format!("{ep}/indexes/{i}");
+            let before = self.problems.len();
+            if !(2..=8).contains(&ix.columns.len()) {
+                self.err(
+                    &format!("{ip}/columns"),
+                    "bad_index",
+                    format!(
+                        "An index names 2 to 8 columns, not {} (one field is indexed with `\"indexed\": true`).",
+                        ix.columns.len()
+                    ),
+                );
+            }
+            for (k, c) in ix.columns.iter().enumerate() {
+                let cp = format!("{ip}/columns/{k}");
+                if !columns.contains(c) {
+                    self.err(
+                        &cp,
+                        "unknown_column",
+                        format!(
+                            "`{c}` is not a column of `{}`: name a field, a system column (created_at, owner …) or a stage column (stage__changed_at, stage__entered_<stage>, stage__days_<stage>).",
+                            e.key
+                        ),
+                    );
+                } else if ix.columns[..k].contains(c) {
+                    self.err(
+                        &cp,
+                        "duplicate",
+                        format!("`{c}` is named twice in this index."),
+                    );
+                }
+            }
+            if self.problems.len() > before {
+                continue;
+            }
+            if out.contains(&ix.columns) {
+                self.err(&ip, "duplicate", "The same index is defined twice.");
+                continue;
+            }
+            out.push(ix.columns.clone());
+        }
+        out
     }
 
     fn field(

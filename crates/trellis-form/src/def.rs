@@ -90,6 +90,21 @@ pub struct EntityDef {
     /// Which field changes are recorded, and for how long.
     #[serde(default)]
     pub history: HistoryDef,
+    /// Indexes over several columns, for the reports and lists that read this entity most
+    /// (one-field indexes come from a field's `indexed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indexes: Vec<IndexDef>,
+}
+
+/// An index over several columns of an entity, in order: field keys, the system columns
+/// (`created_at`, `owner` …) and a stage field's own columns (`stage__changed_at`,
+/// `stage__entered_won`, `stage__days_won`). A report that reads only these columns is answered
+/// from the index, which is much smaller than the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexDef {
+    /// The columns, most selective filter first.
+    pub columns: Vec<String>,
 }
 
 /// Field-history policy of an entity. Stage history is always kept, whatever this says.

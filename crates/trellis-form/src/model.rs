@@ -66,6 +66,8 @@ pub struct Entity {
     pub timezone: chrono_tz::Tz,
     /// The entity's label and history policy as defined (to detect metadata changes).
     pub meta: (Option<crate::def::Label>, crate::def::HistoryDef),
+    /// Indexes over several columns (column names, in order).
+    pub indexes: Vec<Vec<String>>,
     pub(crate) validator: jsonschema::Validator,
 }
 

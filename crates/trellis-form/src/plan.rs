@@ -164,7 +164,42 @@ pub fn create_entity_sql(backend: Backend, e: &Entity) -> Vec<Sql> {
     for f in &e.fields {
         sql.extend(index_sql(e, f));
     }
+    for cols in &e.indexes {
+        sql.push(compound_index_sql(e, cols));
+    }
     sql
+}
+
+/// `CREATE INDEX` for an index over several columns.
+fn compound_index_sql(e: &Entity, cols: &[String]) -> Sql {
+    Sql::new(format!(
+        "CREATE INDEX {} ON {} ({})",
+        index_name(&e.table, &cols.join(","), false),
+        quote(&e.table),
+        cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// Whether an index over several columns stays as it is from `oe` to `e`: both define it,
+/// and each of its columns is there in both with the same kind and field type (else a column
+/// it covers is dropped or re-created, so the index goes first and comes back after).
+fn compound_index_kept(oe: &Entity, e: &Entity, cols: &[String]) -> bool {
+    let kind = |x: &Entity, c: &str| {
+        x.fields.iter().find_map(|f| {
+            f.columns()
+                .into_iter()
+                .find(|col| col.name == c)
+                .map(|col| (col.kind, f.ty))
+        })
+    };
+    oe.indexes.iter().any(|x| x == cols)
+        && e.indexes.iter().any(|x| x == cols)
+        && cols.iter().all(|c| {
+            SYSTEM_COLUMNS.contains(&c.as_str()) || {
+                let k = kind(e, c);
+                k.is_some() && k == kind(oe, c)
+            }
+        })
 }
 
 fn index_sql(e: &Entity, f: &Field) -> Vec<Sql> {
@@ -290,6 +325,22 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
         checks: vec![],
     };
     let t = quote(&e.table);
+    // Indexes over several columns that go or change go first, before a column they cover
+    // can be dropped (SQLite refuses to drop an indexed column).
+    for cols in &oe.indexes {
+        if !compound_index_kept(oe, e, cols) {
+            steps.push(step(
+                StepKind::DropIndex,
+                "",
+                false,
+                format!("drop the index of `{}` on ({})", e.key, cols.join(", ")),
+                vec![Sql::new(format!(
+                    "DROP INDEX {}",
+                    index_name(&oe.table, &cols.join(","), false)
+                ))],
+            ));
+        }
+    }
     if oe.meta != e.meta {
         steps.push(step(
             StepKind::UpdateEntity,
@@ -526,6 +577,18 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
                 true,
                 format!("drop field `{}.{}` and its values", e.key, of.key),
                 drop_columns_sql(oe, of),
+            ));
+        }
+    }
+    // New indexes over several columns come last, once their columns exist.
+    for cols in &e.indexes {
+        if !compound_index_kept(oe, e, cols) {
+            steps.push(step(
+                StepKind::AddIndex,
+                "",
+                false,
+                format!("index `{}` on ({})", e.key, cols.join(", ")),
+                vec![compound_index_sql(e, cols)],
             ));
         }
     }

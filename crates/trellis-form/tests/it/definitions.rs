@@ -220,3 +220,87 @@ fn examples_compile(doc: &str) {
         }
     }
 }
+
+/// Indexes over several columns: each problem with its path, and a valid one compiled with
+/// its column names (a field, a system column, a stage column).
+#[test]
+fn indexes_over_several_columns_are_checked() {
+    let mut def = zoo_def();
+    def["entities"][2]["indexes"] = json!([
+        {"columns": ["stage", "stage__entered_won", "amount", "created_at"]},
+        {"columns": ["stage"]},
+        {"columns": ["stage", "nope"]},
+        {"columns": ["name", "name"]},
+        {"columns": ["stage", "stage__entered_won", "amount", "created_at"]},
+        {"columns": ["stage", "stage__days_lost"]},
+        {"columns": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}
+    ]);
+    let problems: Vec<(String, &str)> = errors(def.clone())
+        .into_iter()
+        .map(|p| (p.path, p.code))
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            ("/entities/2/indexes/1/columns".to_owned(), "bad_index"),
+            (
+                "/entities/2/indexes/2/columns/1".to_owned(),
+                "unknown_column"
+            ),
+            ("/entities/2/indexes/3/columns/1".to_owned(), "duplicate"),
+            ("/entities/2/indexes/4".to_owned(), "duplicate"),
+            ("/entities/2/indexes/6/columns".to_owned(), "bad_index"),
+            (
+                "/entities/2/indexes/6/columns/0".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/1".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/2".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/3".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/4".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/5".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/6".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/7".to_owned(),
+                "unknown_column"
+            ),
+            (
+                "/entities/2/indexes/6/columns/8".to_owned(),
+                "unknown_column"
+            ),
+        ]
+    );
+    def["entities"][2]["indexes"] = json!([
+        {"columns": ["stage", "stage__entered_won", "amount", "created_at"]},
+        {"columns": ["stage", "stage__days_lost"]}
+    ]);
+    let app = compile(parse(&def).unwrap(), 1).unwrap();
+    assert_eq!(
+        app.entity("deal").unwrap().indexes,
+        [
+            vec!["stage", "stage__entered_won", "amount", "created_at"],
+            vec!["stage", "stage__days_lost"]
+        ]
+    );
+    // An unknown key in an index is refused when the definition is read.
+    def["entities"][2]["indexes"] = json!([{"columns": ["stage", "amount"], "unique": true}]);
+    assert!(parse(&def).is_err());
+}

@@ -305,3 +305,124 @@ async fn tightening_is_checked_against_existing_data() {
         t.cleanup().await;
     }
 }
+
+/// The names of the indexes on `table` that cover several columns, with their columns.
+async fn compound_indexes(db: &trellis_form::db::Db, table: &str) -> Vec<(String, String)> {
+    use trellis_form::db::{Backend, Sql, Value};
+    use trellis_form::model::ColKind;
+    let mut sql = Sql::new(match db.backend() {
+        Backend::Sqlite => {
+            "SELECT m.\"name\", group_concat(i.\"name\", ',') FROM sqlite_master m, \
+             pragma_index_info(m.\"name\") i WHERE m.\"type\" = 'index' AND m.\"tbl_name\" = "
+        }
+        Backend::Postgres => {
+            "SELECT c.relname, string_agg(a.attname, ',' ORDER BY k.n) FROM pg_index x \
+             JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
+             CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum WHERE t.relname = "
+        }
+    });
+    sql.bind(Value::Text(table.to_owned()));
+    sql.push(" GROUP BY 1 HAVING COUNT(*) > 1 ORDER BY 2");
+    db.fetch_all(&sql, &[ColKind::Text, ColKind::Text])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| match (&r[0], &r[1]) {
+            (Value::Text(n), Value::Text(c)) => (n.clone(), c.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn indexes_over_several_columns_are_created_rebuilt_and_dropped() {
+    for t in testing::each().await {
+        let (app, admin) = install(&t.db, &zoo_def()).await;
+        create(
+            &t.db,
+            &app,
+            "thing",
+            json!({"title": "a", "count": 3, "color": "red"}),
+            admin,
+        )
+        .await
+        .unwrap();
+        let mut def = zoo_def();
+        def["entities"][1]["indexes"] =
+            json!([{"columns": ["color", "count"]}, {"columns": ["created_at", "title"]}]);
+        let out = apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap();
+        assert_eq!(
+            kinds(&out.plan),
+            [
+                (StepKind::AddIndex, None, false),
+                (StepKind::AddIndex, None, false)
+            ]
+        );
+        assert_eq!(out.plan.steps[0].path, "/entities/1");
+        let ix = trellis_form::plan::index_name("zoo__thing", "color,count", false);
+        assert_eq!(
+            compound_indexes(&t.db, "zoo__thing").await,
+            [
+                (ix.clone(), "color,count".to_owned()),
+                (
+                    trellis_form::plan::index_name("zoo__thing", "created_at,title", false),
+                    "created_at,title".to_owned()
+                ),
+            ]
+        );
+        // `count` becomes text: its column is dropped and re-created, so the index over it
+        // is dropped first and made again last; the other index stays.
+        let mut changed = with_thing_fields(def.clone(), |fields| {
+            fields[2] = json!({"key": "count", "type": "text"});
+        });
+        changed["entities"][1]["indexes"] = def["entities"][1]["indexes"].clone();
+        let out = apps::import(
+            &t.db,
+            &changed,
+            ImportOptions {
+                allow_destructive: true,
+                dry_run: false,
+            },
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            kinds(&out.plan),
+            [
+                (StepKind::DropIndex, None, false),
+                (StepKind::ChangeType, Some("count".into()), true),
+                (StepKind::AddIndex, None, false),
+            ]
+        );
+        assert_eq!(
+            out.plan.render(),
+            "+ drop_index     drop the index of `thing` on (color, count)\n\
+             ! change_type    change `thing.count` from integer to text: its current values are DROPPED\n\
+             + add_index      index `thing` on (color, count)\n"
+        );
+        assert_eq!(compound_indexes(&t.db, "zoo__thing").await.len(), 2);
+        // Indexes removed from the definition are dropped; the records stay.
+        changed["entities"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("indexes");
+        let out = apps::import(&t.db, &changed, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap();
+        assert_eq!(
+            kinds(&out.plan),
+            [
+                (StepKind::DropIndex, None, false),
+                (StepKind::DropIndex, None, false)
+            ]
+        );
+        assert!(compound_indexes(&t.db, "zoo__thing").await.is_empty());
+        assert_eq!(count(&t.db, "zoo__thing", "").await, 1);
+        t.cleanup().await;
+    }
+}
