@@ -276,6 +276,23 @@ impl Checker {
                         "duplicate",
                         format!("`{c}` is named twice in this index."),
                     );
+                } else if let Some(f) = fields.iter().find(|f| {
+                    f.key == *c
+                        && matches!(
+                            f.ty,
+                            FieldType::LongText | FieldType::Json | FieldType::Multiselect
+                        )
+                }) {
+                    // PostgreSQL refuses an index entry over about 2.7 kB, and with it the
+                    // write of a record whose long value would not fit.
+                    self.err(
+                        &cp,
+                        "bad_index",
+                        format!(
+                            "`{c}` is a {} field; its values can be too long for an index.",
+                            f.ty.name()
+                        ),
+                    );
                 }
             }
             if self.problems.len() > before {

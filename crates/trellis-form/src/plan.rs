@@ -180,25 +180,37 @@ fn compound_index_sql(e: &Entity, cols: &[String]) -> Sql {
     ))
 }
 
-/// Whether an index over several columns stays as it is from `oe` to `e`: both define it,
-/// and each of its columns is there in both with the same kind and field type (else a column
-/// it covers is dropped or re-created, so the index goes first and comes back after).
+/// Whether a field that changes from `of` to `f` has its columns dropped and re-created (a
+/// `change_type` step): a new type or relation target, unless the values are kept (text to
+/// long text and the like).
+fn rebuilds_columns(of: &Field, f: &Field) -> bool {
+    let same_kind =
+        of.col_kind() == f.col_kind() && of.ty != FieldType::Money && f.ty != FieldType::Money;
+    let widening = same_kind
+        && matches!(f.ty, FieldType::Text | FieldType::LongText)
+        && f.col_kind() == ColKind::Text
+        && of.ty != FieldType::Stage;
+    (of.ty != f.ty || of.def.entity != f.def.entity) && !widening
+}
+
+/// Whether an index over several columns stays as it is from `oe` to `e`: both define it, and
+/// no field owning one of its columns has its columns re-created (else the index goes first,
+/// before the column is dropped, and comes back after). A column that is gone from `e` cannot
+/// be in its indexes: the definition check refuses it.
 fn compound_index_kept(oe: &Entity, e: &Entity, cols: &[String]) -> bool {
-    let kind = |x: &Entity, c: &str| {
-        x.fields.iter().find_map(|f| {
-            f.columns()
-                .into_iter()
-                .find(|col| col.name == c)
-                .map(|col| (col.kind, f.ty))
-        })
+    let owner = |x: &'_ Entity, c: &str| -> Option<usize> {
+        x.fields
+            .iter()
+            .position(|f| f.columns().iter().any(|col| col.name == c))
     };
     oe.indexes.iter().any(|x| x == cols)
         && e.indexes.iter().any(|x| x == cols)
         && cols.iter().all(|c| {
-            SYSTEM_COLUMNS.contains(&c.as_str()) || {
-                let k = kind(e, c);
-                k.is_some() && k == kind(oe, c)
-            }
+            SYSTEM_COLUMNS.contains(&c.as_str())
+                || match (owner(oe, c), owner(e, c)) {
+                    (Some(i), Some(j)) => !rebuilds_columns(&oe.fields[i], &e.fields[j]),
+                    _ => false,
+                }
         })
 }
 
@@ -374,14 +386,8 @@ fn diff_entity(backend: Backend, oe: &Entity, e: &Entity, steps: &mut Vec<Step>)
             steps.push(s);
             continue;
         };
-        let same_kind =
-            of.col_kind() == f.col_kind() && of.ty != FieldType::Money && f.ty != FieldType::Money;
-        let widening = same_kind
-            && matches!(f.ty, FieldType::Text | FieldType::LongText)
-            && f.col_kind() == ColKind::Text
-            && of.ty != FieldType::Stage;
         if of.ty != f.ty || of.def.entity != f.def.entity {
-            if widening {
+            if !rebuilds_columns(of, f) {
                 steps.push(step(
                     StepKind::UpdateField,
                     &f.key,

@@ -309,7 +309,8 @@ mod tests {
     /// Within a range, the bucket tree puts every instant in the bucket that shifting it into
     /// local time with `datetime()` gives: a second before and at each bucket's start and each
     /// transition of 2025–2026, and every seven hours, for every grain, in zones with
-    /// northern, southern and no daylight saving time.
+    /// northern, southern and no daylight saving time, and zones whose clocks change at
+    /// midnight (a local midnight that does not exist, or happens twice).
     #[tokio::test]
     async fn the_bucket_tree_agrees_with_local_time() {
         use crate::time::Grain;
@@ -324,6 +325,9 @@ mod tests {
             "Australia/Sydney",
             "America/Sao_Paulo",
             "Asia/Shanghai",
+            "America/Santiago",
+            "America/Havana",
+            "Africa/Cairo",
         ] {
             let tz: Tz = zone.parse().unwrap();
             let (lo, hi) = (

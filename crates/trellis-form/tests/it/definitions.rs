@@ -235,6 +235,7 @@ fn indexes_over_several_columns_are_checked() {
         {"columns": ["stage", "stage__days_lost"]},
         {"columns": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}
     ]);
+    def["entities"][1]["indexes"] = json!([{"columns": ["title", "notes", "extra", "tags"]}]);
     let problems: Vec<(String, &str)> = errors(def.clone())
         .into_iter()
         .map(|p| (p.path, p.code))
@@ -242,6 +243,9 @@ fn indexes_over_several_columns_are_checked() {
     assert_eq!(
         problems,
         [
+            ("/entities/1/indexes/0/columns/1".to_owned(), "bad_index"),
+            ("/entities/1/indexes/0/columns/2".to_owned(), "bad_index"),
+            ("/entities/1/indexes/0/columns/3".to_owned(), "bad_index"),
             ("/entities/2/indexes/1/columns".to_owned(), "bad_index"),
             (
                 "/entities/2/indexes/2/columns/1".to_owned(),
@@ -288,6 +292,10 @@ fn indexes_over_several_columns_are_checked() {
             ),
         ]
     );
+    def["entities"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("indexes");
     def["entities"][2]["indexes"] = json!([
         {"columns": ["stage", "stage__entered_won", "amount", "created_at"]},
         {"columns": ["stage", "stage__days_lost"]}

@@ -426,3 +426,65 @@ async fn indexes_over_several_columns_are_created_rebuilt_and_dropped() {
         t.cleanup().await;
     }
 }
+
+/// A relation pointed at another entity has its column re-created, so an index over it is
+/// dropped first and made again last; a type change that keeps the values (email to text)
+/// leaves the index alone.
+#[tokio::test]
+async fn indexes_over_several_columns_follow_retargeted_relations_and_survive_kept_values() {
+    for t in testing::each().await {
+        let (_, admin) = install(&t.db, &zoo_def()).await;
+        let mut def = zoo_def();
+        def["entities"][1]["indexes"] =
+            json!([{"columns": ["account", "title"]}, {"columns": ["email", "title"]}]);
+        apps::import(&t.db, &def, ImportOptions::default(), Some(admin), t0())
+            .await
+            .unwrap();
+        let mut changed = with_thing_fields(def.clone(), |fields| {
+            let i = fields.iter().position(|f| f["key"] == "account").unwrap();
+            fields[i] = json!({"key": "account", "type": "relation", "entity": "deal"});
+            let i = fields.iter().position(|f| f["key"] == "email").unwrap();
+            fields[i] = json!({"key": "email", "type": "text", "unique": true});
+        });
+        changed["entities"][1]["indexes"] = def["entities"][1]["indexes"].clone();
+        let out = apps::import(
+            &t.db,
+            &changed,
+            ImportOptions {
+                allow_destructive: true,
+                dry_run: false,
+            },
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            kinds(&out.plan),
+            [
+                (StepKind::DropIndex, None, false),
+                (StepKind::UpdateField, Some("email".into()), false),
+                (StepKind::ChangeType, Some("account".into()), true),
+                (StepKind::AddIndex, None, false),
+            ]
+        );
+        assert_eq!(
+            out.plan.steps[0].description,
+            "drop the index of `thing` on (account, title)"
+        );
+        assert_eq!(
+            compound_indexes(&t.db, "zoo__thing").await,
+            [
+                (
+                    trellis_form::plan::index_name("zoo__thing", "account,title", false),
+                    "account,title".to_owned()
+                ),
+                (
+                    trellis_form::plan::index_name("zoo__thing", "email,title", false),
+                    "email,title".to_owned()
+                ),
+            ]
+        );
+        t.cleanup().await;
+    }
+}
