@@ -240,11 +240,23 @@ impl Checker {
         ep: &str,
         fields: &[Field],
     ) -> Vec<Vec<String>> {
-        let columns: Vec<String> = SYSTEM_COLUMNS
-            .iter()
-            .map(|c| (*c).to_owned())
-            .chain(fields.iter().flat_map(Field::columns).map(|c| c.name))
-            .collect();
+        // The columns as defined, so a field with a problem of its own (reported already) is
+        // not reported again by every index that names it.
+        let mut columns: Vec<String> = SYSTEM_COLUMNS.iter().map(|c| (*c).to_owned()).collect();
+        for f in &e.fields {
+            columns.push(f.key.clone());
+            match f.ty {
+                FieldType::Money => columns.push(crate::model::currency_column(&f.key)),
+                FieldType::Stage => {
+                    columns.push(crate::model::stage_changed_column(&f.key));
+                    for s in &f.stages {
+                        columns.push(crate::model::stage_entered_column(&f.key, &s.key));
+                        columns.push(crate::model::stage_days_column(&f.key, &s.key));
+                    }
+                }
+                _ => {}
+            }
+        }
         let mut out: Vec<Vec<String>> = vec![];
         for (i, ix) in e.indexes.iter().enumerate() {
             let ip = format!("{ep}/indexes/{i}");

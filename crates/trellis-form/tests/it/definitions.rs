@@ -300,6 +300,18 @@ fn indexes_over_several_columns_are_checked() {
         {"columns": ["stage", "stage__entered_won", "amount", "created_at"]},
         {"columns": ["stage", "stage__days_lost"]}
     ]);
+    // A field with a problem of its own is reported once, not again by the index naming it.
+    let mut broken = def.clone();
+    broken["entities"][2]["fields"][3] = json!({"key": "reason", "type": "select"});
+    broken["entities"][2]["indexes"] = json!([{"columns": ["reason", "stage"]}]);
+    let problems: Vec<(String, &str)> = errors(broken)
+        .into_iter()
+        .map(|p| (p.path, p.code))
+        .collect();
+    assert_eq!(
+        problems,
+        [("/entities/2/fields/3/options".to_owned(), "required")]
+    );
     let app = compile(parse(&def).unwrap(), 1).unwrap();
     assert_eq!(
         app.entity("deal").unwrap().indexes,
