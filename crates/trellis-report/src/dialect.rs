@@ -264,6 +264,18 @@ mod tests {
     use chrono_tz::Tz;
     use trellis_form::db::sqlite_datetime;
 
+    /// Zones with northern, southern, abolished and no daylight saving time.
+    const ZONES: [&str; 5] = [
+        "Europe/Berlin",
+        "America/New_York",
+        "Australia/Sydney",
+        "America/Sao_Paulo",
+        "Asia/Shanghai",
+    ];
+    /// Zones whose clocks change at midnight (a local midnight that does not exist, or happens
+    /// twice).
+    const MIDNIGHT_ZONES: [&str; 3] = ["America/Santiago", "America/Havana", "Africa/Cairo"];
+
     /// The tree for no, one and three transitions, written out.
     #[test]
     fn the_offset_tree_for_few_transitions() {
@@ -319,16 +331,7 @@ mod tests {
             chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
             chrono::NaiveDate::from_ymd_opt(2026, 12, 30).unwrap(),
         );
-        for zone in [
-            "Europe/Berlin",
-            "America/New_York",
-            "Australia/Sydney",
-            "America/Sao_Paulo",
-            "Asia/Shanghai",
-            "America/Santiago",
-            "America/Havana",
-            "Africa/Cairo",
-        ] {
+        for zone in ZONES.into_iter().chain(MIDNIGHT_ZONES) {
             let tz: Tz = zone.parse().unwrap();
             let (lo, hi) = (
                 crate::time::local_midnight(tz, f),
@@ -399,13 +402,7 @@ mod tests {
     #[tokio::test]
     async fn the_offset_tree_gives_the_zone_databases_local_time() {
         let t = trellis_form::testing::sqlite().await;
-        for zone in [
-            "Europe/Berlin",
-            "America/New_York",
-            "Australia/Sydney",
-            "America/Sao_Paulo",
-            "Asia/Shanghai",
-        ] {
+        for zone in ZONES {
             let tz: Tz = zone.parse().unwrap();
             let offs = crate::engine::bucket_offsets(ColKind::DateTime, tz, None);
             let mut instants: Vec<DateTime<Utc>> = vec![];

@@ -13,6 +13,19 @@ fn with_thing_fields(mut def: Value, edit: impl FnOnce(&mut Vec<Value>)) -> Valu
     def
 }
 
+/// Import `def`, destructive steps allowed.
+async fn import_allowing_loss(
+    db: &trellis_form::db::Db,
+    def: &Value,
+    admin: uuid::Uuid,
+) -> trellis_form::Result<apps::ImportOutcome> {
+    let opts = ImportOptions {
+        allow_destructive: true,
+        dry_run: false,
+    };
+    apps::import(db, def, opts, Some(admin), t0()).await
+}
+
 fn kinds(p: &trellis_form::plan::Plan) -> Vec<(StepKind, Option<String>, bool)> {
     p.steps
         .iter()
@@ -179,18 +192,7 @@ async fn destructive_changes_need_the_flag() {
         .unwrap();
         assert!(!out.applied);
         assert_eq!(apps::load(&t.db, "zoo").await.unwrap().unwrap().version, 1);
-        let out = apps::import(
-            &t.db,
-            &def,
-            ImportOptions {
-                allow_destructive: true,
-                dry_run: false,
-            },
-            Some(admin),
-            t0(),
-        )
-        .await
-        .unwrap();
+        let out = import_allowing_loss(&t.db, &def, admin).await.unwrap();
         assert!(out.applied);
         let kinds: Vec<StepKind> = out.plan.steps.iter().map(|s| s.kind).collect();
         assert_eq!(
@@ -278,18 +280,7 @@ async fn tightening_is_checked_against_existing_data() {
             .unwrap()
             .remove(0);
         def["entities"][2]["fields"][4]["default"] = json!("won");
-        let e = apps::import(
-            &t.db,
-            &def,
-            ImportOptions {
-                allow_destructive: true,
-                dry_run: false,
-            },
-            Some(admin),
-            t0(),
-        )
-        .await
-        .unwrap_err();
+        let e = import_allowing_loss(&t.db, &def, admin).await.unwrap_err();
         assert!(
             matches!(&e, FormError::MigrationConflict(ps) if ps[0].message.contains("still in stage `new`")),
             "{e:?}"
@@ -379,18 +370,7 @@ async fn indexes_over_several_columns_are_created_rebuilt_and_dropped() {
             fields[2] = json!({"key": "count", "type": "text"});
         });
         changed["entities"][1]["indexes"] = def["entities"][1]["indexes"].clone();
-        let out = apps::import(
-            &t.db,
-            &changed,
-            ImportOptions {
-                allow_destructive: true,
-                dry_run: false,
-            },
-            Some(admin),
-            t0(),
-        )
-        .await
-        .unwrap();
+        let out = import_allowing_loss(&t.db, &changed, admin).await.unwrap();
         assert_eq!(
             kinds(&out.plan),
             [
@@ -447,18 +427,7 @@ async fn indexes_over_several_columns_follow_retargeted_relations_and_survive_ke
             fields[i] = json!({"key": "email", "type": "text", "unique": true});
         });
         changed["entities"][1]["indexes"] = def["entities"][1]["indexes"].clone();
-        let out = apps::import(
-            &t.db,
-            &changed,
-            ImportOptions {
-                allow_destructive: true,
-                dry_run: false,
-            },
-            Some(admin),
-            t0(),
-        )
-        .await
-        .unwrap();
+        let out = import_allowing_loss(&t.db, &changed, admin).await.unwrap();
         assert_eq!(
             kinds(&out.plan),
             [
