@@ -779,11 +779,18 @@ pub async fn run(
         }
         _ => None,
     };
+    // Counts, sums and conversions (each base record is in one row) add up across rows: their
+    // totals are the rows' sum, without a statement of their own.
+    let summed = plan.needed.iter().all(|n| match &reports.metrics[n].kind {
+        Kind::Aggregate { agg, .. } => matches!(agg, Agg::Count | Agg::Sum),
+        Kind::Conversion { .. } | Kind::Derived { .. } => true,
+        Kind::Funnel { .. } | Kind::TimeInStage { .. } => false,
+    });
     let (mut used, mut used_totals, mut used_prev) = (vec![], vec![], vec![]);
     let (rows, totals, prev) = futures_util::future::try_join3(
         rows_for(db, app, reports, plan, cur_range, true, vis, &mut used),
         async {
-            if plan.per_stage.is_some() || one_row {
+            if plan.per_stage.is_some() || one_row || summed {
                 return Ok(None);
             }
             let rows = rows_for(
@@ -824,6 +831,21 @@ pub async fn run(
         if let Some(k) = rows.order.first().cloned() {
             let v = rows.get(&k).cloned().unwrap_or_default();
             t.entry(vec![]).extend(v);
+        }
+        Some(t)
+    } else if summed {
+        let mut sum = Vals::new();
+        for k in &rows.order {
+            for (n, v) in rows.get(k).into_iter().flatten() {
+                let acc = sum.entry(n.clone()).or_insert(None);
+                if let Some(v) = v {
+                    *acc = Some(acc.unwrap_or(0.0) + v);
+                }
+            }
+        }
+        let mut t = Rows::new();
+        if !sum.is_empty() {
+            t.entry(vec![]).extend(sum);
         }
         Some(t)
     } else {
@@ -1267,7 +1289,28 @@ fn unit_sql(
     };
     let mut conds: Vec<String> = vec![];
     let mut bucket_sql = None;
-    if let (Some(a), Some((f, t))) = (&anchor, range) {
+    // On SQLite a range of few buckets over an anchor an index starts with runs as one
+    // statement per bucket: each reads its part of the index, and nothing is sorted (a GROUP BY
+    // on the bucket sorts every row of the range).
+    let split = match (&anchor, range, plan.grain) {
+        (Some(a), Some((f, t)), Some(g))
+            if grouped
+                && drill.is_none()
+                && d.backend() == Backend::Sqlite
+                && matches!(
+                    unit,
+                    Unit::Aggs { .. } | Unit::Funnel { .. } | Unit::Conversion { .. }
+                )
+                && matches!(a.kind, ColKind::DateTime | ColKind::Date)
+                && leads_an_index(e, &a.sql) =>
+        {
+            let starts = time::buckets(g, f, t);
+            (starts.len() <= MAX_SPLIT_BUCKETS)
+                .then(|| split_ranges(a.kind, plan.tz, g, &starts, f, t))
+        }
+        _ => None,
+    };
+    if let (Some(a), Some((f, t)), None) = (&anchor, range, &split) {
         let (lo, hi) = bounds(a.kind, plan.tz, f, t);
         let lo = sql.param(lo);
         let hi = sql.param(hi);
@@ -1700,6 +1743,29 @@ fn unit_sql(
     if let Some(dr) = drill {
         return Ok(drill_ids(sql, &ctx, &from, &conds, dr.limit, false));
     }
+    if let (Some(parts), Some(a)) = (&split, &anchor) {
+        // The bucket is the column after the dimensions: a constant in each statement, left
+        // out of its GROUP BY (a GROUP BY on a constant still sorts).
+        let nd = group_n - 1;
+        let group = group_by(&positions(nd));
+        let branches: Vec<String> = parts
+            .iter()
+            .map(|(label, lo, hi)| {
+                let mut sel = select.clone();
+                sel[nd] = format!("'{label}'");
+                let mut c = conds.clone();
+                c.push(format!("{} >= '{lo}' AND {} < '{hi}'", a.sql, a.sql));
+                format!(
+                    "SELECT {} FROM {}{from}{}{group}",
+                    sel.join(", "),
+                    ctx.from_clause(),
+                    where_sql(&c)
+                )
+            })
+            .collect();
+        sql.text = branches.join(" UNION ALL ");
+        return Ok((sql, kinds, out));
+    }
     let group = group_by(&positions(group_n));
     sql.text = format!(
         "SELECT {} FROM {}{from}{}{group}",
@@ -1708,6 +1774,47 @@ fn unit_sql(
         where_sql(&conds)
     );
     Ok((sql, kinds, out))
+}
+
+/// Whether `anchor` (lowered SQL) is a column of `e` that an index starts with: the system
+/// columns `created_at` and `owner`, an indexed field, or the first column of an index over
+/// several columns.
+fn leads_an_index(e: &trellis_form::model::Entity, anchor: &str) -> bool {
+    let is = |c: &str| anchor == format!("t.{}", quote(c));
+    ["created_at", "owner"].iter().any(|c| is(c))
+        || e.fields
+            .iter()
+            .any(|f| (f.def.unique || f.wants_index()) && is(&f.key))
+        || e.indexes
+            .iter()
+            .any(|cols| cols.first().is_some_and(|c| is(c)))
+}
+
+/// Most buckets a query runs as one statement each (SQLite allows 500 in a compound SELECT).
+const MAX_SPLIT_BUCKETS: usize = 64;
+
+/// Per bucket of `starts` (within `[f, t)`): its label and the stored text of its first and
+/// past-the-end values (UTC instants of local midnights for a date-time, dates for a date).
+fn split_ranges(
+    kind: ColKind,
+    tz: Tz,
+    g: Grain,
+    starts: &[NaiveDate],
+    f: NaiveDate,
+    t: NaiveDate,
+) -> Vec<(String, String, String)> {
+    let text = |day: NaiveDate| match kind {
+        ColKind::Date => day.format("%Y-%m-%d").to_string(),
+        _ => trellis_form::db::sqlite_datetime(&time::local_midnight(tz, day)),
+    };
+    starts
+        .iter()
+        .map(|s| {
+            let lo = (*s).max(f);
+            let hi = g.next(*s).min(t);
+            (s.format("%Y-%m-%d").to_string(), text(lo), text(hi))
+        })
+        .collect()
 }
 
 /// The query's filters and the caller's visibility as conditions on `t`.
