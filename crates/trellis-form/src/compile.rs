@@ -92,6 +92,7 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
             entities.push(entity);
         }
     }
+    summaries(&mut c, &def);
     if !c.problems.is_empty() {
         return Err(FormError::Definition(c.problems));
     }
@@ -104,6 +105,53 @@ pub fn compile(def: AppDef, version: i64) -> Result<App> {
         roles,
         rollups: Default::default(),
     })
+}
+
+/// The source of every summary field: a related entity whose relation `via` points at the
+/// field's entity, and a column of it the summary can take.
+fn summaries(c: &mut Checker, def: &AppDef) {
+    for (i, e) in def.entities.iter().enumerate() {
+        for (j, f) in e.fields.iter().enumerate() {
+            let (FieldType::Summary, Some(s)) = (f.ty, &f.summary) else {
+                continue;
+            };
+            let sp = format!("/entities/{i}/fields/{j}/summary");
+            let Some(src) = def.entities.iter().find(|x| x.key == s.entity) else {
+                c.err(
+                    &format!("{sp}/entity"),
+                    "unknown_entity",
+                    format!("No entity `{}` is defined.", s.entity),
+                );
+                continue;
+            };
+            match src.fields.iter().find(|x| x.key == s.via) {
+                Some(v) if v.ty == FieldType::Relation && v.entity.as_deref() == Some(&e.key) => {}
+                Some(_) => c.err(
+                    &format!("{sp}/via"),
+                    "not_a_relation",
+                    format!(
+                        "`{}.{}` must be a relation to `{}` for this summary.",
+                        s.entity, s.via, e.key
+                    ),
+                ),
+                None => c.err(
+                    &format!("{sp}/via"),
+                    "unknown_field",
+                    format!("Entity `{}` has no field `{}`.", s.entity, s.via),
+                ),
+            }
+            if !matches!(s.of.as_str(), "created_at" | "updated_at") {
+                c.err(
+                    &format!("{sp}/of"),
+                    "not_allowed",
+                    format!(
+                        "A summary takes `created_at` or `updated_at` of the related records, not `{}`.",
+                        s.of
+                    ),
+                );
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -649,6 +697,29 @@ impl Checker {
                 "not_allowed",
                 "A formula field is computed: it cannot be required, unique or have a default.",
             );
+        }
+        // A summary: its source is checked with the other entities (`summaries`).
+        match (ty, &f.summary) {
+            (FieldType::Summary, None) => self.err(
+                &format!("{fp}/summary"),
+                "required",
+                "A summary field needs `summary`: {\"entity\", \"via\", \"agg\"}.",
+            ),
+            (FieldType::Summary, Some(_)) => {
+                if f.required || f.unique || f.default.is_some() {
+                    self.err(
+                        &format!("{fp}/required"),
+                        "not_allowed",
+                        "A summary field is kept from the related records: it cannot be required, unique or have a default.",
+                    );
+                }
+            }
+            (_, Some(_)) => self.err(
+                &format!("{fp}/summary"),
+                "not_allowed",
+                format!("Only summary fields take `summary`, not {name}."),
+            ),
+            (_, None) => {}
         }
         // The schema of a json field's value, compiled on its own.
         let json_validator = match (&f.schema, ty) {

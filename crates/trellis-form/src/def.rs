@@ -193,6 +193,9 @@ pub enum FieldType {
     Json,
     /// Computed from the other fields by a rhai expression on every write; read-only.
     Formula,
+    /// The first or last creation (or update) time of the records of another entity that point
+    /// at this record, kept by every write of theirs; read-only.
+    Summary,
 }
 
 impl FieldType {
@@ -217,6 +220,7 @@ impl FieldType {
             FieldType::Stage => "stage",
             FieldType::Json => "json",
             FieldType::Formula => "formula",
+            FieldType::Summary => "summary",
         }
     }
 }
@@ -284,9 +288,42 @@ pub struct FieldDef {
     /// The stored type of a formula field's result (default `decimal`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<crate::formula::ResultType>,
+    /// What a summary field summarises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SummaryDef>,
     /// Help text shown beside the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<Label>,
+}
+
+/// A summary field's source: the records of `entity` whose relation `via` points at this
+/// record, and the earliest (`min`) or latest (`max`) of their `of` column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryDef {
+    /// The related entity (`opportunity`).
+    pub entity: String,
+    /// Its relation field pointing at this entity (`lead`).
+    pub via: String,
+    /// `min` or `max`.
+    pub agg: SummaryAgg,
+    /// The related records' column: `created_at` (the default) or `updated_at`.
+    #[serde(default = "default_summary_of")]
+    pub of: String,
+}
+
+fn default_summary_of() -> String {
+    "created_at".to_owned()
+}
+
+/// How a summary field combines the related records' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SummaryAgg {
+    /// The earliest.
+    Min,
+    /// The latest.
+    Max,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -27,6 +27,7 @@ pub(crate) mod schema;
 pub mod sheet;
 mod sqlite_bulk;
 pub mod store;
+pub mod summary;
 pub mod testing;
 pub mod users;
 pub mod values;

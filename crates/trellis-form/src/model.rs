@@ -256,6 +256,7 @@ pub fn col_kind(ty: FieldType) -> ColKind {
         FieldType::Multiselect | FieldType::Json => ColKind::Json,
         // The real kind comes from the formula's result type (see `Field::col_kind`).
         FieldType::Formula => ColKind::Text,
+        FieldType::Summary => ColKind::DateTime,
     }
 }
 

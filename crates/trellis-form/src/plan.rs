@@ -43,6 +43,8 @@ pub enum StepKind {
     DropEntity,
     /// Entity-level metadata changed (label, history policy).
     UpdateEntity,
+    /// A summary field new or changed: computed again for every record from the related ones.
+    FillSummary,
 }
 
 /// One step of a migration plan.
@@ -307,6 +309,39 @@ pub fn plan(backend: Backend, old: Option<&App>, new: &App) -> Plan {
                     checks: vec![],
                 });
             }
+        }
+    }
+    // Summaries last, once the tables they read and write have their columns.
+    if let Some(old) = old {
+        for src in crate::summary::all(new) {
+            let Ok(oe) = old.entity(&src.target.key) else {
+                continue; // a new entity: no records yet
+            };
+            let same = oe
+                .field(&src.field.key)
+                .is_some_and(|of| of.ty == src.field.ty && of.def.summary == src.field.def.summary);
+            let via_kept = old
+                .entity(&src.source.key)
+                .ok()
+                .and_then(|os| os.field(src.via))
+                .zip(src.source.field(src.via))
+                .is_some_and(|(ov, v)| !rebuilds_columns(ov, v));
+            if same && via_kept {
+                continue;
+            }
+            steps.push(Step {
+                kind: StepKind::FillSummary,
+                entity: src.target.key.clone(),
+                field: Some(src.field.key.clone()),
+                path: String::new(),
+                destructive: false,
+                description: format!(
+                    "compute `{}.{}` from `{}` for every record",
+                    src.target.key, src.field.key, src.source.key
+                ),
+                sql: vec![crate::summary::fill_sql(&src)],
+                checks: vec![],
+            });
         }
     }
     for s in &mut steps {

@@ -132,7 +132,7 @@ pub(crate) fn field_schema(
             s.insert("type".into(), json!("string"));
             s.insert("format".into(), json!("date"));
         }
-        FieldType::Datetime => {
+        FieldType::Datetime | FieldType::Summary => {
             s.insert("type".into(), json!("string"));
             s.insert("format".into(), json!("date-time"));
         }

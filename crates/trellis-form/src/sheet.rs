@@ -175,7 +175,7 @@ pub fn map(
         };
         // System columns of an export (id, created_at …) are read-only: skipped, not refused.
         // Formula columns of an export are computed again on import.
-        let computed = matches!(t, Some(Target::Field(i)) if e.fields[i].ty == FieldType::Formula);
+        let computed = matches!(t, Some(Target::Field(i)) if matches!(e.fields[i].ty, FieldType::Formula | FieldType::Summary));
         let t = if computed { None } else { t };
         let system = computed || crate::model::SYSTEM_COLUMNS.contains(&norm(h).as_str());
         if t.is_none() && !h.trim().is_empty() && !system {
@@ -472,6 +472,9 @@ fn convert(f: &Field, cell: &Cell, tz: chrono_tz::Tz, lookups: &Lookups) -> Resu
         }
         FieldType::Formula => {
             return Err("is computed by its formula; leave the column out.".into())
+        }
+        FieldType::Summary => {
+            return Err("is kept from the related records; leave the column out.".into())
         }
     })
 }

@@ -210,9 +210,17 @@ fn validate(
         Some(r) => r.fields.clone(),
         None => Map::with_capacity(e.fields.len()),
     };
-    // Formula values are computed below, never validated as input.
+    // Formula values are computed below, never validated as input; summaries are kept by the
+    // related records' writes and never written here.
+    let mut summaries = Map::new();
     for f in e.fields.iter().filter(|f| f.ty == FieldType::Formula) {
         candidate.remove(&f.key);
+    }
+    for f in e.fields.iter().filter(|f| f.ty == FieldType::Summary) {
+        summaries.insert(
+            f.key.clone(),
+            candidate.remove(&f.key).unwrap_or(Json::Null),
+        );
     }
     let mut owner = old.and_then(|r| r.meta.owner);
     let mut expected_version = None;
@@ -226,6 +234,12 @@ fn validate(
                 path(),
                 "read_only",
                 format!("`{k}` is computed by its formula and cannot be written."),
+            ));
+        } else if e.field(k).is_some_and(|f| f.ty == FieldType::Summary) {
+            problems.push(Problem::new(
+                path(),
+                "read_only",
+                format!("`{k}` is kept from the related records and cannot be written."),
             ));
         } else if e.field(k).is_some() {
             candidate.insert(k.clone(), v.clone());
@@ -325,7 +339,11 @@ fn validate(
     let cand = candidate.as_object().expect("object");
     let mut fields = Map::with_capacity(e.fields.len());
     let mut columns = Vec::with_capacity(e.fields.len() + 2);
-    for f in e.fields.iter().filter(|f| f.ty != FieldType::Formula) {
+    for f in e
+        .fields
+        .iter()
+        .filter(|f| !matches!(f.ty, FieldType::Formula | FieldType::Summary))
+    {
         let v = cand.get(&f.key).cloned().unwrap_or(Json::Null);
         let path = format!("/{}", f.key);
         if bad_fields.contains(&f.key) {
@@ -344,6 +362,7 @@ fn validate(
             Err(p) => problems.push(p),
         }
     }
+    fields.extend(summaries);
     // Formulas, over the values just checked. A formula may use another formula wherever it is
     // defined: passes repeat (as many as there are formulas, so any chain settles) and only the
     // last pass's values are kept. Old formula values are never inputs.
@@ -981,6 +1000,13 @@ async fn write_rows(
             .collect();
         crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
+    if crate::summary::fed_by(app, e) {
+        let touched: Vec<crate::rollup::Touched> = rows
+            .iter()
+            .map(|r| (r.record.meta.id, &r.record.fields))
+            .collect();
+        crate::summary::refresh(tx, app, e, &touched).await?;
+    }
     Ok(())
 }
 
@@ -1120,6 +1146,11 @@ pub async fn update(
     if maintained {
         crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
+    if crate::summary::fed_by(app, e) {
+        // The records the relation pointed at before and after.
+        let touched: Vec<crate::rollup::Touched> = vec![(id, &old.fields), (id, &p.fields)];
+        crate::summary::refresh(tx, app, e, &touched).await?;
+    }
     write_history(tx, &app.key, e, id, &rows, ctx.actor).await?;
     let record = get_in(tx, e, id).await?;
     let mut event = record.to_json();
@@ -1178,6 +1209,9 @@ pub async fn delete(
     tx.execute(&sql).await?;
     if maintained {
         crate::rollup::apply(tx, app, e, 1, &touched, false).await?;
+    }
+    if crate::summary::fed_by(app, e) {
+        crate::summary::refresh(tx, app, e, &touched).await?;
     }
     write_event(tx, &app.key, e, id, "deleted", &[], &old.to_json(), ctx).await?;
     Ok(())

@@ -101,13 +101,15 @@ pub fn to_sql(field: &Field, v: &Json, path: &str) -> Result<Vec<Value>, Problem
             }
             vec![Value::Date(d)]
         }
-        FieldType::Datetime => vec![Value::DateTime(datetime(v).ok_or_else(|| {
-            Problem::new(
-                path,
-                "format",
-                format!("{label} must be a date and time such as 2026-03-31T09:30:00Z."),
-            )
-        })?)],
+        FieldType::Datetime | FieldType::Summary => {
+            vec![Value::DateTime(datetime(v).ok_or_else(|| {
+                Problem::new(
+                    path,
+                    "format",
+                    format!("{label} must be a date and time such as 2026-03-31T09:30:00Z."),
+                )
+            })?)]
+        }
         FieldType::User | FieldType::Relation => vec![Value::Uuid(
             v.as_str()
                 .and_then(|s| Uuid::parse_str(s).ok())

@@ -1493,14 +1493,26 @@ fn unit_sql(
             // (1M opportunities against 2.8M leads in the CRM's demo data; docs/benchmarks.md).
             // A range keeps the EXISTS, whose probes are only the range's base records.
             let by_join = drill.is_none() && related.is_some() && range.is_none();
+            // A summary field holding the base record's first related record's creation time
+            // answers without a probe per record (docs/reference/reports.md).
+            let first = related
+                .as_ref()
+                .and_then(|(ce, via, _)| first_related(e, ce, via));
             let hit = match (related, when) {
                 (Some((ce, via, within)), _) => {
                     // A base record converts when any related record was created at or after it
                     // (and within the window): EXISTS counts each base record at most once.
-                    let hit = if by_join {
+                    let hit = if by_join && first.is_none() {
                         String::new()
                     } else {
-                        related_exists(app, d, &mut sql, ce, via, *within, &base_time)?
+                        let exists =
+                            related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
+                        match &first {
+                            Some(col) => {
+                                summary_hit(d, &mut sql, col, *within, &base_time, &exists)
+                            }
+                            None => exists,
+                        }
                     };
                     if let (Some(w), true) = (within, *exclude_immature) {
                         let now = sql.param(Value::DateTime(plan.now));
@@ -1512,6 +1524,50 @@ fn unit_sql(
                 (None, Some(w)) => ctx.lower(w, &mut sql).map_err(internal)?.sql,
                 (None, None) => d.bool_lit(false).to_owned(),
             };
+            if let (true, Some(_), Some(col)) = (by_join, related, &first) {
+                // From the summary: the converted base records are those with a first related
+                // record (an index on the summary column reads only them), counted beside all
+                // base records (UNION ALL), merged per group.
+                let keyed: Vec<String> = select
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| format!("{s} AS \"k{i}\""))
+                    .collect();
+                let cols = |counts: &str| {
+                    let mut c = keyed.clone();
+                    c.push(counts.to_owned());
+                    c.join(", ")
+                };
+                let mut hit_conds = vec![format!("t.{} IS NOT NULL", quote(col)), hit.clone()];
+                hit_conds.extend(conds.iter().cloned());
+                let (from, wh) = (ctx.from_clause(), where_sql(&conds));
+                let group = group_by(&positions(group_n));
+                let hits = format!(
+                    "SELECT {} FROM {from}{}{group}",
+                    cols("COUNT(*) AS \"n\", 0 AS \"d\""),
+                    where_sql(&hit_conds)
+                );
+                let all = format!(
+                    "SELECT {} FROM {from}{wh}{group}",
+                    cols("0 AS \"n\", COUNT(*) AS \"d\"")
+                );
+                let keys: Vec<String> = (0..group_n).map(|i| format!("x.\"k{i}\"")).collect();
+                let mut outer = keys.clone();
+                outer.push(d.number("SUM(x.\"n\")"));
+                outer.push(d.number("SUM(x.\"d\")"));
+                let outer_group = group_by(&keys.join(", "));
+                sql.text = format!(
+                    "SELECT {} FROM ({hits} UNION ALL {all}) x{outer_group}",
+                    outer.join(", ")
+                );
+                kinds.push(ColKind::Decimal);
+                kinds.push(ColKind::Decimal);
+                return Ok((
+                    sql,
+                    kinds,
+                    Out::Values(vec![format!("{metric}#num"), format!("{metric}#den")]),
+                ));
+            }
             if let (true, Some((ce, via, within))) = (by_join, related) {
                 // Each related record finds its base record (CROSS JOIN keeps the related
                 // table the outer loop on SQLite, whose planner, without statistics, otherwise
@@ -1840,6 +1896,45 @@ pub(crate) fn query_conds(
         }
     }
     Ok(())
+}
+
+/// The summary field of `e` holding the earliest creation time of the `entity` records that
+/// point at it through `via` (`{"agg": "min", "of": "created_at"}`), if it has one.
+fn first_related(e: &trellis_form::model::Entity, entity: &str, via: &str) -> Option<String> {
+    e.fields
+        .iter()
+        .find(|f| {
+            f.def.summary.as_ref().is_some_and(|s| {
+                s.entity == entity
+                    && s.via == via
+                    && s.agg == trellis_form::def::SummaryAgg::Min
+                    && s.of == "created_at"
+            })
+        })
+        .map(|f| f.key.clone())
+}
+
+/// A conversion's hit from the base record's first related record `t.col`: none converts
+/// without one; when it came at or after `base_time`, it is the earliest candidate and decides
+/// alone (within the window, if any); when it came before (a relation set after the fact), the
+/// `exists` probe decides.
+fn summary_hit(
+    d: &dyn dialect::Dialect,
+    sql: &mut Sql,
+    col: &str,
+    within: Option<u32>,
+    base_time: &str,
+    exists: &str,
+) -> String {
+    let s = format!("t.{}", quote(col));
+    let inside = match within {
+        Some(w) => {
+            let wp = sql.param(Value::Int(i64::from(w)));
+            d.within(&s, base_time, &wp)
+        }
+        None => d.bool_lit(true).to_owned(),
+    };
+    format!("({s} IS NOT NULL AND CASE WHEN {s} >= {base_time} THEN {inside} ELSE {exists} END)")
 }
 
 /// `EXISTS` a record of `entity` pointing at the base record `t` through `via`, created at or

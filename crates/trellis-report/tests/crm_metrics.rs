@@ -817,6 +817,7 @@ async fn main_kpis_explain_with_their_indexes() {
         let db = &t.db;
         let fx = fixture(db).await;
         let d = &fx.reports.dashboards["sales_overview"];
+        let mut summary_read = false;
         for item in &d.def.items {
             let plan =
                 engine::plan(&fx.app, &fx.reports, &item.query, now(), db.backend()).unwrap();
@@ -867,22 +868,32 @@ async fn main_kpis_explain_with_their_indexes() {
                 }
                 if item.key == "kpis"
                     && db.backend() == trellis_form::db::Backend::Sqlite
-                    && sql.text.contains("COUNT(DISTINCT t.\"id\")")
+                    && sql.text.contains("\"first_opportunity_at\"")
                 {
-                    // Lead conversion from the opportunities' side: each opportunity finds its
-                    // lead by the id (the CRM's index over the lead's id and creation time
-                    // answers it without the table), and no lead probes the opportunities.
-                    assert!(text.contains("SCAN c"), "{text}");
-                    let lead_ix =
-                        trellis_form::plan::index_name("crm__lead", "id,created_at", false);
+                    // Lead conversion from the lead's summary field: the index over it reads
+                    // only the leads that have an opportunity, and no opportunity is scanned
+                    // (only a lead whose first opportunity came before it is probed).
+                    summary_read = true;
+                    let ix = trellis_form::plan::index_name(
+                        "crm__lead",
+                        "first_opportunity_at,created_at,id",
+                        false,
+                    );
                     assert!(
-                        text.contains(&format!("SEARCH t USING COVERING INDEX {lead_ix}")),
+                        text.contains(&format!(
+                            "SEARCH t USING COVERING INDEX {ix} (first_opportunity_at>?)"
+                        )),
                         "{text}"
                     );
-                    assert!(!text.contains("EXISTS"), "{text}");
+                    assert!(!text.contains("SCAN c"), "{text}");
                 }
             }
         }
+        assert_eq!(
+            summary_read,
+            db.backend() == trellis_form::db::Backend::Sqlite,
+            "lead conversion reads the lead's first_opportunity_at"
+        );
         if db.backend() == trellis_form::db::Backend::Sqlite {
             let q: Query = serde_json::from_value(json!({"metric": "pipeline_value"})).unwrap();
             let plan = engine::plan(&fx.app, &fx.reports, &q, now(), db.backend()).unwrap();

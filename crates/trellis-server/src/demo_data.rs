@@ -203,6 +203,11 @@ pub async fn generate(
     }
     tx.commit().await?;
     let sum = filled?;
+    // Summary fields (the lead's first opportunity) are kept by the write path, which these
+    // rows went around: computed once from them, with the indexes back.
+    let mut tx = db.begin().await?;
+    trellis_form::summary::fill_all(&mut tx, app).await?;
+    tx.commit().await?;
     bar.finish_and_clear();
     // The rows went in directly, not through the write path: rollups are computed once from
     // them (when the app's reports compile).

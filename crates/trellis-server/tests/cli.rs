@@ -292,7 +292,7 @@ Li Lei,website,contacted
     ]);
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "id,owner,created_at,name,company,phone,email,source,region,product_interest,status,converted_opportunity,notes");
+    assert_eq!(lines[0], "id,owner,created_at,name,company,phone,email,source,region,product_interest,status,converted_opportunity,first_opportunity_at,notes");
     assert_eq!(lines.len(), 2);
     assert!(
         lines[1].contains(",admin@localhost,")
