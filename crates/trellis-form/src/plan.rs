@@ -317,8 +317,8 @@ pub fn plan(backend: Backend, old: Option<&App>, new: &App) -> Plan {
             let Ok(oe) = old.entity(&src.target.key) else {
                 continue; // a new entity: no records yet
             };
-            let same = oe
-                .field(&src.field.key)
+            let before = oe.field(&src.field.key);
+            let same = before
                 .is_some_and(|of| of.ty == src.field.ty && of.def.summary == src.field.def.summary);
             let via_kept = old
                 .entity(&src.source.key)
@@ -339,7 +339,11 @@ pub fn plan(backend: Backend, old: Option<&App>, new: &App) -> Plan {
                     "compute `{}.{}` from `{}` for every record",
                     src.target.key, src.field.key, src.source.key
                 ),
-                sql: vec![crate::summary::fill_sql(&src)],
+                // A new column is empty: one grouped pass fills it.
+                sql: vec![match before {
+                    None => crate::summary::fill_empty_sql(&src),
+                    Some(_) => crate::summary::fill_sql(&src),
+                }],
                 checks: vec![],
             });
         }

@@ -1502,7 +1502,7 @@ fn unit_sql(
                 (Some((ce, via, within)), _) => {
                     // A base record converts when any related record was created at or after it
                     // (and within the window): EXISTS counts each base record at most once.
-                    let hit = if by_join && first.is_none() {
+                    let hit = if by_join {
                         String::new()
                     } else {
                         let exists =
@@ -1538,7 +1538,11 @@ fn unit_sql(
                     c.push(counts.to_owned());
                     c.join(", ")
                 };
-                let mut hit_conds = vec![format!("t.{} IS NOT NULL", quote(col)), hit.clone()];
+                let (ce, via, within) = related.as_ref().expect("a related conversion");
+                let exists = related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
+                let mut hit_conds = vec![summary_where(
+                    d, &mut sql, col, *within, &base_time, &exists,
+                )];
                 hit_conds.extend(conds.iter().cloned());
                 let (from, wh) = (ctx.from_clause(), where_sql(&conds));
                 let group = group_by(&positions(group_n));
@@ -1547,10 +1551,16 @@ fn unit_sql(
                     cols("COUNT(*) AS \"n\", 0 AS \"d\""),
                     where_sql(&hit_conds)
                 );
-                let all = format!(
-                    "SELECT {} FROM {from}{wh}{group}",
-                    cols("0 AS \"n\", COUNT(*) AS \"d\"")
-                );
+                // Every base record: a plain count when nothing groups or filters them (SQLite
+                // counts the smallest index's entries without reading them).
+                let all = if group_n == 0 && conds.is_empty() {
+                    format!("SELECT 0 AS \"n\", (SELECT COUNT(*) FROM {from}) AS \"d\"")
+                } else {
+                    format!(
+                        "SELECT {} FROM {from}{wh}{group}",
+                        cols("0 AS \"n\", COUNT(*) AS \"d\"")
+                    )
+                };
                 let keys: Vec<String> = (0..group_n).map(|i| format!("x.\"k{i}\"")).collect();
                 let mut outer = keys.clone();
                 outer.push(d.number("SUM(x.\"n\")"));
@@ -1935,6 +1945,28 @@ fn summary_hit(
         None => d.bool_lit(true).to_owned(),
     };
     format!("({s} IS NOT NULL AND CASE WHEN {s} >= {base_time} THEN {inside} ELSE {exists} END)")
+}
+
+/// [`summary_hit`] as a WHERE condition: the same test, the first related record's time
+/// first (an index on it reads only the base records that have one), with `OR`, which a
+/// WHERE clause stops evaluating once it is decided.
+fn summary_where(
+    d: &dyn dialect::Dialect,
+    sql: &mut Sql,
+    col: &str,
+    within: Option<u32>,
+    base_time: &str,
+    exists: &str,
+) -> String {
+    let s = format!("t.{}", quote(col));
+    let first = match within {
+        Some(w) => {
+            let wp = sql.param(Value::Int(i64::from(w)));
+            format!("({s} >= {base_time} AND {})", d.within(&s, base_time, &wp))
+        }
+        None => format!("{s} >= {base_time}"),
+    };
+    format!("{s} IS NOT NULL AND ({first} OR ({s} < {base_time} AND {exists}))")
 }
 
 /// `EXISTS` a record of `entity` pointing at the base record `t` through `via`, created at or

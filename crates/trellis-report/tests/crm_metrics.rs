@@ -885,7 +885,10 @@ async fn main_kpis_explain_with_their_indexes() {
                         )),
                         "{text}"
                     );
-                    assert!(!text.contains("SCAN c"), "{text}");
+                    assert!(
+                        !text.contains("\"SCAN c\"") && !text.contains("\"SCAN c "),
+                        "{text}"
+                    );
                 }
             }
         }

@@ -196,6 +196,11 @@ pub async fn generate(
     let dropped = drop_plain_indexes(db, &[&lead_t, &opp_t, "history"]).await?;
     let filled = fill(db, app, reps, opts, &bar, (lead_t, opp_t, acct_t)).await;
     let mut tx = db.begin().await?;
+    // Summary fields (the lead's first opportunity) are kept by the write path, which these
+    // rows went around: filled once from them, before their indexes are built.
+    if filled.is_ok() {
+        trellis_form::summary::fill_empty(&mut tx, app).await?;
+    }
     for (name, ddl) in &dropped {
         tx.execute(&Sql::new(ddl.clone()))
             .await
@@ -203,11 +208,6 @@ pub async fn generate(
     }
     tx.commit().await?;
     let sum = filled?;
-    // Summary fields (the lead's first opportunity) are kept by the write path, which these
-    // rows went around: computed once from them, with the indexes back.
-    let mut tx = db.begin().await?;
-    trellis_form::summary::fill_all(&mut tx, app).await?;
-    tx.commit().await?;
     bar.finish_and_clear();
     // The rows went in directly, not through the write path: rollups are computed once from
     // them (when the app's reports compile).

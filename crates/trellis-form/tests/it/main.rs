@@ -11,5 +11,6 @@ mod migrations;
 mod records;
 mod regressions;
 mod sqlite_settings;
+mod summaries;
 mod transactions;
 mod users;

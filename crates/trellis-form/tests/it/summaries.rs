@@ -1,0 +1,405 @@
+//! Summary fields: a record's first or last related record, kept by the related records'
+//! writes in their own transaction; read-only; checked; filled by migrations.
+
+use crate::common::{ctx, install, problems, t0};
+use chrono::Duration;
+use serde_json::{json, Value};
+use trellis_form::apps::{self, ImportOptions};
+use trellis_form::compile::{compile, parse};
+use trellis_form::model::App;
+use trellis_form::plan::StepKind;
+use trellis_form::store::{self, WriteCtx};
+use trellis_form::testing;
+use uuid::Uuid;
+
+fn def(summaries: Value) -> Value {
+    let mut lead_fields = vec![json!({"key": "name", "type": "text", "required": true})];
+    lead_fields.extend(summaries.as_array().cloned().unwrap_or_default());
+    json!({"key": "s", "timezone": "UTC", "entities": [
+        {"key": "lead", "fields": lead_fields},
+        {"key": "deal", "fields": [
+            {"key": "name", "type": "text", "required": true},
+            {"key": "lead", "type": "relation", "entity": "lead"},
+            {"key": "amount", "type": "integer"}
+        ]}
+    ]})
+}
+
+fn first_and_last() -> Value {
+    json!([
+        {"key": "first_deal_at", "type": "summary", "summary": {"entity": "deal", "via": "lead", "agg": "min"}},
+        {"key": "last_deal_change", "type": "summary", "summary": {"entity": "deal", "via": "lead", "agg": "max", "of": "updated_at"}}
+    ])
+}
+
+/// A write context at `t0 + minutes`.
+fn at(actor: Uuid, minutes: i64) -> WriteCtx {
+    WriteCtx {
+        now: t0() + Duration::minutes(minutes),
+        ..ctx(actor)
+    }
+}
+
+async fn get(db: &trellis_form::db::Db, app: &App, entity: &str, id: Uuid) -> Value {
+    store::get(db, app.entity(entity).unwrap(), id)
+        .await
+        .unwrap()
+        .to_json()
+}
+
+/// `t0 + minutes` as the API writes an instant.
+fn ts(minutes: i64) -> Value {
+    json!(trellis_form::values::datetime_json(
+        &(t0() + Duration::minutes(minutes))
+    ))
+}
+
+#[test]
+fn summary_fields_are_checked() {
+    let bad = def(json!([
+        {"key": "a", "type": "summary"},
+        {"key": "b", "type": "summary", "summary": {"entity": "nope", "via": "lead", "agg": "min"}},
+        {"key": "c", "type": "summary", "summary": {"entity": "deal", "via": "nope", "agg": "min"}},
+        {"key": "d", "type": "summary", "summary": {"entity": "deal", "via": "amount", "agg": "min"}},
+        {"key": "e", "type": "summary", "summary": {"entity": "deal", "via": "lead", "agg": "max", "of": "amount"}},
+        {"key": "f", "type": "summary", "required": true, "summary": {"entity": "deal", "via": "lead", "agg": "min"}},
+        {"key": "g", "type": "datetime", "summary": {"entity": "deal", "via": "lead", "agg": "min"}}
+    ]));
+    let got = match parse(&bad).and_then(|d| compile(d, 1)) {
+        Err(e) => problems(e),
+        Ok(_) => panic!("compiled"),
+    };
+    assert_eq!(
+        got,
+        [
+            ("/entities/0/fields/1/summary".to_owned(), "required"),
+            ("/entities/0/fields/6/required".to_owned(), "not_allowed"),
+            ("/entities/0/fields/7/summary".to_owned(), "not_allowed"),
+            (
+                "/entities/0/fields/2/summary/entity".to_owned(),
+                "unknown_entity"
+            ),
+            (
+                "/entities/0/fields/3/summary/via".to_owned(),
+                "unknown_field"
+            ),
+            (
+                "/entities/0/fields/4/summary/via".to_owned(),
+                "not_a_relation"
+            ),
+            ("/entities/0/fields/5/summary/of".to_owned(), "not_allowed"),
+        ]
+    );
+    // An unknown aggregate is a shape error with its path.
+    let e = parse(&def(json!([{"key": "x", "type": "summary", "summary": {"entity": "deal", "via": "lead", "agg": "sum"}}]))).unwrap_err();
+    assert!(
+        problems(e)
+            .iter()
+            .any(|(p, _)| p.starts_with("/entities/0/fields/1/summary")),
+        "the path names the summary"
+    );
+    compile(parse(&def(first_and_last())).unwrap(), 1).unwrap();
+}
+
+#[tokio::test]
+async fn summary_fields_follow_the_related_records() {
+    for t in testing::each().await {
+        let b = t.backend;
+        let (app, admin) = install(&t.db, &def(first_and_last())).await;
+        let (lead, deal) = (app.entity("lead").unwrap(), app.entity("deal").unwrap());
+        let mut tx = t.db.begin().await.unwrap();
+        let a = store::create(&mut tx, &app, lead, &json!({"name": "A"}), &at(admin, 0))
+            .await
+            .unwrap();
+        let bl = store::create(&mut tx, &app, lead, &json!({"name": "B"}), &at(admin, 0))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let (a, bl) = (a.meta.id, bl.meta.id);
+        assert_eq!(
+            get(&t.db, &app, "lead", a).await["first_deal_at"],
+            Value::Null,
+            "{b}"
+        );
+        // Two deals of A, at minutes 10 and 20 (a batch of one, a single create).
+        let mut tx = t.db.begin().await.unwrap();
+        let d1 = store::create_batch(
+            &mut tx,
+            &app,
+            deal,
+            &[json!({"name": "D1", "lead": a})],
+            &at(admin, 10),
+        )
+        .await
+        .unwrap()
+        .remove(0);
+        let d2 = store::create(
+            &mut tx,
+            &app,
+            deal,
+            &json!({"name": "D2", "lead": a}),
+            &at(admin, 20),
+        )
+        .await
+        .unwrap()
+        .meta
+        .id;
+        tx.commit().await.unwrap();
+        let ja = get(&t.db, &app, "lead", a).await;
+        assert_eq!(
+            (ja["first_deal_at"].clone(), ja["last_deal_change"].clone()),
+            (ts(10), ts(20)),
+            "{b}"
+        );
+        // The lead's own version is not bumped by its summaries.
+        assert_eq!(ja["version"], json!(1), "{b}");
+        // D1 moves to B at minute 30: both leads are computed again.
+        let mut tx = t.db.begin().await.unwrap();
+        store::update(
+            &mut tx,
+            &app,
+            deal,
+            d1,
+            &json!({"lead": bl}),
+            None,
+            &at(admin, 30),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let (ja, jb) = (
+            get(&t.db, &app, "lead", a).await,
+            get(&t.db, &app, "lead", bl).await,
+        );
+        assert_eq!(
+            (
+                ja["first_deal_at"].clone(),
+                jb["first_deal_at"].clone(),
+                jb["last_deal_change"].clone()
+            ),
+            (ts(20), ts(10), ts(30)),
+            "{b}"
+        );
+        // An update that leaves the relation alone still counts for `updated_at`.
+        let mut tx = t.db.begin().await.unwrap();
+        store::update(
+            &mut tx,
+            &app,
+            deal,
+            d2,
+            &json!({"amount": 5}),
+            None,
+            &at(admin, 40),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            get(&t.db, &app, "lead", a).await["last_deal_change"],
+            ts(40),
+            "{b}"
+        );
+        // Deleting A's last deal empties its summaries.
+        let mut tx = t.db.begin().await.unwrap();
+        store::delete(&mut tx, &app, deal, d2, None, &at(admin, 50))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let ja = get(&t.db, &app, "lead", a).await;
+        assert_eq!(
+            (ja["first_deal_at"].clone(), ja["last_deal_change"].clone()),
+            (Value::Null, Value::Null),
+            "{b}"
+        );
+        // A rolled-back write leaves them as they were.
+        let mut tx = t.db.begin().await.unwrap();
+        store::create(
+            &mut tx,
+            &app,
+            deal,
+            &json!({"name": "D3", "lead": a}),
+            &at(admin, 60),
+        )
+        .await
+        .unwrap();
+        drop(tx);
+        assert_eq!(
+            get(&t.db, &app, "lead", a).await["first_deal_at"],
+            Value::Null,
+            "{b}"
+        );
+        // Summaries are read-only: a create or update naming one is refused and writes nothing.
+        let mut tx = t.db.begin().await.unwrap();
+        let e = store::create(
+            &mut tx,
+            &app,
+            lead,
+            &json!({"name": "C", "first_deal_at": "2026-01-01T00:00:00Z"}),
+            &at(admin, 70),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            problems(e),
+            [("/first_deal_at".to_owned(), "read_only")],
+            "{b}"
+        );
+        let e = store::update(
+            &mut tx,
+            &app,
+            lead,
+            bl,
+            &json!({"last_deal_change": null}),
+            None,
+            &at(admin, 70),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            problems(e),
+            [("/last_deal_change".to_owned(), "read_only")],
+            "{b}"
+        );
+        drop(tx);
+        let jb = get(&t.db, &app, "lead", bl).await;
+        assert_eq!(
+            (jb["last_deal_change"].clone(), jb["version"].clone()),
+            (ts(30), json!(1)),
+            "{b}"
+        );
+        // Updating the lead itself keeps its summaries.
+        let mut tx = t.db.begin().await.unwrap();
+        let u = store::update(
+            &mut tx,
+            &app,
+            lead,
+            bl,
+            &json!({"name": "B2"}),
+            None,
+            &at(admin, 80),
+        )
+        .await
+        .unwrap()
+        .to_json();
+        tx.commit().await.unwrap();
+        assert_eq!(u["first_deal_at"], ts(10), "{b}");
+        assert_eq!(
+            get(&t.db, &app, "lead", bl).await["first_deal_at"],
+            ts(10),
+            "{b}"
+        );
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_summary_field_is_filled_from_the_existing_records() {
+    for t in testing::each().await {
+        let b = t.backend;
+        let (app, admin) = install(&t.db, &def(json!([]))).await;
+        let (lead, deal) = (app.entity("lead").unwrap(), app.entity("deal").unwrap());
+        let mut tx = t.db.begin().await.unwrap();
+        let a = store::create(&mut tx, &app, lead, &json!({"name": "A"}), &at(admin, 0))
+            .await
+            .unwrap()
+            .meta
+            .id;
+        let none = store::create(&mut tx, &app, lead, &json!({"name": "N"}), &at(admin, 0))
+            .await
+            .unwrap()
+            .meta
+            .id;
+        for m in [15, 5] {
+            store::create(
+                &mut tx,
+                &app,
+                deal,
+                &json!({"name": "D", "lead": a}),
+                &at(admin, m),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let out = apps::import(
+            &t.db,
+            &def(first_and_last()),
+            ImportOptions::default(),
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        let steps: Vec<(StepKind, Option<String>)> = out
+            .plan
+            .steps
+            .iter()
+            .map(|s| (s.kind, s.field.clone()))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                (StepKind::AddField, Some("first_deal_at".to_owned())),
+                (StepKind::AddField, Some("last_deal_change".to_owned())),
+                (StepKind::FillSummary, Some("first_deal_at".to_owned())),
+                (StepKind::FillSummary, Some("last_deal_change".to_owned())),
+            ],
+            "{b}"
+        );
+        assert!(
+            out.plan.render().contains(
+                "+ fill_summary   compute `lead.first_deal_at` from `deal` for every record"
+            ),
+            "{}",
+            out.plan.render()
+        );
+        let app = apps::load(&t.db, "s").await.unwrap().unwrap();
+        let (ja, jn) = (
+            get(&t.db, &app, "lead", a).await,
+            get(&t.db, &app, "lead", none).await,
+        );
+        assert_eq!(
+            (
+                ja["first_deal_at"].clone(),
+                ja["last_deal_change"].clone(),
+                jn["first_deal_at"].clone()
+            ),
+            (ts(5), ts(15), Value::Null),
+            "{b}"
+        );
+        // Unchanged, the next import fills nothing; from min to max, it fills again.
+        let out = apps::import(
+            &t.db,
+            &def(first_and_last()),
+            ImportOptions::default(),
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert!(out.plan.steps.is_empty(), "{b}");
+        let mut changed = first_and_last();
+        changed[0]["summary"]["agg"] = json!("max");
+        let out = apps::import(
+            &t.db,
+            &def(changed),
+            ImportOptions::default(),
+            Some(admin),
+            t0(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            out.plan.steps.iter().map(|s| s.kind).collect::<Vec<_>>(),
+            [StepKind::UpdateField, StepKind::FillSummary],
+            "{b}"
+        );
+        let app = apps::load(&t.db, "s").await.unwrap().unwrap();
+        assert_eq!(
+            get(&t.db, &app, "lead", a).await["first_deal_at"],
+            ts(15),
+            "{b}"
+        );
+        t.cleanup().await;
+    }
+}
