@@ -1524,10 +1524,9 @@ fn unit_sql(
                 (None, Some(w)) => ctx.lower(w, &mut sql).map_err(internal)?.sql,
                 (None, None) => d.bool_lit(false).to_owned(),
             };
-            if let (true, Some(_), Some(col)) = (by_join, related, &first) {
-                // From the summary: the converted base records are those with a first related
-                // record (an index on the summary column reads only them), counted beside all
-                // base records (UNION ALL), merged per group.
+            if let (true, Some((ce, via, within))) = (by_join, related) {
+                // Over the whole history the converted base records are counted on their own,
+                // beside all base records (UNION ALL), and the two are merged per group.
                 let keyed: Vec<String> = select
                     .iter()
                     .enumerate()
@@ -1538,19 +1537,41 @@ fn unit_sql(
                     c.push(counts.to_owned());
                     c.join(", ")
                 };
-                let (ce, via, within) = related.as_ref().expect("a related conversion");
-                let exists = related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
-                let mut hit_conds = vec![summary_where(
-                    d, &mut sql, col, *within, &base_time, &exists,
-                )];
-                hit_conds.extend(conds.iter().cloned());
                 let (from, wh) = (ctx.from_clause(), where_sql(&conds));
                 let group = group_by(&positions(group_n));
-                let hits = format!(
-                    "SELECT {} FROM {from}{}{group}",
-                    cols("COUNT(*) AS \"n\", 0 AS \"d\""),
-                    where_sql(&hit_conds)
-                );
+                let hits = match &first {
+                    // From the summary: the base records with a first related record (an
+                    // index on the summary column reads only them).
+                    Some(col) => {
+                        let exists =
+                            related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
+                        let mut hit_conds = vec![summary_where(
+                            d, &mut sql, col, *within, &base_time, &exists,
+                        )];
+                        hit_conds.extend(conds.iter().cloned());
+                        format!(
+                            "SELECT {} FROM {from}{}{group}",
+                            cols("COUNT(*) AS \"n\", 0 AS \"d\""),
+                            where_sql(&hit_conds)
+                        )
+                    }
+                    // Each related record finds its base record (CROSS JOIN keeps the related
+                    // table the outer loop on SQLite, whose planner, without statistics,
+                    // otherwise scans the base table and probes per base record; PostgreSQL
+                    // plans it as any join), and the base records are counted distinctly: the
+                    // same answer as counting EXISTS per base record.
+                    None => {
+                        let mut hit_conds =
+                            vec![related_cond(d, &mut sql, via, *within, &base_time)];
+                        hit_conds.extend(conds.iter().cloned());
+                        format!(
+                            "SELECT {} FROM {} c CROSS JOIN {from}{}{group}",
+                            cols("COUNT(DISTINCT t.\"id\") AS \"n\", 0 AS \"d\""),
+                            quote(&app.entity(ce)?.table),
+                            where_sql(&hit_conds)
+                        )
+                    }
+                };
                 // Every base record: a plain count when nothing groups or filters them (SQLite
                 // counts the smallest index's entries without reading them).
                 let all = if group_n == 0 && conds.is_empty() {
@@ -1561,54 +1582,6 @@ fn unit_sql(
                         cols("0 AS \"n\", COUNT(*) AS \"d\"")
                     )
                 };
-                let keys: Vec<String> = (0..group_n).map(|i| format!("x.\"k{i}\"")).collect();
-                let mut outer = keys.clone();
-                outer.push(d.number("SUM(x.\"n\")"));
-                outer.push(d.number("SUM(x.\"d\")"));
-                let outer_group = group_by(&keys.join(", "));
-                sql.text = format!(
-                    "SELECT {} FROM ({hits} UNION ALL {all}) x{outer_group}",
-                    outer.join(", ")
-                );
-                kinds.push(ColKind::Decimal);
-                kinds.push(ColKind::Decimal);
-                return Ok((
-                    sql,
-                    kinds,
-                    Out::Values(vec![format!("{metric}#num"), format!("{metric}#den")]),
-                ));
-            }
-            if let (true, Some((ce, via, within))) = (by_join, related) {
-                // Each related record finds its base record (CROSS JOIN keeps the related
-                // table the outer loop on SQLite, whose planner, without statistics, otherwise
-                // scans the base table and probes per base record; PostgreSQL plans it as any
-                // join), and the base records are counted
-                // distinctly, beside all base records counted apart (UNION ALL), merged per
-                // group: the same answer as counting EXISTS per base record.
-                let mut hit_conds = vec![related_cond(d, &mut sql, via, *within, &base_time)];
-                hit_conds.extend(conds.iter().cloned());
-                let target = quote(&app.entity(ce)?.table);
-                let keyed: Vec<String> = select
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| format!("{s} AS \"k{i}\""))
-                    .collect();
-                let cols = |counts: &str| {
-                    let mut c = keyed.clone();
-                    c.push(counts.to_owned());
-                    c.join(", ")
-                };
-                let (from, wh) = (ctx.from_clause(), where_sql(&conds));
-                let group = group_by(&positions(group_n));
-                let hits = format!(
-                    "SELECT {} FROM {target} c CROSS JOIN {from}{}{group}",
-                    cols("COUNT(DISTINCT t.\"id\") AS \"n\", 0 AS \"d\""),
-                    where_sql(&hit_conds)
-                );
-                let all = format!(
-                    "SELECT {} FROM {from}{wh}{group}",
-                    cols("0 AS \"n\", COUNT(*) AS \"d\"")
-                );
                 let keys: Vec<String> = (0..group_n).map(|i| format!("x.\"k{i}\"")).collect();
                 let mut outer = keys.clone();
                 outer.push(d.number("SUM(x.\"n\")"));
