@@ -661,15 +661,32 @@ impl Checker {
                     .get_or_insert_with(|| std::sync::Arc::new(crate::formula::engine()))
                     .clone();
                 let result = f.result.unwrap_or(crate::formula::ResultType::Decimal);
-                match crate::formula::compile(&engine, text, result, siblings) {
-                    Ok(x) => Some(std::sync::Arc::new(x)),
-                    Err(e) => {
-                        self.err(
-                            &format!("{fp}/formula"),
-                            "bad_formula",
-                            format!("The formula does not compile: {e}"),
-                        );
-                        None
+                // A summary changes with another entity's writes, which do not compute this
+                // record's formulas: a formula reading one would keep a stale value.
+                let words: HashSet<&str> = text
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .collect();
+                let summary = siblings
+                    .iter()
+                    .find(|(k, t)| *t == FieldType::Summary && words.contains(k.as_str()));
+                if let Some((k, _)) = summary {
+                    self.err(
+                        &format!("{fp}/formula"),
+                        "not_allowed",
+                        format!("`{k}` is a summary field, kept by another entity's writes; a formula would keep the value it had at this record's last write."),
+                    );
+                    None
+                } else {
+                    match crate::formula::compile(&engine, text, result, siblings) {
+                        Ok(x) => Some(std::sync::Arc::new(x)),
+                        Err(e) => {
+                            self.err(
+                                &format!("{fp}/formula"),
+                                "bad_formula",
+                                format!("The formula does not compile: {e}"),
+                            );
+                            None
+                        }
                     }
                 }
             }

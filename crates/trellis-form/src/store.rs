@@ -993,19 +993,16 @@ async fn write_rows(
         })
         .collect();
     write_events(tx, &app.key, e, "created", &events, ctx).await?;
-    if maintained {
-        let touched: Vec<crate::rollup::Touched> = rows
-            .iter()
-            .map(|r| (r.record.meta.id, &r.record.fields))
-            .collect();
-        crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
-    }
-    if crate::summary::fed_by(app, e) {
+    // Summaries first: a rollup's contribution is added back from the records as they now are.
+    if maintained || crate::summary::fed_by(app, e) {
         let touched: Vec<crate::rollup::Touched> = rows
             .iter()
             .map(|r| (r.record.meta.id, &r.record.fields))
             .collect();
         crate::summary::refresh(tx, app, e, &touched).await?;
+        if maintained {
+            crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
+        }
     }
     Ok(())
 }
@@ -1143,13 +1140,13 @@ pub async fn update(
             at: ctx.now,
         });
     }
-    if maintained {
-        crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
-    }
     if crate::summary::fed_by(app, e) {
         // The records the relation pointed at before and after.
         let touched: Vec<crate::rollup::Touched> = vec![(id, &old.fields), (id, &p.fields)];
         crate::summary::refresh(tx, app, e, &touched).await?;
+    }
+    if maintained {
+        crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
     write_history(tx, &app.key, e, id, &rows, ctx.actor).await?;
     let record = get_in(tx, e, id).await?;
@@ -1207,11 +1204,11 @@ pub async fn delete(
     let mut sql = Sql::new(format!("DELETE FROM {} WHERE \"id\" = ", quote(&e.table)));
     sql.bind(Value::Uuid(id));
     tx.execute(&sql).await?;
-    if maintained {
-        crate::rollup::apply(tx, app, e, 1, &touched, false).await?;
-    }
     if crate::summary::fed_by(app, e) {
         crate::summary::refresh(tx, app, e, &touched).await?;
+    }
+    if maintained {
+        crate::rollup::apply(tx, app, e, 1, &touched, false).await?;
     }
     write_event(tx, &app.key, e, id, "deleted", &[], &old.to_json(), ctx).await?;
     Ok(())

@@ -834,18 +834,21 @@ pub async fn run(
         }
         Some(t)
     } else if summed {
-        let mut sum = Vals::new();
+        // Compensated (Neumaier) sums: the rows' values are already floats, and a plain sum of
+        // many large amounts would lose digits the answer shows.
+        let mut sum: HashMap<String, Option<(f64, f64)>> = HashMap::new();
         for k in &rows.order {
             for (n, v) in rows.get(k).into_iter().flatten() {
                 let acc = sum.entry(n.clone()).or_insert(None);
                 if let Some(v) = v {
-                    *acc = Some(acc.unwrap_or(0.0) + v);
+                    *acc = Some(add_compensated(acc.unwrap_or((0.0, 0.0)), *v));
                 }
             }
         }
         let mut t = Rows::new();
         if !sum.is_empty() {
-            t.entry(vec![]).extend(sum);
+            t.entry(vec![])
+                .extend(sum.into_iter().map(|(n, a)| (n, a.map(|(s, c)| s + c))));
         }
         Some(t)
     } else {
@@ -1007,6 +1010,18 @@ pub async fn run(
         totals,
         meta,
     })
+}
+
+/// One step of Neumaier's compensated sum: `(sum, compensation)` plus `v`; the total is
+/// `sum + compensation`.
+fn add_compensated((s, c): (f64, f64), v: f64) -> (f64, f64) {
+    let t = s + v;
+    let c = if s.abs() >= v.abs() {
+        c + ((s - t) + v)
+    } else {
+        c + ((v - t) + s)
+    };
+    (t, c)
 }
 
 fn float(v: Option<f64>) -> Json {
@@ -2448,4 +2463,22 @@ pub async fn drill(
         next_cursor,
         entity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_compensated;
+
+    #[test]
+    fn totals_summed_from_rows_keep_the_digits_of_large_amounts() {
+        // 1,000 rows of 123,456,789.01: the exact total is 123,456,789,010.00. A plain float
+        // sum drifts in the digits a total shows; the compensated one is the nearest float.
+        let rows = vec![123_456_789.01_f64; 1000];
+        let plain: f64 = rows.iter().sum();
+        let (s, c) = rows
+            .iter()
+            .fold((0.0, 0.0), |acc, v| add_compensated(acc, *v));
+        assert_eq!(s + c, 123_456_789_010.0);
+        assert_ne!(plain, 123_456_789_010.0, "the plain sum drifts here");
+    }
 }

@@ -223,9 +223,21 @@ pub(crate) fn compile(
         };
         let d = dialect::of(Backend::Sqlite);
         let mut ctx = Ctx::new(app, e, d);
+        // A summary field changes with another entity's writes, which do not reach this
+        // rollup: a rollup that read one would go stale.
+        let summary_read = |sql: &str| -> Option<String> {
+            e.fields
+                .iter()
+                .filter(|f| f.ty == trellis_form::def::FieldType::Summary)
+                .find(|f| sql.contains(&format!("t.{}", quote(&f.key))))
+                .map(|f| format!("`{}` is a summary field, kept by the writes of `{}`, which do not reach a rollup of {}; it would go stale", f.key, f.def.summary.as_ref().map(|s| s.entity.as_str()).unwrap_or_default(), e.label))
+        };
         for (i, dim) in def.dimensions.iter().enumerate() {
             let p = format!("{path}/dimensions/{i}");
             match dimension(&mut ctx, dim) {
+                Ok(t) if summary_read(&t.sql).is_some() => {
+                    problems.push(err(p, summary_read(&t.sql).unwrap_or_default()))
+                }
                 Ok(t) if t.base_column && t.sql == format!("t.{}", quote(dim)) => {}
                 Ok(_) => problems.push(err(p, format!("`{dim}` is not a field of {} itself; a rollup keeps its own fields only (a related record's value would go stale when that record changes)", e.label))),
                 Err(msg) => problems.push(Problem::new(p, "unknown_field", msg)),
@@ -244,6 +256,13 @@ pub(crate) fn compile(
                 Ok(x @ (Expr::Path(_) | Expr::Call(..))) => {
                     let mut sql = Sql::default();
                     match ctx.lower(&x, &mut sql) {
+                        Ok(l) if summary_read(&l.sql).is_some() => {
+                            problems.push(err(
+                                format!("{path}/time"),
+                                summary_read(&l.sql).unwrap_or_default(),
+                            ));
+                            None
+                        }
                         Ok(l)
                             if l.base_column
                                 && matches!(l.kind, ColKind::Date | ColKind::DateTime) =>
@@ -342,15 +361,22 @@ pub(crate) fn compile(
                         let mut sql = Sql::default();
                         let mut reads = vec![];
                         if let Some(f) = &bm.filter {
-                            reads.push(c.lower(f, &mut sql).map(|_| ()));
+                            reads.push(c.lower(f, &mut sql).map(|l| l.sql));
                         }
                         if let Kind::Aggregate { expr: Some(x), .. } = &bm.kind {
-                            reads.push(c.lower(x, &mut sql).map(|_| ()));
+                            reads.push(c.lower(x, &mut sql).map(|l| l.sql));
                         }
                         if let Kind::Conversion { when: Some(w), .. } = &bm.kind {
-                            reads.push(c.lower(w, &mut sql).map(|_| ()));
+                            reads.push(c.lower(w, &mut sql).map(|l| l.sql));
                         }
-                        if let Some(Err(msg)) = reads.into_iter().find(Result::is_err) {
+                        if let Some(t) = &bm.time {
+                            reads.push(c.lower(t, &mut sql).map(|l| l.sql));
+                        }
+                        if let Some(Err(msg)) = reads.iter().find(|r| r.is_err()) {
+                            problems.push(err(p.clone(), msg.clone()));
+                            continue;
+                        }
+                        if let Some(msg) = reads.iter().flatten().find_map(|s| summary_read(s)) {
                             problems.push(err(p.clone(), msg));
                             continue;
                         }

@@ -1587,7 +1587,12 @@ async fn bad_rollup_definitions_list_every_problem() {
                 "measures": ["median_cycle", "median_time_in_stage", "leads", "missing"]},
         "no_entity": {"entity": "ghost", "measures": ["leads"]},
         "Bad-Name": {"entity": "lead", "measures": ["leads"]},
-        "empty": {"entity": "lead", "measures": []}
+        "empty": {"entity": "lead", "measures": []},
+        "summaries": {"entity": "lead", "dimensions": ["region", "first_opportunity_at"],
+                      "time": "first_opportunity_at", "measures": ["leads", "leads_with_deal"]}
+    }, "metrics": {
+        "leads_with_deal": {"type": "aggregate", "entity": "lead", "agg": "count",
+                            "filter": "first_opportunity_at is not null"}
     }}));
     let out = apps::import(db, &def, ImportOptions::default(), None, now())
         .await
@@ -1615,6 +1620,10 @@ async fn bad_rollup_definitions_list_every_problem() {
         (at("bad/measures/3"), "unknown_metric"),
         (at("no_entity/entity"), "unknown_entity"),
         (at("empty/measures"), "required"),
+        // A lead's summary changes with opportunity writes, which do not reach a lead rollup.
+        (at("summaries/dimensions/1"), "invalid_rollup"),
+        (at("summaries/time"), "invalid_rollup"),
+        (at("summaries/measures/1"), "invalid_rollup"),
     ] {
         assert!(
             got.contains(&(path.clone(), code.to_owned())),
@@ -1636,6 +1645,21 @@ async fn bad_rollup_definitions_list_every_problem() {
         msg(&at("bad/dimensions/0")).contains("go stale"),
         "{}",
         msg(&at("bad/dimensions/0"))
+    );
+    for p in [
+        "summaries/dimensions/1",
+        "summaries/time",
+        "summaries/measures/1",
+    ] {
+        assert!(
+            msg(&at(p)).contains("`first_opportunity_at` is a summary field"),
+            "{}",
+            msg(&at(p))
+        );
+    }
+    assert!(
+        !got.iter().any(|(p, _)| p == &at("summaries/measures/0")),
+        "{got:#?}"
     );
     t.cleanup().await;
 }

@@ -195,18 +195,27 @@ pub async fn generate(
     // Bulk load: the big tables' plain indexes are built once at the end, not row by row.
     let dropped = drop_plain_indexes(db, &[&lead_t, &opp_t, "history"]).await?;
     let filled = fill(db, app, reps, opts, &bar, (lead_t, opp_t, acct_t)).await;
-    let mut tx = db.begin().await?;
     // Summary fields (the lead's first opportunity) are kept by the write path, which these
-    // rows went around: filled once from them, before their indexes are built.
-    if filled.is_ok() {
-        trellis_form::summary::fill_empty(&mut tx, app).await?;
-    }
+    // rows went around: filled once from them, in a transaction of their own, before their
+    // indexes are built (which happens whatever else failed).
+    let summarised = match &filled {
+        Ok(_) => {
+            let mut tx = db.begin().await?;
+            match trellis_form::summary::fill_empty(&mut tx, app).await {
+                Ok(()) => tx.commit().await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(_) => Ok(()),
+    };
+    let mut tx = db.begin().await?;
     for (name, ddl) in &dropped {
         tx.execute(&Sql::new(ddl.clone()))
             .await
             .with_context(|| format!("cannot rebuild the index {name}"))?;
     }
     tx.commit().await?;
+    summarised?;
     let sum = filled?;
     bar.finish_and_clear();
     // The rows went in directly, not through the write path: rollups are computed once from

@@ -63,7 +63,8 @@ fn summary_fields_are_checked() {
         {"key": "d", "type": "summary", "summary": {"entity": "deal", "via": "amount", "agg": "min"}},
         {"key": "e", "type": "summary", "summary": {"entity": "deal", "via": "lead", "agg": "max", "of": "amount"}},
         {"key": "f", "type": "summary", "required": true, "summary": {"entity": "deal", "via": "lead", "agg": "min"}},
-        {"key": "g", "type": "datetime", "summary": {"entity": "deal", "via": "lead", "agg": "min"}}
+        {"key": "g", "type": "datetime", "summary": {"entity": "deal", "via": "lead", "agg": "min"}},
+        {"key": "h", "type": "formula", "formula": "if a == () { \"new\" } else { \"old\" }", "result": "text"}
     ]));
     let got = match parse(&bad).and_then(|d| compile(d, 1)) {
         Err(e) => problems(e),
@@ -75,6 +76,7 @@ fn summary_fields_are_checked() {
             ("/entities/0/fields/1/summary".to_owned(), "required"),
             ("/entities/0/fields/6/required".to_owned(), "not_allowed"),
             ("/entities/0/fields/7/summary".to_owned(), "not_allowed"),
+            ("/entities/0/fields/8/formula".to_owned(), "not_allowed"),
             (
                 "/entities/0/fields/2/summary/entity".to_owned(),
                 "unknown_entity"
