@@ -48,13 +48,17 @@ pub fn all(app: &App) -> Vec<Source<'_>> {
     out
 }
 
+fn agg_sql(agg: SummaryAgg) -> &'static str {
+    match agg {
+        SummaryAgg::Min => "MIN",
+        SummaryAgg::Max => "MAX",
+    }
+}
+
 /// The value of `src`'s summary for the target record `t` (correlated subquery).
 fn value_sql(src: &Source) -> String {
     let s = src.field.def.summary.as_ref().expect("a summary field");
-    let agg = match s.agg {
-        SummaryAgg::Min => "MIN",
-        SummaryAgg::Max => "MAX",
-    };
+    let agg = agg_sql(s.agg);
     format!(
         "(SELECT {agg}(c.{}) FROM {} c WHERE c.{} = {}.\"id\")",
         quote(&s.of),
@@ -84,10 +88,7 @@ pub fn fill_sql(src: &Source) -> Sql {
 /// their relation.
 pub fn fill_empty_sql(src: &Source) -> Sql {
     let s = src.field.def.summary.as_ref().expect("a summary field");
-    let agg = match s.agg {
-        SummaryAgg::Min => "MIN",
-        SummaryAgg::Max => "MAX",
-    };
+    let agg = agg_sql(s.agg);
     let target = quote(&src.target.table);
     Sql::new(format!(
         "UPDATE {target} SET {} = g.\"v\" FROM (SELECT c.{via} AS \"k\", {agg}(c.{}) AS \"v\" FROM {} c WHERE c.{via} IS NOT NULL GROUP BY c.{via}) AS g WHERE {target}.\"id\" = g.\"k\"",

@@ -1524,7 +1524,7 @@ fn unit_sql(
                             related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
                         match &first {
                             Some(col) => {
-                                summary_hit(d, &mut sql, col, *within, &base_time, &exists)
+                                summary_hit(d, &mut sql, col, *within, &base_time, &exists, false)
                             }
                             None => exists,
                         }
@@ -1560,8 +1560,8 @@ fn unit_sql(
                     Some(col) => {
                         let exists =
                             related_exists(app, d, &mut sql, ce, via, *within, &base_time)?;
-                        let mut hit_conds = vec![summary_where(
-                            d, &mut sql, col, *within, &base_time, &exists,
+                        let mut hit_conds = vec![summary_hit(
+                            d, &mut sql, col, *within, &base_time, &exists, true,
                         )];
                         hit_conds.extend(conds.iter().cloned());
                         format!(
@@ -1915,7 +1915,10 @@ fn first_related(e: &trellis_form::model::Entity, entity: &str, via: &str) -> Op
 /// A conversion's hit from the base record's first related record `t.col`: none converts
 /// without one; when it came at or after `base_time`, it is the earliest candidate and decides
 /// alone (within the window, if any); when it came before (a relation set after the fact), the
-/// `exists` probe decides.
+/// `exists` probe decides. As a value counted per row (`in_where` false) a `CASE`, so the
+/// probe runs only where it decides; as a WHERE condition, `OR`, which a WHERE clause stops
+/// evaluating once it is decided, with the summary's `IS NOT NULL` first (an index on it reads
+/// only the base records that have one).
 fn summary_hit(
     d: &dyn dialect::Dialect,
     sql: &mut Sql,
@@ -1923,38 +1926,25 @@ fn summary_hit(
     within: Option<u32>,
     base_time: &str,
     exists: &str,
+    in_where: bool,
 ) -> String {
     let s = format!("t.{}", quote(col));
-    let inside = match within {
-        Some(w) => {
-            let wp = sql.param(Value::Int(i64::from(w)));
-            d.within(&s, base_time, &wp)
-        }
-        None => d.bool_lit(true).to_owned(),
-    };
-    format!("({s} IS NOT NULL AND CASE WHEN {s} >= {base_time} THEN {inside} ELSE {exists} END)")
-}
-
-/// [`summary_hit`] as a WHERE condition: the same test, the first related record's time
-/// first (an index on it reads only the base records that have one), with `OR`, which a
-/// WHERE clause stops evaluating once it is decided.
-fn summary_where(
-    d: &dyn dialect::Dialect,
-    sql: &mut Sql,
-    col: &str,
-    within: Option<u32>,
-    base_time: &str,
-    exists: &str,
-) -> String {
-    let s = format!("t.{}", quote(col));
-    let first = match within {
-        Some(w) => {
-            let wp = sql.param(Value::Int(i64::from(w)));
-            format!("({s} >= {base_time} AND {})", d.within(&s, base_time, &wp))
-        }
-        None => format!("{s} >= {base_time}"),
-    };
-    format!("{s} IS NOT NULL AND ({first} OR ({s} < {base_time} AND {exists}))")
+    let inside = within.map(|w| {
+        let wp = sql.param(Value::Int(i64::from(w)));
+        d.within(&s, base_time, &wp)
+    });
+    if in_where {
+        let first = match inside {
+            Some(x) => format!("({s} >= {base_time} AND {x})"),
+            None => format!("{s} >= {base_time}"),
+        };
+        format!("{s} IS NOT NULL AND ({first} OR ({s} < {base_time} AND {exists}))")
+    } else {
+        let inside = inside.unwrap_or_else(|| d.bool_lit(true).to_owned());
+        format!(
+            "({s} IS NOT NULL AND CASE WHEN {s} >= {base_time} THEN {inside} ELSE {exists} END)"
+        )
+    }
 }
 
 /// `EXISTS` a record of `entity` pointing at the base record `t` through `via`, created at or
