@@ -103,28 +103,75 @@ fn summary_fields_are_checked() {
     compile(parse(&def(first_and_last())).unwrap(), 1).unwrap();
 }
 
+/// Create a record of `entity` at `t0 + minutes` in its own transaction.
+async fn create_at(
+    db: &trellis_form::db::Db,
+    app: &App,
+    entity: &str,
+    v: Value,
+    actor: Uuid,
+    minutes: i64,
+) -> Uuid {
+    let mut tx = db.begin().await.unwrap();
+    let id = store::create(
+        &mut tx,
+        app,
+        app.entity(entity).unwrap(),
+        &v,
+        &at(actor, minutes),
+    )
+    .await
+    .unwrap()
+    .meta
+    .id;
+    tx.commit().await.unwrap();
+    id
+}
+
+/// Update a record of `entity` at `t0 + minutes` in its own transaction.
+async fn update_at(
+    db: &trellis_form::db::Db,
+    app: &App,
+    entity: &str,
+    id: Uuid,
+    v: Value,
+    actor: Uuid,
+    minutes: i64,
+) -> Value {
+    let mut tx = db.begin().await.unwrap();
+    let r = store::update(
+        &mut tx,
+        app,
+        app.entity(entity).unwrap(),
+        id,
+        &v,
+        None,
+        &at(actor, minutes),
+    )
+    .await
+    .unwrap()
+    .to_json();
+    tx.commit().await.unwrap();
+    r
+}
+
+/// A lead's two summaries: `(first_deal_at, last_deal_change)`.
+async fn summaries(db: &trellis_form::db::Db, app: &App, lead: Uuid) -> (Value, Value) {
+    let j = get(db, app, "lead", lead).await;
+    (j["first_deal_at"].clone(), j["last_deal_change"].clone())
+}
+
 #[tokio::test]
 async fn summary_fields_follow_the_related_records() {
     for t in testing::each().await {
-        let b = t.backend;
-        let (app, admin) = install(&t.db, &def(first_and_last())).await;
+        let (b, db) = (t.backend, &t.db);
+        let (app, admin) = install(db, &def(first_and_last())).await;
         let (lead, deal) = (app.entity("lead").unwrap(), app.entity("deal").unwrap());
-        let mut tx = t.db.begin().await.unwrap();
-        let a = store::create(&mut tx, &app, lead, &json!({"name": "A"}), &at(admin, 0))
-            .await
-            .unwrap();
-        let bl = store::create(&mut tx, &app, lead, &json!({"name": "B"}), &at(admin, 0))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        let (a, bl) = (a.meta.id, bl.meta.id);
-        assert_eq!(
-            get(&t.db, &app, "lead", a).await["first_deal_at"],
-            Value::Null,
-            "{b}"
-        );
+        let a = create_at(db, &app, "lead", json!({"name": "A"}), admin, 0).await;
+        let bl = create_at(db, &app, "lead", json!({"name": "B"}), admin, 0).await;
+        assert_eq!(summaries(db, &app, a).await.0, Value::Null, "{b}");
         // Two deals of A, at minutes 10 and 20 (a batch of one, a single create).
-        let mut tx = t.db.begin().await.unwrap();
+        let mut tx = db.begin().await.unwrap();
         let d1 = store::create_batch(
             &mut tx,
             &app,
@@ -135,86 +182,45 @@ async fn summary_fields_follow_the_related_records() {
         .await
         .unwrap()
         .remove(0);
-        let d2 = store::create(
-            &mut tx,
-            &app,
-            deal,
-            &json!({"name": "D2", "lead": a}),
-            &at(admin, 20),
-        )
-        .await
-        .unwrap()
-        .meta
-        .id;
         tx.commit().await.unwrap();
-        let ja = get(&t.db, &app, "lead", a).await;
-        assert_eq!(
-            (ja["first_deal_at"].clone(), ja["last_deal_change"].clone()),
-            (ts(10), ts(20)),
-            "{b}"
-        );
+        let d2 = create_at(
+            db,
+            &app,
+            "deal",
+            json!({"name": "D2", "lead": a}),
+            admin,
+            20,
+        )
+        .await;
+        assert_eq!(summaries(db, &app, a).await, (ts(10), ts(20)), "{b}");
         // The lead's own version is not bumped by its summaries.
-        assert_eq!(ja["version"], json!(1), "{b}");
+        assert_eq!(get(db, &app, "lead", a).await["version"], json!(1), "{b}");
         // D1 moves to B at minute 30: both leads are computed again.
-        let mut tx = t.db.begin().await.unwrap();
-        store::update(
-            &mut tx,
-            &app,
-            deal,
-            d1,
-            &json!({"lead": bl}),
-            None,
-            &at(admin, 30),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        let (ja, jb) = (
-            get(&t.db, &app, "lead", a).await,
-            get(&t.db, &app, "lead", bl).await,
-        );
+        update_at(db, &app, "deal", d1, json!({"lead": bl}), admin, 30).await;
         assert_eq!(
             (
-                ja["first_deal_at"].clone(),
-                jb["first_deal_at"].clone(),
-                jb["last_deal_change"].clone()
+                summaries(db, &app, a).await.0,
+                summaries(db, &app, bl).await
             ),
-            (ts(20), ts(10), ts(30)),
+            (ts(20), (ts(10), ts(30))),
             "{b}"
         );
         // An update that leaves the relation alone still counts for `updated_at`.
-        let mut tx = t.db.begin().await.unwrap();
-        store::update(
-            &mut tx,
-            &app,
-            deal,
-            d2,
-            &json!({"amount": 5}),
-            None,
-            &at(admin, 40),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        assert_eq!(
-            get(&t.db, &app, "lead", a).await["last_deal_change"],
-            ts(40),
-            "{b}"
-        );
+        update_at(db, &app, "deal", d2, json!({"amount": 5}), admin, 40).await;
+        assert_eq!(summaries(db, &app, a).await.1, ts(40), "{b}");
         // Deleting A's last deal empties its summaries.
-        let mut tx = t.db.begin().await.unwrap();
+        let mut tx = db.begin().await.unwrap();
         store::delete(&mut tx, &app, deal, d2, None, &at(admin, 50))
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        let ja = get(&t.db, &app, "lead", a).await;
         assert_eq!(
-            (ja["first_deal_at"].clone(), ja["last_deal_change"].clone()),
+            summaries(db, &app, a).await,
             (Value::Null, Value::Null),
             "{b}"
         );
         // A rolled-back write leaves them as they were.
-        let mut tx = t.db.begin().await.unwrap();
+        let mut tx = db.begin().await.unwrap();
         store::create(
             &mut tx,
             &app,
@@ -225,13 +231,9 @@ async fn summary_fields_follow_the_related_records() {
         .await
         .unwrap();
         drop(tx);
-        assert_eq!(
-            get(&t.db, &app, "lead", a).await["first_deal_at"],
-            Value::Null,
-            "{b}"
-        );
+        assert_eq!(summaries(db, &app, a).await.0, Value::Null, "{b}");
         // Summaries are read-only: a create or update naming one is refused and writes nothing.
-        let mut tx = t.db.begin().await.unwrap();
+        let mut tx = db.begin().await.unwrap();
         let e = store::create(
             &mut tx,
             &app,
@@ -263,33 +265,16 @@ async fn summary_fields_follow_the_related_records() {
             "{b}"
         );
         drop(tx);
-        let jb = get(&t.db, &app, "lead", bl).await;
+        let jb = get(db, &app, "lead", bl).await;
         assert_eq!(
             (jb["last_deal_change"].clone(), jb["version"].clone()),
             (ts(30), json!(1)),
             "{b}"
         );
         // Updating the lead itself keeps its summaries.
-        let mut tx = t.db.begin().await.unwrap();
-        let u = store::update(
-            &mut tx,
-            &app,
-            lead,
-            bl,
-            &json!({"name": "B2"}),
-            None,
-            &at(admin, 80),
-        )
-        .await
-        .unwrap()
-        .to_json();
-        tx.commit().await.unwrap();
+        let u = update_at(db, &app, "lead", bl, json!({"name": "B2"}), admin, 80).await;
         assert_eq!(u["first_deal_at"], ts(10), "{b}");
-        assert_eq!(
-            get(&t.db, &app, "lead", bl).await["first_deal_at"],
-            ts(10),
-            "{b}"
-        );
+        assert_eq!(summaries(db, &app, bl).await.0, ts(10), "{b}");
         t.cleanup().await;
     }
 }
@@ -299,30 +284,12 @@ async fn a_new_summary_field_is_filled_from_the_existing_records() {
     for t in testing::each().await {
         let b = t.backend;
         let (app, admin) = install(&t.db, &def(json!([]))).await;
-        let (lead, deal) = (app.entity("lead").unwrap(), app.entity("deal").unwrap());
-        let mut tx = t.db.begin().await.unwrap();
-        let a = store::create(&mut tx, &app, lead, &json!({"name": "A"}), &at(admin, 0))
-            .await
-            .unwrap()
-            .meta
-            .id;
-        let none = store::create(&mut tx, &app, lead, &json!({"name": "N"}), &at(admin, 0))
-            .await
-            .unwrap()
-            .meta
-            .id;
+        let db = &t.db;
+        let a = create_at(db, &app, "lead", json!({"name": "A"}), admin, 0).await;
+        let none = create_at(db, &app, "lead", json!({"name": "N"}), admin, 0).await;
         for m in [15, 5] {
-            store::create(
-                &mut tx,
-                &app,
-                deal,
-                &json!({"name": "D", "lead": a}),
-                &at(admin, m),
-            )
-            .await
-            .unwrap();
+            create_at(db, &app, "deal", json!({"name": "D", "lead": a}), admin, m).await;
         }
-        tx.commit().await.unwrap();
         let out = apps::import(
             &t.db,
             &def(first_and_last()),
@@ -356,17 +323,12 @@ async fn a_new_summary_field_is_filled_from_the_existing_records() {
             out.plan.render()
         );
         let app = apps::load(&t.db, "s").await.unwrap().unwrap();
-        let (ja, jn) = (
-            get(&t.db, &app, "lead", a).await,
-            get(&t.db, &app, "lead", none).await,
-        );
         assert_eq!(
             (
-                ja["first_deal_at"].clone(),
-                ja["last_deal_change"].clone(),
-                jn["first_deal_at"].clone()
+                summaries(db, &app, a).await,
+                summaries(db, &app, none).await.0
             ),
-            (ts(5), ts(15), Value::Null),
+            ((ts(5), ts(15)), Value::Null),
             "{b}"
         );
         // Unchanged, the next import fills nothing; from min to max, it fills again.
@@ -397,11 +359,7 @@ async fn a_new_summary_field_is_filled_from_the_existing_records() {
             "{b}"
         );
         let app = apps::load(&t.db, "s").await.unwrap().unwrap();
-        assert_eq!(
-            get(&t.db, &app, "lead", a).await["first_deal_at"],
-            ts(15),
-            "{b}"
-        );
+        assert_eq!(summaries(db, &app, a).await.0, ts(15), "{b}");
         t.cleanup().await;
     }
 }
