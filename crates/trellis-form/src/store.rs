@@ -1103,7 +1103,7 @@ pub async fn update(
     // Rollups: the record (and what it points at, before and after) leaves its buckets and
     // comes back in the new ones.
     let maintained = crate::rollup::affects(app, e)?;
-    let touched: Vec<crate::rollup::Touched> = if maintained {
+    let touched: Vec<crate::rollup::Touched> = if maintained || crate::summary::fed_by(app, e) {
         vec![(id, &old.fields), (id, &p.fields)]
     } else {
         vec![]
@@ -1140,11 +1140,8 @@ pub async fn update(
             at: ctx.now,
         });
     }
-    if crate::summary::fed_by(app, e) {
-        // The records the relation pointed at before and after.
-        let touched: Vec<crate::rollup::Touched> = vec![(id, &old.fields), (id, &p.fields)];
-        crate::summary::refresh(tx, app, e, &touched).await?;
-    }
+    // Summaries of what the relation pointed at, before and after; then the rollups.
+    crate::summary::refresh(tx, app, e, &touched).await?;
     if maintained {
         crate::rollup::apply(tx, app, e, 1, &touched, true).await?;
     }
@@ -1204,9 +1201,7 @@ pub async fn delete(
     let mut sql = Sql::new(format!("DELETE FROM {} WHERE \"id\" = ", quote(&e.table)));
     sql.bind(Value::Uuid(id));
     tx.execute(&sql).await?;
-    if crate::summary::fed_by(app, e) {
-        crate::summary::refresh(tx, app, e, &touched).await?;
-    }
+    crate::summary::refresh(tx, app, e, &touched).await?;
     if maintained {
         crate::rollup::apply(tx, app, e, 1, &touched, false).await?;
     }

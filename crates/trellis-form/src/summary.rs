@@ -108,7 +108,8 @@ pub async fn fill_empty(tx: &mut Tx, app: &App) -> Result<()> {
 }
 
 /// After a write of records of `e` (`touched`: their fields before and after), compute again
-/// the summaries they feed, for the records their relations point at.
+/// the summaries they feed, for the records their relations point at (nothing when `e` feeds
+/// none).
 pub async fn refresh(tx: &mut Tx, app: &App, e: &Entity, touched: &[Touched<'_>]) -> Result<()> {
     for src in all(app).iter().filter(|s| s.source.key == e.key) {
         let mut ids: Vec<&str> = touched
